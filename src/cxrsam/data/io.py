@@ -1,0 +1,179 @@
+"""Reading chest X-rays and lung masks from disk, and writing masks.
+
+Every reader returns plain numpy arrays with documented shapes and raises
+:class:`~cxrsam.errors.CxrsamError` (one line naming the file) on bad input.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cxrsam.errors import CxrsamError
+from cxrsam.files import atomic_path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".img", ".gif"}
+MAX_PIXELS = 50_000_000
+"""Largest image accepted (pixels). Real CXR are at most ~4300x4300 (18.5 MP)."""
+MIN_SIDE = 16
+"""Smallest accepted image side (pixels); anything smaller cannot hold a lung."""
+
+
+@dataclass
+class XRay:
+    """A chest X-ray as read from disk.
+
+    Attributes:
+        pixels: float32 array (H, W) in [0, 1]; brighter = more attenuation (bone white).
+        path: the source file.
+        spacing_mm: (row, col) pixel spacing in millimetres, or None when unknown.
+        bit_depth: bits of the stored samples (8, 12, 16).
+    """
+
+    pixels: np.ndarray
+    path: Path
+    spacing_mm: tuple[float, float] | None = None
+    bit_depth: int = 8
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) in pixels."""
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CxrsamError("file not found", path=path)
+    if path.is_dir():
+        raise CxrsamError("is a folder, expected an image file", path=path)
+    if path.stat().st_size == 0:
+        raise CxrsamError("empty file (0 bytes)", path=path)
+
+
+def _check_shape(shape: tuple[int, ...], path: Path) -> None:
+    h, w = shape[:2]
+    if h * w > MAX_PIXELS:
+        raise CxrsamError(f"image too large ({w}x{h} pixels, limit {MAX_PIXELS:,})", path=path)
+    if min(h, w) < MIN_SIDE:
+        raise CxrsamError(f"image too small ({w}x{h} pixels, need at least {MIN_SIDE} per side)", path=path)
+
+
+def _to_gray(array: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 3) or (H, W, 4) -> (H, W); RGB by luminance, alpha dropped."""
+    if array.ndim == 2:
+        return array
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        rgb = array[..., :3].astype(np.float64)
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+            return array[..., 0]
+        return rgb @ np.array([0.299, 0.587, 0.114])
+    if array.ndim == 3 and array.shape[2] == 1:
+        return array[..., 0]
+    raise ValueError(f"unsupported array shape {array.shape}")
+
+
+def normalize_intensity(array: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
+    """Map stored samples to float32 [0, 1].
+
+    8-bit data is divided by 255. Deeper data (12/16-bit PNG, TIFF, DICOM, raw) is scaled by
+    its own min/max, because 12-bit values stored in 16-bit containers would otherwise look black.
+    """
+    if array.dtype == np.uint8 or bit_depth == 8:
+        return (array.astype(np.float32) / 255.0).clip(0, 1)
+    array = array.astype(np.float32)
+    lo, hi = float(array.min()), float(array.max())
+    if hi <= lo:
+        return np.zeros_like(array, dtype=np.float32)
+    return (array - lo) / (hi - lo)
+
+
+def _open_pil(path: Path) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_shape((img.height, img.width), path)
+                img.load()
+                if img.mode == "P":
+                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+                elif img.mode in ("LA", "PA"):
+                    img = img.convert("L")
+                elif img.mode == "CMYK" or img.mode == "YCbCr":
+                    img = img.convert("RGB")
+                elif img.mode == "1":
+                    img = img.convert("L")
+                return np.asarray(img)
+    except CxrsamError:
+        raise
+    except UnidentifiedImageError:
+        raise CxrsamError("not an image (content is not a known image format)", path=path) from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise CxrsamError("image too large (decompression-bomb limit)", path=path) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CxrsamError(f"unreadable image ({exc})", path=path) from None
+
+
+def read_image(path: str | Path) -> XRay:
+    """Read a CXR from PNG/JPEG/TIFF/BMP/GIF, DICOM (.dcm or by content) or JSRT raw ``.IMG``.
+
+    Returns an :class:`XRay` whose ``pixels`` are float32 (H, W) in [0, 1].
+    """
+    from cxrsam.data.dicom import is_dicom, read_dicom, read_jsrt_raw
+
+    path = Path(path)
+    _check_file(path)
+    if path.suffix.lower() in (".dcm", ".dicom") or is_dicom(path):
+        return read_dicom(path)
+    if path.suffix.lower() == ".img":
+        return read_jsrt_raw(path)
+    array = _open_pil(path)
+    try:
+        gray = _to_gray(array)
+    except ValueError as exc:
+        raise CxrsamError(f"unsupported image ({exc})", path=path) from None
+    bit_depth = 8 if array.dtype == np.uint8 else 16
+    return XRay(pixels=normalize_intensity(gray, bit_depth), path=path, bit_depth=bit_depth)
+
+
+def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a lung mask as a bool array (H, W); any non-zero pixel is lung.
+
+    Accepts {0,1}, {0,255}, multi-valued label maps and RGB masks with equal channels (any
+    channel non-zero counts). With ``size=(H, W)`` the mask is resized by nearest neighbour.
+    """
+    path = Path(path)
+    _check_file(path)
+    array = _open_pil(path)
+    mask = array.any(axis=2) if array.ndim == 3 else array != 0
+    if size is not None and mask.shape != tuple(size):
+        mask = resize_mask(mask, size)
+    return mask
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a bool mask (H, W) to ``size=(H', W')``."""
+    import cv2
+
+    out = cv2.resize(mask.astype(np.uint8), (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
+    return out.astype(bool)
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> Path:
+    """Write a bool/0-1 mask (H, W) as an 8-bit PNG with values {0, 255}, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).save(tmp, format="PNG")
+    return path
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside ``folder`` (sorted by name), by suffix; hidden files skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CxrsamError("not a folder", path=folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
