@@ -55,7 +55,7 @@ def data_summary(
     if summary.problems:
         out.print(f"[yellow]{len(summary.problems)} problem(s):[/yellow]")
         for path, problem in summary.problems:
-            out.print(f"  {path}: {problem}", markup=False, highlight=False)
+            out.print(f"  {path}: {problem}", markup=False, highlight=False, soft_wrap=True)
     if summary.usable == 0:
         raise CxrsamError(f"no usable image/mask pairs found with layout {found.layout!r}", path=root)
 

@@ -1,0 +1,74 @@
+"""`cxrsam data summary` and `cxrsam evaluate` end to end, in a subprocess like a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxrsam.data.io import read_mask, write_mask
+from cxrsam.evaluation.metrics import dice_score
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxrsam", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_summary_on_phantoms_with_problems(phantoms, tmp_path):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(phantoms, root)
+    (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    write_mask(root / "masks" / "broken.png", np.ones((8, 8)))
+    Image.fromarray(np.zeros((96, 96), np.uint8)).save(root / "images" / "empty.png")
+    write_mask(root / "masks" / "empty.png", np.zeros((96, 96)))
+    res = run("data", "summary", str(root))
+    assert res.returncode == 0, res.stderr
+    assert "usable pairs: 12" in res.stdout
+    assert "broken.png: unreadable image" in res.stdout or "broken.png: not an image" in res.stdout
+    assert "empty mask" in res.stdout
+
+
+def test_summary_fails_without_usable_pairs(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    res = run("data", "summary", str(tmp_path))
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no usable image/mask pairs" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_summary_real_data(shared_data):
+    res = run("data", "summary", str(shared_data))
+    assert res.returncode == 0 and "usable pairs: 1061" in res.stdout
+
+
+def test_evaluate_perturbed_masks(phantoms, tmp_path):
+    pred_dir = tmp_path / "pred"
+    rng = np.random.default_rng(0)
+    expected = {}
+    gt_paths = sorted((phantoms / "masks").iterdir())
+    for i, gt_path in enumerate(gt_paths[:-1]):  # the last one has no prediction
+        gt = read_mask(gt_path)
+        pred = np.roll(gt, int(rng.integers(-5, 6)), axis=1)
+        pred[rng.random(gt.shape) < 0.01] = True
+        if i == 0:
+            pred = np.kron(pred, np.ones((2, 2), bool))  # another size: resized to the ground truth
+        write_mask(pred_dir / gt_path.name, pred)
+        expected[gt_path.stem] = dice_score(pred[::2, ::2] if i == 0 else pred, gt)
+    out = tmp_path / "results.csv"
+    res = run("evaluate", "--pred", str(pred_dir), "--gt", str(phantoms / "masks"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    frame = pd.read_csv(out)
+    assert list(frame.columns[:7]) == ["name", "dice", "iou", "precision", "recall", "hd95", "assd"]
+    assert len(frame) == 12
+    got = dict(zip(frame["name"], frame["dice"]))
+    for name, dice in expected.items():
+        assert got[name] == pytest.approx(dice, abs=1e-5)
+    assert got[gt_paths[-1].stem] == 0.0
+    assert "missing prediction" in res.stderr and "95% CI" in res.stdout

@@ -1,0 +1,29 @@
+"""Shared fixtures: the real data in ../shared/data (skipped when absent) and small phantom datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_COVID = REPO.parent / "shared" / "data" / "COVID-19_Radiography_Dataset"
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the real COVID-19 Radiography Database subset beside the repo; skip if absent."""
+    if not (SHARED_COVID / "Viral Pneumonia" / "images").is_dir():
+        pytest.skip(f"real CXR data not present at {SHARED_COVID} (../shared/data is provided to developers and CI)")
+    return SHARED_COVID
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    """12 synthetic phantoms at 96 px in the generic layout (images/ + masks/)."""
+    from cxrsam.data.synthetic import generate_phantoms
+
+    return generate_phantoms(tmp_path_factory.mktemp("phantoms"), n=12, size=96, seed=1, progress=False)

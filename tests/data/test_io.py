@@ -1,0 +1,167 @@
+"""Image and mask reading: every mode, DICOM, JSRT raw, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrsam.data.io import read_image, read_mask, write_mask
+from cxrsam.errors import CxrsamError
+
+RAMP = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+
+
+def test_8bit_gray(tmp_path):
+    Image.fromarray(RAMP).save(tmp_path / "a.png")
+    x = read_image(tmp_path / "a.png")
+    assert x.pixels.dtype == np.float32 and x.size == (64, 64)
+    np.testing.assert_allclose(x.pixels, RAMP / 255.0, atol=1e-6)
+
+
+def test_16bit_png_is_min_max_scaled(tmp_path):
+    arr = (np.tile(np.arange(64), (64, 1)) * 64 + 100).astype(np.uint16)  # 12-bit values in 16-bit container
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    x = read_image(tmp_path / "a.png")
+    assert x.bit_depth == 16
+    assert x.pixels.min() == 0.0 and x.pixels.max() == 1.0
+    np.testing.assert_allclose(x.pixels[0], np.arange(64) / 63, atol=1e-6)
+
+
+def test_rgb_equal_channels_and_rgba(tmp_path):
+    rgb = np.stack([RAMP] * 3, axis=2)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full_like(RAMP, 255)])).save(tmp_path / "rgba.png")
+    np.testing.assert_allclose(read_image(tmp_path / "rgb.png").pixels, RAMP / 255.0, atol=1e-6)
+    np.testing.assert_allclose(read_image(tmp_path / "rgba.png").pixels, RAMP / 255.0, atol=1e-6)
+
+
+def test_rgb_colour_uses_luminance(tmp_path):
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 1] = 200
+    Image.fromarray(rgb).save(tmp_path / "g.png")
+    assert read_image(tmp_path / "g.png").pixels.mean() == pytest.approx(0.587 * 200 / 255, abs=1e-3)
+
+
+def test_jpeg_and_tiff(tmp_path):
+    Image.fromarray(RAMP).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(RAMP).save(tmp_path / "a.tif")
+    assert abs(read_image(tmp_path / "a.jpg").pixels - RAMP / 255).max() < 0.05
+    np.testing.assert_allclose(read_image(tmp_path / "a.tif").pixels, RAMP / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("values", [(0, 1), (0, 255), (0, 3)])
+def test_mask_values(tmp_path, values):
+    m = np.zeros((32, 32), np.uint8)
+    m[8:20, 4:12] = values[1]
+    Image.fromarray(m).save(tmp_path / "m.png")
+    mask = read_mask(tmp_path / "m.png")
+    assert mask.dtype == bool and mask.sum() == 12 * 8
+
+
+def test_rgb_mask_and_resize(tmp_path):
+    m = np.zeros((32, 32, 3), np.uint8)
+    m[:16] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    mask = read_mask(tmp_path / "m.png", size=(64, 64))
+    assert mask.shape == (64, 64) and mask[:32].all() and not mask[32:].any()
+
+
+def test_write_mask_roundtrip(tmp_path):
+    m = np.zeros((20, 30), bool)
+    m[5:10, 3:7] = True
+    write_mask(tmp_path / "o.png", m)
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "o.png")))) == {0, 255}
+    np.testing.assert_array_equal(read_mask(tmp_path / "o.png"), m)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]  # no temp files left behind
+
+
+def _dicom(path, arr, photometric="MONOCHROME2", spacing=(0.2, 0.3), window=None):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = list(spacing)
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_monochrome2_and_spacing(tmp_path):
+    arr = np.tile(np.arange(64) * 60, (64, 1)).astype(np.uint16)
+    x = read_image(_dicom(tmp_path / "a.dcm", arr))
+    assert x.spacing_mm == (0.2, 0.3) and x.bit_depth == 12
+    assert x.pixels[0, 0] == 0.0 and x.pixels[0, -1] == 1.0
+
+
+def test_dicom_monochrome1_inverted_and_detected_by_content(tmp_path):
+    arr = np.tile(np.arange(64) * 60, (64, 1)).astype(np.uint16)
+    path = _dicom(tmp_path / "no_suffix", arr, photometric="MONOCHROME1")
+    x = read_image(path)
+    assert x.pixels[0, 0] == 1.0 and x.pixels[0, -1] == 0.0
+
+
+def test_dicom_window_applied(tmp_path):
+    arr = np.tile(np.arange(64) * 60, (64, 1)).astype(np.uint16)  # 0..3780
+    x = read_image(_dicom(tmp_path / "w.dcm", arr, window=(1000, 400)))
+    # Values below 800 clip to black, above 1200 to white: most of the ramp saturates.
+    assert (x.pixels[0] == 0).sum() >= 13 and (x.pixels[0] == 1).sum() >= 43
+
+
+def test_jsrt_raw(tmp_path):
+    from cxrsam.data.dicom import read_jsrt_raw
+
+    raw = np.zeros((32, 32), dtype=">u2")
+    raw[:, 16:] = 4095
+    raw.tofile(tmp_path / "JPCLN001.IMG")
+    x = read_jsrt_raw(tmp_path / "JPCLN001.IMG", shape=(32, 32))
+    assert x.spacing_mm == (0.175, 0.175)
+    assert x.pixels[0, 0] == 1.0 and x.pixels[0, -1] == 0.0  # inverted: high raw values are dark
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: p.write_bytes(b"this is not an image"), "not an image"),
+    (lambda p: p.write_bytes(_png_bytes()[:200]), "unreadable image"),
+    (lambda p: Image.fromarray(np.zeros((1, 1), np.uint8)).save(p), "too small"),
+])
+def test_bad_images_one_line_naming_the_file(tmp_path, make, problem):
+    path = tmp_path / "bad.png"
+    make(path)
+    with pytest.raises(CxrsamError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and problem in message
+
+
+def test_huge_image_refused_before_decoding(tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("L", (10000, 10000)).save(path)
+    with pytest.raises(CxrsamError, match="too large"):
+        read_image(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CxrsamError, match="file not found"):
+        read_image(tmp_path / "nope.png")
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((128, 128)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
