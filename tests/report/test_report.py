@@ -1,0 +1,51 @@
+"""Comparison table, figures and report files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrsam.report import MethodInfo, ReportContent, comparison_table, dice_boxplot, overlay_grid, write_report
+
+
+def _per_image() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.85, 0.95, 30)
+    rows = []
+    for method, shift in (("A", 0.0), ("B", 0.03)):
+        for i, d in enumerate(base + shift):
+            rows.append({"method": method, "name": f"img{i}", "dice": d, "iou": d / (2 - d), "precision": d,
+                         "recall": d, "hd95": 10 * (1 - d), "assd": 2 * (1 - d)})
+    return pd.DataFrame(rows)
+
+
+def test_comparison_table_values():
+    per_image = _per_image()
+    table = comparison_table(per_image, [MethodInfo("A", params_total=10), MethodInfo("B", params_trainable=5)],
+                             reference="B")
+    assert list(table["method"]) == ["A", "B"]
+    a = table.set_index("method").loc["A"]
+    assert a["dice_mean"] == pytest.approx(per_image[per_image.method == "A"].dice.mean())
+    assert a["dice_ci_low"] < a["dice_mean"] < a["dice_ci_high"]
+    assert a["p_vs_reference"] < 1e-5  # B is A + 0.03 on every image
+    assert np.isnan(table.set_index("method").loc["B", "p_vs_reference"])
+
+
+def test_report_files(tmp_path):
+    per_image = _per_image()
+    table = comparison_table(per_image, [MethodInfo("A"), MethodInfo("B")], reference="B")
+    img = np.random.default_rng(1).random((32, 32))
+    gt = np.zeros((32, 32), bool)
+    gt[8:24, 8:24] = True
+    figs = {
+        "Dice per image": dice_boxplot(per_image, ["A", "B"], tmp_path / "fig" / "box.png"),
+        "Examples": overlay_grid(per_image, ["A", "B"], lambda n: img, lambda n: gt, lambda m, n: np.roll(gt, 2, 0),
+                                 tmp_path / "fig" / "overlays.png"),
+    }
+    md, page = write_report(ReportContent("Test report", table, "B", figs, config_text="seed: 0\n"), tmp_path)
+    text = md.read_text()
+    assert "| A |" in text and "fig/box.png" in text and "seed: 0" in text
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") == 2 and "<td>B</td>" in html
+    assert figs["Dice per image"].read_bytes()[:4] == b"\x89PNG"
