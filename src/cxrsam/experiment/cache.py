@@ -1,0 +1,69 @@
+"""Stage caching for experiments: a stage re-runs only when its inputs or settings change.
+
+Each stage lives in ``<run>/<stage>/``. Its *key* is a JSON-able dict of everything it depends on
+(settings, and the keys of the stages it reads). On success ``done.json`` records the key's hash,
+the stage's result and its wall time. A stage whose ``done.json`` matches is skipped; a killed stage
+(no ``done.json``) runs again and may resume from what it left (training resumes from ``last.pt``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cxrsam.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def key_hash(key: Any) -> str:
+    """Stable 16-hex-digit hash of a JSON-able key (paths stringified, dict keys sorted)."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StageCache:
+    """Runs named stages under ``root``, skipping those already done with the same key."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def done(self, name: str) -> dict | None:
+        """The ``done.json`` record of a stage, or None."""
+        path = self.root / name / "done.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def run(self, name: str, key: Any, fn: Callable[[Path], dict]) -> dict:
+        """Run ``fn(stage_dir) -> result`` unless stage ``name`` is done with this ``key``; return the result.
+
+        The returned dict also carries ``"key"`` (the key hash, for downstream keys) and ``"seconds"``.
+        """
+        stage_dir = self.root / name
+        digest = key_hash(key)
+        record = self.done(name)
+        if record and record["key"] == digest:
+            log.info("stage %s: cached (%s)", name, digest)
+            self.skipped.append(name)
+            return {**record["result"], "key": digest, "seconds": record["seconds"]}
+        previous = stage_dir / "stage.json"
+        if stage_dir.exists() and previous.exists() and json.loads(previous.read_text())["key"] != digest:
+            log.info("stage %s: settings changed, starting it again", name)
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(previous, json.dumps({"key": digest, "inputs": key}, indent=2, default=str))
+        log.info("stage %s: running", name)
+        start = time.perf_counter()
+        result = fn(stage_dir)
+        seconds = time.perf_counter() - start
+        atomic_write_text(stage_dir / "done.json",
+                          json.dumps({"key": digest, "result": result, "seconds": seconds}, indent=2, default=str))
+        self.ran.append(name)
+        return {**result, "key": digest, "seconds": seconds}
