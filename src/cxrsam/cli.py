@@ -29,6 +29,19 @@ def _fmt(x: float) -> str:
     return "nan" if x != x else f"{x:.4f}"
 
 
+def _print_summary(frame, title: str) -> None:
+    """Print mean, std, median and 95 % CI of every metric of a per-image results table."""
+    from cxrsam.evaluation.evaluate import summary_table
+
+    table = Table(title=title)
+    for col in ("metric", "mean", "std", "median", "95% CI"):
+        table.add_column(col)
+    for row in summary_table(frame).itertuples():
+        table.add_row(row.metric, _fmt(row.mean), _fmt(row.std), _fmt(row.median),
+                      f"[{_fmt(row.ci_low)}, {_fmt(row.ci_high)}]")
+    out.print(table)
+
+
 @data_app.command("summary")
 def data_summary(
     root: Annotated[Path, typer.Argument(help="Dataset folder")],
@@ -81,20 +94,109 @@ def evaluate(
     results: Annotated[Path, typer.Option("--out", help="Per-image CSV to write")] = Path("results.csv"),
 ) -> None:
     """Score predicted masks against ground truth (matched by file stem)."""
-    from cxrsam.evaluation.evaluate import evaluate_dirs, summary_table, write_csv
+    from cxrsam.evaluation.evaluate import evaluate_dirs, write_csv
 
     frame, missing = evaluate_dirs(pred, gt)
     write_csv(frame, results)
     if missing:
         console.print(f"[yellow]{len(missing)} missing prediction(s) (scored Dice 0):[/yellow] " + ", ".join(missing))
-    table = Table(title=f"{len(frame)} images")
-    for col in ("metric", "mean", "std", "median", "95% CI"):
-        table.add_column(col)
-    for row in summary_table(frame).itertuples():
-        table.add_row(row.metric, _fmt(row.mean), _fmt(row.std), _fmt(row.median),
-                      f"[{_fmt(row.ci_low)}, {_fmt(row.ci_high)}]")
-    out.print(table)
+    _print_summary(frame, f"{len(frame)} images")
     out.print(f"per-image results: {results}")
+
+
+def _split_ratios(text: str | None) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise CxrsamError(f"--split wants three ratios train,val,test like 0.8,0.1,0.1, got {text!r}")
+    return parts
+
+
+@app.command("train-cnn")
+def train_cnn_command(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder to create (or continue with --resume)")],
+    arch: Annotated[Optional[str], typer.Option(help="unet | deeplabv3plus")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root")] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")] = None,
+    classes: ClassesOpt = None,
+    split: Annotated[Optional[str], typer.Option(help="train,val,test ratios [default: 0.8,0.1,0.1]")] = None,
+    split_seed: Annotated[Optional[int], typer.Option(help="Split seed [default: 0]")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="smp encoder [default: resnet18]")] = None,
+    encoder_weights: Annotated[Optional[str], typer.Option(help="e.g. imagenet (needs internet) [default: none]")] = None,
+    in_channels: Annotated[Optional[int], typer.Option(help="1, or 3 (grey replicated) [default: 1]")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Model input side, multiple of 32 [default: 256]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs [default: 30]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process [default: 8]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate [default: 1e-3]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [default: 1e-4]")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs [default: 10]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Training seed [default: 0]")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="auto | no | bf16 | fp16 [default: auto]")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [default: 1]")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0]")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt")] = False,
+) -> None:
+    """Train a U-Net or DeepLabv3+ baseline (Dice + BCE, AdamW, warm-up + cosine); multi-GPU via accelerate launch."""
+    from cxrsam.train.cnn import make_config, read_config, train_cnn
+
+    given = {k: v for k, v in dict(
+        arch=arch, data=data, layout=layout, classes=classes, split=_split_ratios(split), split_seed=split_seed,
+        encoder=encoder, encoder_weights=encoder_weights, in_channels=in_channels, size=size, epochs=epochs,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
+        mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers,
+        max_steps=max_steps).items() if v is not None}
+    options: dict = {}
+    if resume:
+        saved = read_config(out_dir).model_dump()
+        options = {**{k: v for k, v in saved.items() if k != "loop"}, **saved["loop"]}
+    elif arch is None or data is None:
+        raise CxrsamError("--arch and --data are required (unless --resume)")
+    config = make_config(**{**options, **given})
+    run_dir = train_cnn(config, out_dir, resume=resume)
+    out.print(f"run folder: {run_dir} (best model: best.pt, curves: curves.png)")
+
+
+@app.command("predict-cnn")
+def predict_cnn_command(
+    run: Annotated[Path, typer.Option("--run", help="Run folder written by train-cnn")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of X-ray images")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the masks (<stem>.png, {0,255})")],
+    postprocess: Annotated[bool, typer.Option(help="Keep the two largest components and fill holes")] = True,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 8,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 [default: cuda if present]")] = None,
+) -> None:
+    """Write one lung mask per image at the image's original size, with the same file stem."""
+    from cxrsam.baselines.predict import predict_folder
+
+    report = predict_folder(run, images, out_dir, postprocess=postprocess, batch_size=batch_size, device=device)
+    out.print(f"wrote {len(report.written)} mask(s) to {out_dir}")
+    if report.failed:
+        for path, problem in report.failed:
+            console.print(f"  skipped {path}: {problem}", markup=False, highlight=False)
+        raise CxrsamError(f"{len(report.failed)} image(s) skipped (listed above)", path=images)
+
+
+@app.command("eval-cnn")
+def eval_cnn_command(
+    run: Annotated[Path, typer.Option("--run", help="Run folder written by train-cnn")],
+    split: Annotated[str, typer.Option(help="Part of the run's manifest to score: train | val | test")] = "test",
+    results: Annotated[Optional[Path], typer.Option("--out", help="Per-image CSV [default: RUN/eval-<split>.csv]")] = None,
+    postprocess: Annotated[bool, typer.Option(help="Keep the two largest components and fill holes")] = True,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda [default: cuda if present]")] = None,
+) -> None:
+    """Score a CNN run on its own split at each image's original size (Dice, IoU, HD95, ...)."""
+    from cxrsam.baselines.predict import evaluate_cnn_run
+    from cxrsam.evaluation.evaluate import write_csv
+
+    frame = evaluate_cnn_run(run, split, postprocess=postprocess, device=device)
+    path = write_csv(frame, results or run / f"eval-{split}.csv")
+    _print_summary(frame, f"{run} on {split} ({len(frame)} images)")
+    out.print(f"per-image results: {path}")
 
 
 def main() -> None:

@@ -1,0 +1,81 @@
+"""Speed of the CNN baselines: training step throughput and prediction throughput.
+
+Training: the loop's work per step (forward, DiceCE loss, backward, AdamW step) on real augmented
+batches, after warm-up steps; seconds per epoch = train images / (images/s). Prediction: the
+predictor's full path on images at their original size (resize, forward, resize back, threshold,
+post-processing), disk reading excluded. Random weights: speed does not depend on them.
+
+    nice -n 10 python bench/cnn_speed.py --data ../shared/data/COVID-19_Radiography_Dataset --size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from cxrsam.baselines.models import ARCHITECTURES, build_cnn
+from cxrsam.baselines.predict import CnnPredictor
+from cxrsam.data.dataset import SegmentationDataset, load_case
+from cxrsam.data.layouts import discover, require_cases
+from cxrsam.data.split import split_cases
+from cxrsam.train.cnn import make_config
+
+
+def train_images_per_s(arch: str, encoder: str, dataset: SegmentationDataset, batch_size: int, steps: int,
+                       warmup: int = 2) -> float:
+    from monai.losses import DiceCELoss
+
+    model = build_cnn(arch, encoder).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = DiceCELoss(sigmoid=True)
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True))
+    started = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            started = time.perf_counter()
+        images, masks, _ = next(loader)
+        loss = loss_fn(model(images), masks)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def predict_images_per_s(arch: str, encoder: str, size: int, images: list, batch_size: int) -> float:
+    config = make_config(arch=arch, encoder=encoder, size=size, data=".")
+    predictor = CnnPredictor(build_cnn(arch, encoder), config, device="cpu")
+    predictor.predict_many(images[:batch_size], batch_size)  # warm-up
+    started = time.perf_counter()
+    predictor.predict_many(images, batch_size)
+    return len(images) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--predict-images", type=int, default=64)
+    args = parser.parse_args()
+
+    splits = split_cases(require_cases(discover(args.data)))
+    train = SegmentationDataset(splits["train"][: args.batch_size * (args.steps + 2)], args.size, augment=True)
+    images = [load_case(c)[0].pixels for c in splits["test"][: args.predict_images]]
+    n_train = len(splits["train"])
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+          f"size {args.size}, encoder {args.encoder}, batch {args.batch_size}, {n_train} training images")
+    print("| arch | train images/s | s/epoch (estimated) | predict images/s |")
+    print("|---|---|---|---|")
+    for arch in ARCHITECTURES:
+        train_rate = train_images_per_s(arch, args.encoder, train, args.batch_size, args.steps)
+        predict_rate = predict_images_per_s(arch, args.encoder, args.size, images, args.batch_size)
+        print(f"| {arch} | {train_rate:.1f} | {n_train / train_rate:.0f} | {predict_rate:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

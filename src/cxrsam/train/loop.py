@@ -1,0 +1,436 @@
+"""The generic training loop shared by the CNN baselines and the LoRA-SAM trainer.
+
+:class:`Trainer` owns everything that is not model specific: Hugging Face ``accelerate`` (devices,
+multi-GPU, bf16/fp16 autocast, gradient accumulation), AdamW with linear warm-up and per-step cosine
+decay, rich progress, validation each epoch, the best checkpoint by ``val_dice``, early stopping,
+``metrics.csv``, the training-curve PNG, atomic checkpoints and exact resume.
+
+What is model specific comes in as functions:
+
+* ``step_fn(model, batch) -> loss`` (a scalar tensor; the loop does backward/step),
+* ``validate_fn(model) -> {"val_dice": ..., ...}`` (called on every process with the unwrapped
+  model in eval mode under ``torch.no_grad`` and autocast; :func:`segmentation_dice` shards and gathers),
+* ``state_fn(model) -> dict[str, Tensor]`` / ``load_state_fn(model, state)``: WHAT is checkpointed
+  (default: the whole ``state_dict``; a LoRA trainer saves only adapters and opened weights).
+
+Run directory written by the main process:
+
+``last.pt``
+    ``{"model", "optimizer", "scheduler", "epoch" (completed), "step", "best_dice", "best_epoch",
+    "bad_epochs", "finished", "history", "rng", "loop"}``, rewritten atomically after every epoch.
+``best.pt``
+    ``{"model", "epoch", "metrics"}`` of the epoch with the highest ``val_dice``.
+``metrics.csv``, ``curves.png``
+    One row per epoch (``epoch, step, train_loss, lr, val_*, epoch_s, train_images_per_s``) and its plot.
+
+Resume (``fit(resume=True)``) restores model, optimizer, scheduler, counters and all RNG states
+(python, numpy, torch, CUDA); shuffling and augmentation are seeded by ``(seed, epoch)``, so a run
+killed after any epoch and resumed ends with the same weights as an uninterrupted run (on CPU,
+bit for bit). A run killed mid-epoch repeats that epoch from its start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cxrsam.errors import CxrsamError
+from cxrsam.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
+ValidateFn = Callable[[nn.Module], dict[str, float]]
+StateFn = Callable[[nn.Module], dict[str, torch.Tensor]]
+LoadStateFn = Callable[[nn.Module, dict[str, torch.Tensor]], None]
+
+LAST = "last.pt"
+BEST = "best.pt"
+METRICS_CSV = "metrics.csv"
+CURVES_PNG = "curves.png"
+
+
+class LoopConfig(BaseModel):
+    """Optimisation and bookkeeping settings of :class:`Trainer` (model-independent)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(30, ge=1, description="Maximum number of epochs")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (all epochs)")
+    batch_size: int = Field(8, ge=1, description="Samples per process and micro-batch")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps (overrides warmup_fraction)")
+    warmup_fraction: float = Field(0.05, ge=0, le=1, description="Warm-up as a fraction of all optimizer steps")
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Cosine decay floor, as a fraction of lr")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None: off)")
+    patience: int | None = Field(10, ge=1, description="Early stopping: epochs without val_dice gain (None: off)")
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, none on CPU "
+                            "(an `accelerate launch --mixed_precision` setting wins)")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    deterministic: bool = Field(True, description="torch.use_deterministic_algorithms (warn only)")
+    progress: bool = Field(True, description="Show a rich progress bar on a terminal")
+
+    @model_validator(mode="after")
+    def _check(self) -> LoopConfig:
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("mixed_precision 'fp16' needs a GPU (use 'bf16' or 'no' on CPU)")
+        return self
+
+    def schedule_fields(self) -> dict[str, Any]:
+        """Settings that shape the weights; a resumed run must use the same ones."""
+        runtime = {"patience", "num_workers", "progress", "mixed_precision"}
+        return {k: v for k, v in self.model_dump().items() if k not in runtime}
+
+
+@dataclass
+class FitResult:
+    """Outcome of :meth:`Trainer.fit`."""
+
+    best_dice: float
+    best_epoch: int
+    epochs_done: int
+    steps_done: int
+    stopped_early: bool
+    run_dir: Path
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch (CPU and all GPUs); optionally request deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict[str, Any]:
+    """All global RNG states as tensors and plain types (loadable with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["mt"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _defer_sigint() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done (a checkpoint write), then raise KeyboardInterrupt."""
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        received: list[int] = []
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, renamed onto it only when complete."""
+    path = Path(path)
+    with _defer_sigint(), atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``, on CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrsamError("checkpoint not found", path=path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/foreign files
+        raise CxrsamError(f"unreadable checkpoint ({type(exc).__name__})", path=path) from None
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear 1/(w+1)..1 over ``warmup_steps``, then cosine to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def segmentation_dice(model: nn.Module, dataset: Dataset, logits_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]],
+                      batch_size: int = 8, collate_fn: Callable | None = None) -> float:
+    """Mean per-sample Dice of ``dataset`` (thresholded logits at 0), sharded over processes and gathered.
+
+    ``logits_fn(model, batch) -> (logits (B, 1, H, W), target (B, 1, H, W))``; batches are moved to the
+    process's device. Every process returns the same number.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, send_to_device
+
+    from cxrsam.evaluation.metrics import batch_dice
+
+    state = PartialState()
+    shard = torch.utils.data.Subset(dataset, range(state.process_index, len(dataset), state.num_processes))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    scores: list[float] = []
+    for batch in loader:
+        logits, target = logits_fn(model, send_to_device(batch, state.device))
+        scores.extend(batch_dice(logits.float(), target.float()).tolist())
+    if state.num_processes > 1:
+        scores = gather_object(scores)
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def _default_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _default_load(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict(state)
+
+
+def _resolve_precision(choice: str) -> str | None:
+    if choice != "auto":
+        return choice
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None  # set by `accelerate launch`: let accelerate read it
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def write_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
+    """Plot training loss and validation Dice per epoch to a PNG (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(history)
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(frame["epoch"], frame["train_loss"], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss")
+    ax_dice.plot(frame["epoch"], frame["val_dice"], marker="o", color="tab:green")
+    ax_dice.set(xlabel="epoch", ylabel="validation Dice", title="Validation Dice")
+    for ax in (ax_loss, ax_dice):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+class Trainer:
+    """Train ``model`` on ``train_data`` with :class:`LoopConfig`; see the module docstring.
+
+    Args:
+        config: loop settings.
+        run_dir: where checkpoints, metrics and curves go.
+        model: the network (not yet wrapped by accelerate).
+        params: the parameters to optimise (e.g. only LoRA adapters); default all that require grad.
+        train_data: training Dataset; if it has ``set_epoch(e)`` it is called before each epoch.
+        step_fn: ``(model, batch) -> scalar loss`` (batch already on the device).
+        validate_fn: ``(model) -> dict`` with at least ``val_dice``.
+        state_fn / load_state_fn: what model state goes into checkpoints and how it is put back.
+        collate_fn: DataLoader collate function (default: torch's).
+        on_epoch_end: ``(epoch, row) -> None`` after each epoch's checkpoint is written (main process).
+    """
+
+    def __init__(self, config: LoopConfig, run_dir: str | Path, model: nn.Module, train_data: Dataset,
+                 step_fn: StepFn, validate_fn: ValidateFn, params: Iterable[nn.Parameter] | None = None,
+                 state_fn: StateFn = _default_state, load_state_fn: LoadStateFn = _default_load,
+                 collate_fn: Callable | None = None,
+                 on_epoch_end: Callable[[int, dict[str, float]], None] | None = None):
+        from accelerate import Accelerator, DataLoaderConfiguration
+
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.train_data = train_data
+        self.step_fn, self.validate_fn = step_fn, validate_fn
+        self.state_fn, self.load_state_fn = state_fn, load_state_fn
+        self.on_epoch_end = on_epoch_end
+        self.accelerator = Accelerator(
+            mixed_precision=_resolve_precision(config.mixed_precision),
+            gradient_accumulation_steps=config.grad_accum,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+            step_scheduler_with_optimizer=False,
+        )
+        params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters")
+        self.params = params
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=False,
+                            num_workers=config.num_workers, collate_fn=collate_fn)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        steps_per_epoch = math.ceil(len(self.loader) / config.grad_accum)
+        self.total_steps = steps_per_epoch * config.epochs
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        warmup = (config.warmup_steps if config.warmup_steps is not None
+                  else int(round(config.warmup_fraction * self.total_steps)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            warmup_cosine(self.total_steps, min(warmup, self.total_steps - 1), config.min_lr_ratio))
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _progress(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        console = Console(stderr=True)
+        enabled = self.config.progress and self.accelerator.is_main_process and console.is_terminal
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, disable=not enabled, transient=True)
+
+    def _write(self, state: dict[str, Any]) -> None:
+        """Checkpoint, metrics.csv and curves for the epoch just finished (main process only)."""
+        if not self.accelerator.is_main_process:
+            return
+        save_checkpoint(self.run_dir / LAST, state)
+        with atomic_path(self.run_dir / METRICS_CSV) as tmp:
+            pd.DataFrame(state["history"]).to_csv(tmp, index=False, float_format="%.6g")
+        write_curves(state["history"], self.run_dir / CURVES_PNG)
+
+    def fit(self, resume: bool = False) -> FitResult:
+        """Train until ``epochs``/``max_steps`` or early stopping; with ``resume`` continue ``last.pt``."""
+        cfg, acc = self.config, self.accelerator
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        epoch, step, best_dice, best_epoch, bad_epochs = 0, 0, -math.inf, -1, 0
+        history: list[dict[str, float]] = []
+        finished = False
+        if resume:
+            ckpt = load_checkpoint(self.run_dir / LAST)
+            saved = LoopConfig(**ckpt["loop"]).schedule_fields()
+            changed = sorted(k for k, v in cfg.schedule_fields().items() if saved.get(k) != v)
+            if changed:
+                raise CxrsamError("cannot resume with changed settings (they shape the weights and the "
+                                  "learning-rate schedule): " + ", ".join(
+                    f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed), path=self.run_dir / LAST)
+            self.load_state_fn(self.unwrapped, ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            epoch, step = ckpt["epoch"], ckpt["step"]
+            best_dice, best_epoch, bad_epochs = ckpt["best_dice"], ckpt["best_epoch"], ckpt["bad_epochs"]
+            history, finished = list(ckpt["history"]), ckpt["finished"]
+            set_rng_state(ckpt["rng"])
+            if acc.is_main_process:
+                log.info("resuming %s after epoch %d (step %d, best val Dice %.4f)", self.run_dir, epoch, step,
+                         best_dice)
+        stopped_early = finished and bad_epochs >= (cfg.patience or math.inf)
+        with self._progress() as progress:
+            task = progress.add_task("train", total=cfg.epochs * len(self.loader),
+                                     completed=epoch * len(self.loader), info="")
+            while not finished:
+                started = time.perf_counter()
+                if hasattr(self.train_data, "set_epoch"):
+                    self.train_data.set_epoch(epoch)
+                self.loader.set_epoch(epoch)
+                self.model.train()
+                loss_sum, loss_count, seen = 0.0, 0, 0
+                for batch in self.loader:
+                    with acc.accumulate(self.model):
+                        with acc.autocast():
+                            loss = self.step_fn(self.model, batch)
+                        acc.backward(loss)
+                        if acc.sync_gradients and cfg.max_grad_norm:
+                            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    if acc.sync_gradients:
+                        if not self.optimizer.step_was_skipped:  # fp16 overflow: keep the schedule in place
+                            self.scheduler.step()
+                        step += 1
+                    loss_sum += float(loss.detach())
+                    loss_count += 1
+                    seen += len(batch[0]) if isinstance(batch, (list, tuple)) else cfg.batch_size
+                    progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / loss_count:.4f}"
+                                    + (f" best Dice {best_dice:.4f}" if best_epoch >= 0 else ""))
+                    if cfg.max_steps and step >= cfg.max_steps:
+                        break
+                train_s = time.perf_counter() - started
+                mean_loss = float(acc.gather(torch.tensor([loss_sum / max(1, loss_count)], device=acc.device)).mean())
+                self.model.eval()
+                with torch.no_grad(), acc.autocast():
+                    metrics = {k: float(v) for k, v in self.validate_fn(self.unwrapped).items()}
+                if "val_dice" not in metrics:
+                    raise ValueError("validate_fn must return 'val_dice'")
+                epoch += 1
+                if metrics["val_dice"] > best_dice:
+                    best_dice, best_epoch, bad_epochs = metrics["val_dice"], epoch, 0
+                    if acc.is_main_process:
+                        save_checkpoint(self.run_dir / BEST, {"model": self.state_fn(self.unwrapped), "epoch": epoch,
+                                                             "metrics": metrics})
+                else:
+                    bad_epochs += 1
+                stopped_early = cfg.patience is not None and bad_epochs >= cfg.patience
+                finished = stopped_early or epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
+                row = {"epoch": epoch, "step": step, "train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                       **metrics, "epoch_s": time.perf_counter() - started,
+                       "train_images_per_s": seen * acc.num_processes / train_s}
+                history.append(row)
+                self._write({"model": self.state_fn(self.unwrapped), "optimizer": self.optimizer.state_dict(),
+                             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": step,
+                             "best_dice": best_dice, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                             "finished": finished, "history": history, "rng": rng_state(),
+                             "loop": cfg.model_dump()})
+                if acc.is_main_process:
+                    log.info("epoch %d/%d  loss %.4f  val Dice %.4f  (best %.4f @ %d)  %.0f s", epoch, cfg.epochs,
+                             mean_loss, metrics["val_dice"], best_dice, best_epoch, row["epoch_s"])
+                acc.wait_for_everyone()
+                if self.on_epoch_end is not None and acc.is_main_process:
+                    self.on_epoch_end(epoch, row)
+        if stopped_early and acc.is_main_process:
+            log.info("early stopping: no val Dice gain for %d epochs", bad_epochs)
+        return FitResult(best_dice=best_dice, best_epoch=best_epoch, epochs_done=epoch, steps_done=step,
+                         stopped_early=stopped_early, run_dir=self.run_dir)

@@ -1,0 +1,148 @@
+"""The generic loop: learning on phantoms, exact resume, atomic checkpoints, refusals."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrsam.errors import CxrsamError
+from cxrsam.train import loop
+from cxrsam.train.cnn import make_config, train_cnn
+
+
+def tiny_config(data, **overrides):
+    options = dict(arch="unet", data=data, size=64, split=(0.75, 0.25, 0.0), epochs=8, batch_size=4, lr=3e-3,
+                   patience=None, progress=False)
+    return make_config(**{**options, **overrides})
+
+
+def model_state(run_dir, name="last.pt"):
+    return loop.load_checkpoint(run_dir / name)["model"]
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def phantoms64(tmp_path_factory):
+    from cxrsam.data.synthetic import generate_phantoms
+
+    return generate_phantoms(tmp_path_factory.mktemp("ph64"), n=12, size=64, seed=3, progress=False)
+
+
+def test_tiny_unet_learns_and_writes_run_files(phantoms64, tmp_path):
+    run = train_cnn(tiny_config(phantoms64), tmp_path / "run")
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == list(range(1, 9))
+    assert {"train_loss", "val_dice", "lr", "epoch_s", "train_images_per_s"} <= set(metrics.columns)
+    assert metrics["val_dice"].iloc[0] < 0.7
+    assert metrics["val_dice"].max() > 0.85
+    assert metrics["train_loss"].iloc[-1] < 0.6 * metrics["train_loss"].iloc[0]
+    for name in ("config.yaml", "manifest.csv", "last.pt", "best.pt", "curves.png"):
+        assert (run / name).is_file(), name
+    best = loop.load_checkpoint(run / "best.pt")
+    assert best["epoch"] == int(metrics["epoch"][metrics["val_dice"].idxmax()])
+    assert best["metrics"]["val_dice"] == pytest.approx(metrics["val_dice"].max(), abs=1e-5)
+    last = loop.load_checkpoint(run / "last.pt")
+    assert last["finished"] and last["epoch"] == 8
+    # the learning rate warmed up and decayed to the cosine floor
+    assert metrics["lr"].iloc[-1] == pytest.approx(3e-3 * 0.01, rel=1e-3)
+    with pytest.raises(CxrsamError, match="already holds a training run"):
+        train_cnn(tiny_config(phantoms64), run)
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(phantoms64, tmp_path):
+    """DeepLabv3+ (it has dropout, so the RNG state matters) with augmentation: 3 epochs straight vs 1 + resume."""
+    config = tiny_config(phantoms64, arch="deeplabv3plus", epochs=3)
+    straight = train_cnn(config, tmp_path / "straight")
+
+    def kill_after_first(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cnn(config, tmp_path / "resumed", on_epoch_end=kill_after_first)
+    assert loop.load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)  # resume must not depend on the caller's RNG
+    train_cnn(config, tmp_path / "resumed", resume=True)
+    for name in ("last.pt", "best.pt"):
+        assert_same_tensors(model_state(straight, name), model_state(tmp_path / "resumed", name))
+    a, b = (loop.load_checkpoint(d / "last.pt") for d in (straight, tmp_path / "resumed"))
+    assert [r["val_dice"] for r in a["history"]] == [r["val_dice"] for r in b["history"]]
+    assert_same_tensors(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
+
+
+def test_resume_refuses_changed_settings_and_missing_run(phantoms64, tmp_path):
+    config = tiny_config(phantoms64, epochs=1)
+    run = train_cnn(config, tmp_path / "run")
+    with pytest.raises(CxrsamError, match="lr"):
+        train_cnn(tiny_config(phantoms64, epochs=1, lr=1e-2), run, resume=True)
+    with pytest.raises(CxrsamError, match="size"):
+        train_cnn(tiny_config(phantoms64, epochs=1, size=96), run, resume=True)
+    with pytest.raises(CxrsamError, match="nothing to resume"):
+        train_cnn(config, tmp_path / "empty", resume=True)
+
+
+def test_half_written_checkpoint_never_replaces_last(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    loop.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+    before = path.read_bytes()
+
+    def crash_midway(obj, target):
+        with open(target, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loop.torch, "save", crash_midway)
+    with pytest.raises(OSError):
+        loop.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    assert path.read_bytes() == before
+    assert loop.load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_ctrl_c_during_checkpoint_write_is_deferred(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save_then_interrupt(obj, target):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the checkpoint is being written
+        real_save(obj, target)
+
+    monkeypatch.setattr(loop.torch, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        loop.save_checkpoint(tmp_path / "last.pt", {"epoch": 5})
+    assert loop.load_checkpoint(tmp_path / "last.pt")["epoch"] == 5
+
+
+def test_rng_state_round_trips_through_weights_only_checkpoint(tmp_path):
+    loop.seed_everything(7)
+    loop.save_checkpoint(tmp_path / "rng.pt", {"rng": loop.rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    loop.set_rng_state(loop.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_unreadable_checkpoint_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CxrsamError, match="unreadable checkpoint"):
+        loop.load_checkpoint(bad)
+
+
+def test_warmup_cosine_schedule_shape():
+    factor = loop.warmup_cosine(total_steps=100, warmup_steps=10, min_ratio=0.01)
+    values = [factor(s) for s in range(100)]
+    assert values[0] < values[5] < values[9] <= 1.0
+    assert values[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert factor(100) == pytest.approx(0.01)
