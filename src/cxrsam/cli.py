@@ -199,6 +199,90 @@ def eval_cnn_command(
     out.print(f"per-image results: {path}")
 
 
+@app.command("predict")
+def predict_command(
+    images: Annotated[list[Path], typer.Option("--images", help="Image files or folders (PNG/JPEG/TIFF/DICOM)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for <stem>_mask.png, <stem>_overlay.png, <stem>.json")],
+    more_images: Annotated[Optional[list[Path]], typer.Argument(
+        help="More image files or folders (so `--images a.png b/` works)", show_default=False)] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="LoRA run folder (default: pretrained SAM backend)")] = None,
+    drafts_from: Annotated[Optional[Path], typer.Option(
+        "--drafts-from", help="CNN run folder (train-cnn): its draft masks give the prompts")] = None,
+    drafts: Annotated[Optional[Path], typer.Option(
+        "--drafts", help="Folder of draft masks <stem>.png giving the prompts")] = None,
+    box: Annotated[Optional[str], typer.Option("--box", help="One box x0,y0,x1,y1 (pixels) used for every image")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompts from drafts: box | points | box+points")] = "box",
+    backend: Annotated[str, typer.Option(help="SAM backend without --run: litemedsam | vit_b | vit_l | vit_h")] = "litemedsam",
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="SAM checkpoint (without --run: the backend's weights; with --run: the base the run was trained on)")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="Mask file format: png | nifti (.nii.gz, needs nibabel)")] = "png",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 [default: cuda if present]")] = None,
+) -> None:
+    """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained."""
+    from cxrsam.predict import FORMATS, collect_images, parse_box, predict_images
+    from cxrsam.prompts import MODES
+
+    sources = [name for name, value in (("--drafts-from", drafts_from), ("--drafts", drafts), ("--box", box))
+               if value is not None]
+    if not sources:
+        raise CxrsamError("no prompt source: pass --drafts-from CNN_RUNDIR (automatic drafts), --drafts DIR "
+                          "(draft masks) or --box x0,y0,x1,y1; add --run LORA_RUNDIR to use a LoRA run instead "
+                          f"of pretrained {backend}")
+    if len(sources) > 1:
+        raise CxrsamError(f"give only one prompt source, got {' and '.join(sources)}")
+    if prompt not in MODES:
+        raise CxrsamError(f"--prompt must be one of {', '.join(MODES)}, got {prompt!r}")
+    if output_format not in FORMATS:
+        raise CxrsamError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+    hand_box = parse_box(box) if box is not None else None
+    if drafts is not None and not drafts.is_dir():
+        raise CxrsamError("draft mask folder not found", path=drafts)
+    paths = collect_images([*images, *(more_images or [])])
+    segmenter = _segmenter(run, drafts_from, backend, checkpoint, prompt, device)
+    report = predict_images(segmenter, paths, out_dir, box=hand_box, drafts_dir=drafts, format=output_format)
+    out.print(f"wrote {len(report.written)} of {len(paths)} image(s) to {out_dir} "
+              f"(SAM {segmenter.models['sam']['model_id']})")
+    for _, message in report.failed:
+        console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    if report.failed:
+        raise CxrsamError(f"{len(report.failed)} of {len(paths)} image(s) failed (listed above); the others were written",
+                          path=out_dir)
+
+
+def _segmenter(run: Optional[Path], drafts_from: Optional[Path], backend: str, checkpoint: Optional[Path],
+               prompt: str, device: Optional[str]):
+    """The :class:`cxrsam.predict.Segmenter` shared by ``predict`` and ``app``."""
+    from cxrsam.predict import Segmenter
+
+    return Segmenter.from_runs(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
+                               prompt_mode=prompt, device=device)
+
+
+@app.command("app")
+def app_command(
+    run: Annotated[Optional[Path], typer.Option("--run", help="LoRA run folder (default: pretrained SAM backend)")] = None,
+    drafts_from: Annotated[Optional[Path], typer.Option(
+        "--drafts-from", help="CNN run folder: automatic mask on upload (without it, drag a box first)")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompts from CNN drafts: box | points | box+points")] = "box",
+    backend: Annotated[str, typer.Option(help="SAM backend without --run: litemedsam | vit_b | vit_l | vit_h")] = "litemedsam",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="SAM checkpoint (see predict --help)")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; other hosts expose the app)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MiB")] = 64.0,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda [default: cuda if present]")] = None,
+) -> None:
+    """Local web page: upload a CXR, see the lung mask, refine it with clicks or a box, download mask and JSON."""
+    import uvicorn
+
+    from cxrsam.app.server import create_app
+
+    segmenter = _segmenter(run, drafts_from, backend, checkpoint, prompt, device)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/yellow] binding to {host} exposes the app to other machines")
+    out.print(f"cxrsam app on http://{host}:{port}/ (Ctrl+C to stop)")
+    uvicorn.run(create_app(segmenter, max_upload_mb=max_upload_mb), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     """Entry point: run the app and turn expected failures into one-line errors."""
     logging.basicConfig(level=logging.INFO, format="%(message)s",
