@@ -365,6 +365,133 @@ def zero_shot_command(
         console.print(f"[yellow]{len(result.warnings)} image(s) with prompt warnings[/yellow] (see {result.report})")
 
 
+@app.command("finetune")
+def finetune_command(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder to create (or continue with --resume)")],
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root")] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")] = None,
+    classes: ClassesOpt = None,
+    split: Annotated[Optional[str], typer.Option(help="train,val,test ratios [default: 0.8,0.1,0.1]")] = None,
+    split_seed: Annotated[Optional[int], typer.Option(help="Split seed [default: 0]")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="SAM backend: litemedsam | vit_b | vit_l | vit_h [default: litemedsam]")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Base checkpoint [default: the backend's own]")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank [default: 8]")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (scale alpha/rank) [default: 8]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout [default: 0]")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option(
+        "--target", help="Layers with adapters: qkv, proj, mlp, decoder_attn (repeat) [default: qkv]")] = None,
+    freeze_decoder: Annotated[bool, typer.Option("--freeze-decoder", help="Train the adapters only (mask decoder frozen)")] = False,
+    train_prompt: Annotated[Optional[str], typer.Option(help="Training prompts: box | points | box+points | mixed [default: mixed]")] = None,
+    box_jitter: Annotated[Optional[float], typer.Option(help="Box noise std, fraction of the box side [default: 0.05]")] = None,
+    points_per_lung: Annotated[Optional[int], typer.Option(help="Points per lung [default: 3]")] = None,
+    val_prompt: Annotated[Optional[str], typer.Option(help="Validation prompts: box | points | box+points [default: box]")] = None,
+    val_drafts: Annotated[Optional[Path], typer.Option(
+        help="Validation drafts: mask folder or CNN run folder [default: ground truth (oracle)]")] = None,
+    iou_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the IoU-head MSE loss [default: 0]")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute encoder blocks in backward [default: off]")] = None,
+    max_train_cases: Annotated[Optional[int], typer.Option(help="Use only the first N training cases")] = None,
+    max_val_cases: Annotated[Optional[int], typer.Option(help="Validate on the first N validation cases")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs [default: 20]")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per process and step [default: 4]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate [default: 2e-4]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [default: 1e-4]")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs [default: 5]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Training seed [default: 0]")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="auto | no | bf16 | fp16 [default: auto]")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [default: 1]")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0]")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt")] = False,
+) -> None:
+    """Fine-tune SAM with LoRA adapters on lung masks (Dice + BCE, AdamW, warm-up + cosine); multi-GPU via accelerate launch."""
+    from cxrsam.train.finetune import make_config, read_config, finetune
+
+    given = {k: v for k, v in dict(
+        data=data, layout=layout, classes=classes, split=_split_ratios(split), split_seed=split_seed, backend=backend,
+        checkpoint=checkpoint, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
+        train_decoder=False if freeze_decoder else None, train_prompt=train_prompt, box_jitter=box_jitter,
+        points_per_lung=points_per_lung, val_prompt=val_prompt, val_drafts=val_drafts, iou_loss_weight=iou_loss_weight,
+        gradient_checkpointing=gradient_checkpointing, max_train_cases=max_train_cases, max_val_cases=max_val_cases,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+        seed=seed, mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers).items()
+        if v is not None}
+    options: dict = {}
+    if resume:
+        saved = read_config(out_dir).model_dump()
+        options = {**{k: v for k, v in saved.items() if k not in ("loop", "lora")}, **saved["lora"], **saved["loop"]}
+    elif data is None:
+        raise CxrsamError("--data is required (unless --resume)")
+    run_dir = finetune(make_config(**{**options, **given}), out_dir, resume=resume)
+    out.print(f"run folder: {run_dir} (adapters: adapter.safetensors, curves: curves.png)")
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Option("--run", help="LoRA run folder written by finetune")],
+    merged: Annotated[Optional[Path], typer.Option("--merged", help="Plain checkpoint (.pth) with the LoRA merged in")] = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="ONNX file of the merged encoder + decoder")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Base checkpoint the run was trained on [default: recorded path]")] = None,
+) -> None:
+    """Merge a LoRA run into its base: a checkpoint in the backend's own format (loads without peft), and/or ONNX."""
+    from cxrsam.sam.lora import export_merged, export_onnx
+
+    if merged is None and onnx is None:
+        raise CxrsamError("nothing to export: give --merged OUT.pth and/or --onnx OUT.onnx")
+    if merged is not None:
+        out.print(f"merged checkpoint: {export_merged(run, merged, checkpoint=checkpoint)}")
+    if onnx is not None:
+        out.print(f"ONNX model: {export_onnx(run, onnx, checkpoint=checkpoint)}")
+
+
+@app.command("experiment")
+def experiment_command(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (see configs/)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder; re-running skips finished stages")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Override data.root")] = None,
+) -> None:
+    """The paper's comparison in one command: split, CNNs, drafts, zero-shot SAM, LoRA-SAM, evaluation, report."""
+    from cxrsam.experiment import load_config
+
+    overrides = {"data.root": str(data)} if data else {}
+    _run_experiment(load_config(config, overrides), out_dir, config.read_text(encoding="utf-8"))
+
+
+@app.command("demo")
+def demo_command(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: generated phantoms)")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder")] = Path("runs/demo"),
+) -> None:
+    """The whole pipeline at small scale on the embedded default (phantoms + pretrained LiteMedSAM)."""
+    from importlib.resources import as_file, files
+
+    from cxrsam.experiment import load_config
+
+    config = files("cxrsam") / "configs" / "demo.yaml"
+    with as_file(config) as path:
+        overrides = {"data.root": str(data)} if data else {}
+        _run_experiment(load_config(path, overrides), out_dir, path.read_text(encoding="utf-8"))
+
+
+def _run_experiment(config, out_dir: Path, config_text: str) -> None:
+    from cxrsam.experiment import run_experiment
+    from cxrsam.report.tables import display_rows
+
+    result = run_experiment(config, out_dir, config_text)
+    header, rows = display_rows(result.table)
+    keep = [0, 1, 2, 3, 6, 7, 9, 11]
+    table = Table(title=config.name)
+    for i in keep:
+        table.add_column(header[i], justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[row[i] for i in keep])
+    out.print(table)
+    if result.reference:
+        out.print(f"p: paired Wilcoxon test of per-image Dice against {result.reference}")
+    out.print(f"stages run: {len(result.ran)}, from cache: {len(result.skipped)}")
+    out.print(f"report: {result.report_html}")
+
+
 def main() -> None:
     """Entry point: run the app and turn expected failures into one-line errors."""
     logging.basicConfig(level=logging.INFO, format="%(message)s",

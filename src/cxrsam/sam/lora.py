@@ -1,0 +1,324 @@
+"""Low-rank adapters (LoRA, through ``peft``) inside a SAM backend, their run files and merging.
+
+The adapters go into the image encoder's transformer attention (``qkv`` by default) of any backend
+of :mod:`cxrsam.sam.registry`; TinyViT's first stage (convolutional MBConv blocks) has no attention
+and is never touched. Everything else is frozen except what :class:`LoraSettings` opens: the mask
+decoder is trainable by default (as in SAMed), ``train_decoder=False`` is the strict variant.
+
+A trained run directory holds only what was trained, never a copy of the frozen base:
+
+``adapter.safetensors``
+    LoRA weights in ``peft``'s format (``get_peft_model_state_dict``: adapter name removed, e.g.
+    ``image_encoder.layers.1.blocks.0.attn.qkv.lora_A.weight``) plus the opened weights under their
+    plain names (``mask_decoder.*``).
+``adapter.json``
+    backend name, base checkpoint path and SHA-256, the :class:`LoraSettings` and the trainable
+    parameter summary. :func:`load_run` rebuilds the named base, refuses a base with another SHA-256,
+    re-applies the adapters and loads the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from cxrsam.errors import CxrsamError
+from cxrsam.files import atomic_path, atomic_write_text, sha256_file
+from cxrsam.sam.registry import LoadedSam, build_sam, get_backend
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_JSON = "adapter.json"
+
+LoraTarget = Literal["qkv", "proj", "mlp", "decoder_attn"]
+TARGET_PATTERNS: dict[str, str] = {
+    "qkv": r"image_encoder\..*\.attn\.qkv",
+    "proj": r"image_encoder\..*\.attn\.proj",
+    "mlp": r"image_encoder\..*\.mlp\.(fc1|fc2|lin1|lin2)",
+    "decoder_attn": r"mask_decoder\.transformer\..*\.(q_proj|k_proj|v_proj|out_proj)",
+}
+"""Module-name regexes (full match, as peft applies a string ``target_modules``) per target.
+TinyViT (LiteMedSAM) names its MLP ``fc1``/``fc2``, segment_anything's ViT ``lin1``/``lin2``; both
+name attention ``attn.qkv``/``attn.proj`` (segment_anything's ``patch_embed.proj`` is a conv and
+does not match). ``decoder_attn``: the two-way transformer's q/k/v/out projections."""
+
+
+class LoraSettings(BaseModel):
+    """Where the adapters go, their size, and which base weights are opened for training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch input")
+    targets: list[LoraTarget] = Field(default_factory=lambda: ["qkv"], min_length=1,
+                                      description="Layers that get adapters (see TARGET_PATTERNS)")
+    train_decoder: bool = Field(True, description="Train the whole mask decoder too (False: adapters only)")
+
+    def target_regex(self) -> str:
+        """One regex matching every targeted module name (for ``LoraConfig.target_modules``)."""
+        return "|".join(f"(?:{TARGET_PATTERNS[t]})" for t in dict.fromkeys(self.targets))
+
+
+def is_lora_key(name: str) -> bool:
+    """Whether a parameter/state-dict name belongs to a LoRA adapter."""
+    return ".lora_" in name
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Inject LoRA layers into ``model`` in place (``peft.inject_adapter_in_model``) and set what trains.
+
+    Afterwards only the adapters (and the mask decoder when ``settings.train_decoder``) have
+    ``requires_grad``; module names and the ``.image_encoder/.prompt_encoder/.mask_decoder``
+    interface are unchanged (targeted ``nn.Linear`` become ``peft`` LoRA ``Linear`` wrapping them).
+
+    Returns:
+        ``model`` itself.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    regex = settings.target_regex()
+    if not any(re.fullmatch(regex, name) for name, _ in model.named_modules()):
+        raise CxrsamError(f"LoRA targets {settings.targets} match no layer of {type(model).__name__}")
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=regex, bias="none")
+    model = inject_adapter_in_model(config, model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, param in model.named_parameters():
+        if is_lora_key(name) or (settings.train_decoder and name.startswith("mask_decoder.")):
+            param.requires_grad_(True)
+    return model
+
+
+def trainable_summary(model: nn.Module) -> dict[str, float]:
+    """Parameter counts: ``trainable``, ``total`` (with adapters), ``lora``, ``opened`` and ``share_percent``."""
+    total = trainable = lora = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            lora += param.numel() if is_lora_key(name) else 0
+    return {"trainable": trainable, "total": total, "lora": lora, "opened": trainable - lora,
+            "share_percent": 100.0 * trainable / max(total, 1)}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What was trained, on CPU: peft's adapter state dict plus the opened (trainable, non-LoRA) weights."""
+    from peft import get_peft_model_state_dict
+
+    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    for name, param in model.named_parameters():
+        if param.requires_grad and not is_lora_key(name):
+            state[name] = param.detach().cpu().clone()
+    return state
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path | None = None) -> None:
+    """Put :func:`adapter_state` back into a model prepared by :func:`apply_lora` with the same settings.
+
+    Raises:
+        CxrsamError: a key of ``state`` has no place in the model, or an adapter is missing.
+    """
+    from peft import set_peft_model_state_dict
+
+    lora_state = {k: v for k, v in state.items() if is_lora_key(k)}
+    opened = {k: v for k, v in state.items() if not is_lora_key(k)}
+    result = set_peft_model_state_dict(model, lora_state)
+    expected_lora = {n for n, _ in model.named_parameters() if is_lora_key(n)}
+    missing_lora = sorted(k for k in result.missing_keys if k in expected_lora)
+    unknown = sorted(set(opened) - set(model.state_dict()))
+    problems = [f"unexpected key {k!r}" for k in [*result.unexpected_keys, *unknown]]
+    problems += [f"missing adapter {k!r}" for k in missing_lora]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CxrsamError(f"adapter weights do not fit the model: {problems[0]}{more}", path=source)
+    if opened:
+        model.load_state_dict(opened, strict=False)
+
+
+@dataclass
+class LoraSam(LoadedSam):
+    """A base :class:`LoadedSam` with trained adapters applied (see :func:`load_run`).
+
+    ``model_id`` is ``lora:<first 16 hex of the adapter file's SHA-256>`` so embedding caches never
+    mix base and adapted encoders.
+    """
+
+    run_dir: Path = Path()
+    adapter_sha256: str = ""
+    settings: LoraSettings | None = None
+
+    @property
+    def model_id(self) -> str:
+        return f"lora:{self.adapter_sha256[:16]}"
+
+
+def save_adapter(run_dir: str | Path, model: nn.Module, loaded: LoadedSam, settings: LoraSettings,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``adapter.safetensors`` (``state`` or :func:`adapter_state` of ``model``) and ``adapter.json``.
+
+    Args:
+        run_dir: the run directory.
+        model: the adapted model (for the state and the trainable summary).
+        loaded: the base it was built from (backend, checkpoint path and SHA-256 are recorded).
+        settings: the LoRA settings used.
+        state: weights to write instead of the model's current ones (e.g. the best epoch's).
+
+    Returns:
+        the adapter file's path.
+    """
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    state = adapter_state(model) if state is None else state
+    with atomic_path(run_dir / ADAPTER_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={"format": "pt", "backend": loaded.spec.name, "base_sha256": loaded.checkpoint_sha256})
+    info = {"backend": loaded.spec.name, "base_checkpoint": str(loaded.checkpoint_path),
+            "base_sha256": loaded.checkpoint_sha256, "lora": settings.model_dump(),
+            "trainable": trainable_summary(model)}
+    atomic_write_text(run_dir / ADAPTER_JSON, json.dumps(info, indent=2) + "\n")
+    return run_dir / ADAPTER_FILE
+
+
+def read_adapter_info(run_dir: str | Path) -> dict:
+    """The ``adapter.json`` of a run directory (raises :class:`CxrsamError` when absent or unreadable)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CxrsamError("run directory not found", path=run_dir)
+    path = run_dir / ADAPTER_JSON
+    if not path.is_file() or not (run_dir / ADAPTER_FILE).is_file():
+        raise CxrsamError(f"not a finished LoRA run (no {ADAPTER_JSON} and {ADAPTER_FILE}; "
+                          "train it with `cxrsam finetune` or resume it)", path=run_dir)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CxrsamError(f"unreadable adapter description ({exc})", path=path) from None
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> LoraSam:
+    """Rebuild a trained LoRA model: the run's base checkpoint with its adapters and opened weights.
+
+    Args:
+        run_dir: a run directory written by :func:`cxrsam.train.finetune.finetune`.
+        device: torch device.
+        checkpoint: base checkpoint to use instead of the recorded path (e.g. the run was moved to
+            another machine); it must have the recorded SHA-256.
+
+    Raises:
+        CxrsamError: missing files, or a base whose SHA-256 differs from the one trained on.
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    info = read_adapter_info(run_dir)
+    spec = get_backend(info["backend"])
+    recorded = Path(info["base_checkpoint"])
+    base = checkpoint if checkpoint is not None else (recorded if recorded.is_file() else None)
+    loaded = build_sam(spec, checkpoint=base, device="cpu")
+    if loaded.checkpoint_sha256 != info["base_sha256"]:
+        raise CxrsamError(f"base checkpoint SHA-256 {loaded.checkpoint_sha256[:16]}... differs from the one this run "
+                          f"was trained on ({info['base_sha256'][:16]}...); pass the original base checkpoint",
+                          path=loaded.checkpoint_path)
+    settings = LoraSettings(**info["lora"])
+    model = apply_lora(loaded.model, settings)
+    adapter_path = run_dir / ADAPTER_FILE
+    try:
+        state = load_file(str(adapter_path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CxrsamError(f"unreadable adapter file ({type(exc).__name__}: {exc})", path=adapter_path) from None
+    load_adapter_state(model, state, source=adapter_path)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    device = torch.device(device)
+    model.to(device).eval()
+    return LoraSam(model=model, spec=loaded.spec, checkpoint_path=loaded.checkpoint_path,
+                   checkpoint_sha256=loaded.checkpoint_sha256, device=device, run_dir=run_dir,
+                   adapter_sha256=sha256_file(adapter_path), settings=settings)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its base layer (``W + B A * alpha/r``) and remove the peft layers, in place.
+
+    The result has exactly the base architecture and state-dict keys, so it loads without peft.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
+def export_merged(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Write the run's adapters merged into its base as a plain state dict in the backend's own format.
+
+    The file loads with ``build_sam(backend, checkpoint=out)`` (no peft) and gives the same logits as
+    the adapted model up to float rounding.
+    """
+    lora = load_run(run_dir, device="cpu", checkpoint=checkpoint)
+    merged = merge(lora.model)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        torch.save({k: v.contiguous() for k, v in merged.state_dict().items()}, tmp)
+    log.info("merged %s into %s (%s) -> %s", run_dir, lora.spec.name, lora.checkpoint_path.name, out)
+    return out
+
+
+class BoxPromptedSam(nn.Module):
+    """A SAM as one graph for ONNX: ``(image (1, 3, S, S) preprocessed, boxes (1, P, 4) model pixels) ->
+    (low-res logits (1, P, 1, 4h, 4w), predicted IoU (1, P, 1))`` through :func:`cxrsam.sam.engine.decode`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from cxrsam.sam.engine import PromptBatch, decode
+
+        return decode(self.model, self.model.image_encoder(image), PromptBatch(boxes=boxes))
+
+
+def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Export the run's merged encoder + decoder (box prompts) to ONNX (opset 17, legacy TorchScript exporter).
+
+    Inputs ``image`` (1, 3, S, S), preprocessed as :func:`cxrsam.sam.engine.preprocess` does, and
+    ``boxes`` (1, P, 4) in model-input pixels (P dynamic); outputs ``logits`` (1, P, 1, 4h, 4w) and
+    ``iou`` (1, P, 1). Needs the optional ``onnx`` package (``pip install 'cxrsam[onnx]'``).
+    """
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it
+    except ImportError:
+        raise CxrsamError("ONNX export needs the onnx package: pip install 'cxrsam[onnx]'") from None
+    lora = load_run(run_dir, device="cpu", checkpoint=checkpoint)
+    graph = BoxPromptedSam(merge(lora.model)).eval()
+    size = lora.spec.img_size
+    image = torch.zeros(1, 3, size, size)
+    boxes = torch.tensor([[[0.1 * size, 0.1 * size, 0.45 * size, 0.9 * size],
+                           [0.55 * size, 0.1 * size, 0.9 * size, 0.9 * size]]])
+    out = Path(out)
+    try:
+        with atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notes on SAM's constants
+            torch.onnx.export(graph, (image, boxes), str(tmp), dynamo=False, opset_version=17,
+                              input_names=["image", "boxes"], output_names=["logits", "iou"],
+                              dynamic_axes={"boxes": {1: "prompts"}, "logits": {1: "prompts"}, "iou": {1: "prompts"}})
+    except Exception as exc:  # the exporter raises many types for unsupported operators
+        raise CxrsamError(f"backend {lora.spec.name} could not be exported to ONNX "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path=out) from None
+    return out

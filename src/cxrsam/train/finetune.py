@@ -1,0 +1,359 @@
+"""LoRA fine-tuning of a SAM backend on lung masks: ``cxrsam finetune``.
+
+Training (per image): the augmented ground-truth mask is split into lung components
+(:func:`cxrsam.prompts.components.lung_components`); one prompt set per lung is sampled from it
+(:func:`cxrsam.prompts.prompts_from_mask`: a jittered box, random interior points, or both; with
+``train_prompt="mixed"`` the kind is drawn per image) and SAM predicts one mask per set, scored
+against *that lung's* component with Dice + BCE (MONAI ``DiceCELoss``), optionally plus the MSE of
+SAM's IoU head against the real IoU. This matches inference, where the engine decodes one set per
+lung and merges the masks by union.
+
+Validation: prompts derived (without jitter) from a draft source -- the ground truth (oracle boxes,
+default), a folder of draft masks or a CNN run -- are decoded, the per-lung masks merged by union
+(max of logits) and the Dice against the full ground-truth mask at the model size is averaged.
+
+The generic loop (:class:`cxrsam.train.loop.Trainer`) checkpoints only what trains (adapters and
+opened weights). A run folder holds ``config.yaml``, ``manifest.csv``, ``last.pt``/``best.pt``
+(trained weights only, with optimizer state in ``last.pt``), ``metrics.csv``, ``curves.png`` and,
+when training ends, the best epoch's ``adapter.safetensors`` + ``adapter.json``
+(:mod:`cxrsam.sam.lora`) -- never a copy of the frozen base.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+from torch.utils.data import Dataset
+
+from cxrsam.data.dataset import SegmentationDataset
+from cxrsam.data.layouts import Case
+from cxrsam.errors import CxrsamError
+from cxrsam.files import atomic_write_text
+from cxrsam.prompts import MODES, Prompts, prompts_from_mask
+from cxrsam.prompts.components import lung_components
+from cxrsam.sam.engine import decode, postprocess, preprocess, prompt_batch
+from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, save_adapter, \
+    trainable_summary
+from cxrsam.sam.registry import LoadedSam, build_sam
+from cxrsam.train.loop import BEST, LAST, LoopConfig, Trainer, load_checkpoint, segmentation_dice, seed_everything
+
+log = logging.getLogger(__name__)
+
+CONFIG_YAML = "config.yaml"
+EMPTY_LOGIT = -20.0
+"""Logit of every pixel of an image without prompts (no lung found): an empty mask."""
+
+
+class FinetuneConfig(BaseModel):
+    """Everything a LoRA fine-tuning run depends on (written to ``config.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="Dataset root")
+    layout: str = "auto"
+    classes: list[str] | None = None
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+    backend: str = Field("litemedsam", description="SAM registry backend")
+    checkpoint: Path | None = Field(None, description="Base checkpoint (None: the backend's default)")
+    lora: LoraSettings = LoraSettings()
+    train_prompt: Literal["box", "points", "box+points", "mixed"] = Field(
+        "mixed", description="Prompts sampled from the ground truth per lung; mixed draws the kind per image")
+    box_jitter: float = Field(0.05, ge=0, description="Training box noise std, fraction of the box side")
+    points_per_lung: int = Field(3, ge=1, description="Random interior points per lung (training)")
+    val_prompt: Literal["box", "points", "box+points"] = "box"
+    val_drafts: Path | None = Field(None, description="Validation draft source: a mask folder (by stem) or a "
+                                                      "CNN run folder; None = ground truth (oracle prompts)")
+    iou_loss_weight: float = Field(0.0, ge=0, description="Weight of the IoU-head MSE term (0: off)")
+    augment: bool = True
+    gradient_checkpointing: bool = Field(False, description="Recompute encoder blocks in backward (less memory)")
+    max_train_cases: int | None = Field(None, ge=1, description="Use only the first N training cases")
+    max_val_cases: int | None = Field(None, ge=1, description="Validate on the first N validation cases")
+    loop: LoopConfig = LoopConfig(lr=2e-4, batch_size=4, epochs=20, patience=5, warmup_fraction=0.05)
+
+
+def make_config(**options: Any) -> FinetuneConfig:
+    """Build a config from flat options (loop and LoRA fields may be given flat); invalid -> CxrsamError."""
+    loop = {k: options.pop(k) for k in list(options) if k in LoopConfig.model_fields}
+    lora = {k: options.pop(k) for k in list(options) if k in LoraSettings.model_fields}
+    try:
+        defaults = FinetuneConfig.model_fields["loop"].default.model_dump()
+        return FinetuneConfig(**options, lora=LoraSettings(**lora), loop=LoopConfig(**{**defaults, **loop}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CxrsamError(f"invalid setting {'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}") from None
+
+
+def read_config(run_dir: str | Path) -> FinetuneConfig:
+    """The ``config.yaml`` of a fine-tuning run folder."""
+    path = Path(run_dir) / CONFIG_YAML
+    if not path.is_file():
+        raise CxrsamError(f"not a fine-tuning run folder (no {CONFIG_YAML})", path=run_dir)
+    try:
+        return FinetuneConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, ValidationError, TypeError) as exc:
+        raise CxrsamError(f"invalid run config ({str(exc).splitlines()[0]})", path=path) from None
+
+
+def _frozen_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+        p.requires_grad for p in module.parameters())
+
+
+class SamTrainee(nn.Module):
+    """An adapted SAM as one module for the training loop (and ``accelerate``/DDP wrapping).
+
+    ``forward(images, prompts)`` encodes with gradients (the adapters live in the encoder) and
+    decodes each image's prompt sets with :func:`cxrsam.sam.engine.decode`. ``train(True)`` leaves
+    frozen BatchNorm layers (TinyViT's convolutions) in eval mode, so their running statistics --
+    part of the frozen base -- never change.
+    """
+
+    def __init__(self, loaded: LoadedSam):
+        super().__init__()
+        self.sam = loaded.model
+        self.loaded = loaded
+
+    def train(self, mode: bool = True) -> SamTrainee:
+        super().train(mode)
+        for module in self.sam.modules():
+            if _frozen_batchnorm(module):
+                module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[Prompts]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: (logits (P, S, S) at the model input size, predicted IoU (P,)) of its P prompt sets.
+
+        Args:
+            images: (B, 1, S, S) float in [0, 1] at the model size S.
+            prompts: B prompt lists in model-input pixels (image size (S, S)); an image without sets
+                gets empty tensors.
+        """
+        spec = self.loaded.spec
+        size = (spec.img_size, spec.img_size)
+        embeddings = self.sam.image_encoder(preprocess(self.loaded, list(images[:, 0])))
+        out = []
+        for b, image_prompts in enumerate(prompts):
+            if image_prompts.empty:
+                out.append((embeddings.new_zeros((0, *size)), embeddings.new_zeros((0,))))
+                continue
+            batch = prompt_batch(spec, image_prompts.sets, size, embeddings.device)
+            logits, iou = decode(self.sam, embeddings[b:b + 1], batch)
+            out.append((postprocess(logits[0, :, 0], spec, size), iou[0, :, 0]))
+        return out
+
+
+def enable_gradient_checkpointing(encoder: nn.Module) -> int:
+    """Recompute each transformer block of ``encoder`` during backward (non-reentrant checkpointing).
+
+    Blocks are the members of every ``blocks`` ModuleList (TinyViT and segment_anything's ViT both
+    use that name). Module names and state-dict keys are unchanged. Returns the number of blocks.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+    for module in encoder.modules():
+        blocks = getattr(module, "blocks", None)
+        if not isinstance(blocks, nn.ModuleList):
+            continue
+        for block in blocks:
+            plain = block.forward
+
+            @functools.wraps(plain)
+            def forward(*args: Any, _plain=plain, _block=block) -> Any:
+                if _block.training and torch.is_grad_enabled():
+                    return checkpoint(_plain, *args, use_reentrant=False)
+                return _plain(*args)
+
+            block.forward = forward
+            count += 1
+    return count
+
+
+class PromptedDataset(Dataset):
+    """Images at the model size with prompt sets and per-set targets.
+
+    Item ``i``: ``(image (1, S, S), mask (1, S, S), i, prompts, targets)``. For training
+    (``drafts=None``) prompts are sampled from the (augmented) mask, one set per lung, and
+    ``targets`` (P, S, S) are the lungs' components; for validation prompts come from
+    ``drafts[i]`` (bool (S, S)) without randomness and ``targets`` is the full mask (1, S, S).
+    Randomness is drawn from ``(seed, epoch, i)``, like the augmentation.
+    """
+
+    def __init__(self, base: SegmentationDataset, prompt: str, jitter: float = 0.0, points_per_lung: int = 3,
+                 drafts: Sequence[np.ndarray] | None = None):
+        self.base = base
+        self.prompt = prompt
+        self.jitter = jitter
+        self.points_per_lung = points_per_lung
+        self.drafts = drafts
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, Prompts, torch.Tensor]:
+        image, mask, _ = self.base[index]
+        truth = mask[0].numpy() > 0.5
+        if self.drafts is not None:
+            prompts = prompts_from_mask(self.drafts[index], mode=self.prompt, points_per_lung=self.points_per_lung)
+            return image, mask, index, prompts, mask
+        rng = np.random.default_rng([self.base.seed, self.base.epoch, index, 1])
+        mode = str(rng.choice(MODES)) if self.prompt == "mixed" else self.prompt
+        prompts = prompts_from_mask(truth, mode=mode, points_per_lung=self.points_per_lung, strategy="random",
+                                    jitter=self.jitter, rng=rng)
+        lungs, _ = lung_components(truth)
+        targets = torch.from_numpy(np.stack(lungs).astype(np.float32)) if lungs else mask[:0]
+        return image, mask, index, prompts, targets
+
+
+def collate_prompted(items: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, list]:
+    """Stack images, masks and indices; keep prompts and per-image targets as lists."""
+    images, masks, indices, prompts, targets = zip(*items)
+    return torch.stack(images), torch.stack(masks), torch.tensor(indices), list(prompts), list(targets)
+
+
+def union_logits(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int) -> torch.Tensor:
+    """Per image the max over its sets' logits (= union of the masks at threshold 0): (B, 1, S, S)."""
+    merged = []
+    for logits, _ in outputs:
+        merged.append(logits.amax(dim=0, keepdim=True) if len(logits)
+                      else torch.full((1, size, size), EMPTY_LOGIT, device=logits.device))
+    return torch.stack(merged)
+
+
+def segmentation_loss(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], targets: Sequence[torch.Tensor],
+                      iou_weight: float = 0.0) -> torch.Tensor:
+    """Dice + BCE (MONAI ``DiceCELoss``, per set) over all prompt sets of the batch, plus IoU-head MSE.
+
+    The IoU target is the IoU of the thresholded prediction with its lung (no gradient).
+    """
+    from monai.losses import DiceCELoss
+
+    logits = torch.cat([out[0] for out in outputs])[:, None]
+    if len(logits) == 0:  # no lung in any image of the batch: nothing to learn from
+        return sum(out[0].sum() for out in outputs) * 0.0
+    target = torch.cat(list(targets)).to(logits)[:, None]
+    loss = DiceCELoss(sigmoid=True, reduction="mean")(logits, target)
+    predicted = torch.cat([out[1] for out in outputs])
+    if iou_weight == 0:  # keep the IoU head in the graph: DDP needs a gradient for every trainable weight
+        return loss + 0.0 * predicted.sum()
+    with torch.no_grad():
+        hard = (logits > 0).float()
+        inter = (hard * target).sum(dim=(1, 2, 3))
+        union = ((hard + target) > 0).float().sum(dim=(1, 2, 3)).clamp_min(1)
+    return loss + iou_weight * torch.nn.functional.mse_loss(predicted, inter / union)
+
+
+def _val_drafts(config: FinetuneConfig, cases: Sequence[Case], size: int) -> list[np.ndarray]:
+    """Draft masks bool (S, S) of the validation cases from the configured source."""
+    from cxrsam.data.dataset import load_case
+    from cxrsam.sam.zeroshot import drafts_from_cnn, drafts_from_dir
+
+    source = config.val_drafts
+    draft_of = None
+    if source is not None:
+        draft_of = drafts_from_cnn(source) if (Path(source) / CONFIG_YAML).is_file() else drafts_from_dir(source)
+    drafts = []
+    for case in cases:
+        xray, truth = load_case(case)
+        try:
+            draft = truth if draft_of is None else draft_of(xray)
+        except KeyError:
+            raise CxrsamError(f"no validation draft for {xray.path.stem}", path=source) from None
+        drafts.append(cv2.resize(draft.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0)
+    return drafts
+
+
+def _check_resume(config: FinetuneConfig, run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (run_dir / LAST).is_file():
+            raise CxrsamError(f"nothing to resume (no {LAST})", path=run_dir)
+        saved = read_config(run_dir).model_dump(exclude={"loop"})
+        changed = [k for k, v in config.model_dump(exclude={"loop"}).items() if saved[k] != v]
+        if changed:
+            raise CxrsamError("cannot resume with changed settings: " + ", ".join(
+                f"{k} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed), path=run_dir / CONFIG_YAML)
+    elif (run_dir / LAST).exists():
+        raise CxrsamError("folder already holds a training run; add --resume to continue it or choose another --out",
+                          path=run_dir)
+
+
+def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
+             on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """Train LoRA adapters (and the opened weights) of ``config.backend``; return the run folder.
+
+    Args:
+        config: the run's settings.
+        out_dir: run folder (created). Without ``resume`` a folder holding ``last.pt`` is refused.
+        resume: continue ``out_dir`` from ``last.pt`` with its saved split; settings must be unchanged.
+        on_epoch_end: called as ``(epoch, metrics row)`` after each epoch's checkpoint (main process).
+
+    The base checkpoint's SHA-256, the LoRA settings and the trainable parameter count go to
+    ``adapter.json``; the count is also logged.
+    """
+    from accelerate import PartialState
+
+    from cxrsam.train.cnn import _splits
+
+    run_dir = Path(out_dir)
+    _check_resume(config, run_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = PartialState()
+    splits = _splits(config, run_dir, resume)
+    if state.is_main_process:
+        atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+    loop = config.loop
+    seed_everything(loop.seed, loop.deterministic)
+    loaded = build_sam(config.backend, checkpoint=config.checkpoint, device=state.device)
+    model = apply_lora(loaded.model, config.lora)
+    summary = trainable_summary(model)
+    log.info("trainable parameters: %d of %d (%.2f %%; LoRA %d, opened %d)", summary["trainable"], summary["total"],
+             summary["share_percent"], summary["lora"], summary["opened"])
+    if config.gradient_checkpointing:
+        log.info("gradient checkpointing on %d encoder blocks", enable_gradient_checkpointing(model.image_encoder))
+    trainee = SamTrainee(loaded)
+
+    size = loaded.spec.img_size
+    train_cases = splits["train"][:config.max_train_cases]
+    val_cases = splits["val"][:config.max_val_cases]
+    train_data = PromptedDataset(SegmentationDataset(train_cases, size, augment=config.augment, seed=loop.seed),
+                                 config.train_prompt, config.box_jitter, config.points_per_lung)
+    val_data = PromptedDataset(SegmentationDataset(val_cases, size), config.val_prompt,
+                               points_per_lung=config.points_per_lung, drafts=_val_drafts(config, val_cases, size))
+
+    def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
+        images, _, _, prompts, targets = batch
+        return segmentation_loss(net(images, prompts), targets, config.iou_loss_weight)
+
+    def logits_fn(net: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks, _, prompts, _ = batch
+        return union_logits(net(images, prompts), size), masks
+
+    def validate_fn(net: nn.Module) -> dict[str, float]:
+        return {"val_dice": segmentation_dice(net, val_data, logits_fn, batch_size=loop.batch_size,
+                                              collate_fn=collate_prompted)}
+
+    trainer = Trainer(loop, run_dir, trainee, train_data, step_fn, validate_fn,
+                      state_fn=lambda net: adapter_state(net.sam),
+                      load_state_fn=lambda net, weights: load_adapter_state(net.sam, weights),
+                      collate_fn=collate_prompted, on_epoch_end=on_epoch_end)
+    result = trainer.fit(resume=resume)
+    if state.is_main_process:
+        best = load_checkpoint(run_dir / BEST)["model"]
+        save_adapter(run_dir, model, loaded, config.lora, state=best)
+        log.info("best val Dice %.4f at epoch %d; adapters in %s", result.best_dice, result.best_epoch, run_dir)
+    return run_dir

@@ -1,0 +1,164 @@
+"""LoRA adapters in SAM: injection, what is frozen, run files, refusing another base, merging, ONNX."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cxrsam.errors import CxrsamError
+from cxrsam.prompts import PromptSet
+from cxrsam.sam import lora
+from cxrsam.sam.engine import decode, preprocess, prompt_batch
+from cxrsam.sam.registry import BACKENDS, build_sam
+from cxrsam.sam.testing import TINY_SIZE, tiny_spec, write_tiny_checkpoint
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """The tiny SAM registered as backend ``tiny_sam`` and loaded from a checkpoint file."""
+    monkeypatch.setitem(BACKENDS, "tiny_sam", tiny_spec())
+    return build_sam("tiny_sam", checkpoint=write_tiny_checkpoint(tmp_path / "tiny.pth", seed=0))
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
+    """Give LoRA B (zero at init) random values so adapters change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def box_logits(loaded, image: np.ndarray) -> torch.Tensor:
+    """Low-res logits (1, 2, 1, h, w) of two fixed boxes on ``image`` (S, S)."""
+    size = loaded.spec.img_size
+    sets = [PromptSet(box=np.array([0.1, 0.1, 0.45, 0.9], np.float32) * size),
+            PromptSet(box=np.array([0.55, 0.1, 0.9, 0.9], np.float32) * size)]
+    with torch.no_grad():
+        embeddings = loaded.model.image_encoder(preprocess(loaded, [image]))
+        return decode(loaded.model, embeddings, prompt_batch(loaded.spec, sets, (size, size)))[0]
+
+
+def test_adapters_go_only_where_targeted_and_freeze_the_rest(tiny):
+    model = lora.apply_lora(tiny.model, lora.LoraSettings(rank=4, targets=["qkv"], train_decoder=False))
+    adapted = sorted({n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n})
+    assert adapted == ["image_encoder.blocks.0.attn.qkv", "image_encoder.blocks.1.attn.qkv"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    summary = lora.trainable_summary(model)
+    assert summary["trainable"] == summary["lora"] == 2 * (4 * 32 + 4 * 96)
+    assert 0 < summary["share_percent"] < 5
+
+
+def test_all_targets_and_open_decoder(tiny):
+    settings = lora.LoraSettings(targets=["qkv", "proj", "mlp", "decoder_attn"], train_decoder=True)
+    model = lora.apply_lora(tiny.model, settings)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_" in n}
+    assert adapted == {"qkv", "proj", "lin1", "lin2", "q_proj", "k_proj", "v_proj", "out_proj"}
+    assert not any("patch_embed" in n for n, _ in model.named_parameters() if ".lora_" in n)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("mask_decoder."))
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if n.startswith(("image_encoder.", "prompt_encoder.")) and ".lora_" not in n)
+
+
+def test_targets_matching_nothing_are_refused():
+    with pytest.raises(CxrsamError, match="match no layer"):
+        lora.apply_lora(nn.Sequential(nn.Linear(4, 4)), lora.LoraSettings())
+
+
+def test_run_files_hold_only_trained_weights_and_reload_exactly(tiny, tmp_path):
+    settings = lora.LoraSettings(rank=4)
+    model = lora.apply_lora(tiny.model, settings)
+    randomize_adapters(model)
+    image = np.random.default_rng(0).random((TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    before = box_logits(tiny, image)
+    run = tmp_path / "run"
+    lora.save_adapter(run, model, tiny, settings)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(run / lora.ADAPTER_FILE)))
+    assert keys and all(".lora_" in k or k.startswith("mask_decoder.") for k in keys)
+    info = json.loads((run / lora.ADAPTER_JSON).read_text())
+    assert info["base_sha256"] == tiny.checkpoint_sha256 and info["trainable"]["lora"] > 0
+    loaded = lora.load_run(run)
+    assert loaded.model_id.startswith("lora:") and loaded.model_id != tiny.model_id
+    assert torch.equal(box_logits(loaded, image), before)
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_load_run_refuses_a_base_with_another_hash(tiny, tmp_path):
+    settings = lora.LoraSettings(rank=2, train_decoder=False)
+    lora.save_adapter(tmp_path / "run", lora.apply_lora(tiny.model, settings), tiny, settings)
+    other = write_tiny_checkpoint(tmp_path / "other.pth", seed=1)
+    with pytest.raises(CxrsamError, match="SHA-256 .* differs") as info:
+        lora.load_run(tmp_path / "run", checkpoint=other)
+    assert "\n" not in str(info.value) and str(other.resolve()) in str(info.value)
+    with pytest.raises(CxrsamError, match="not a finished LoRA run"):
+        lora.load_run(tmp_path)
+
+
+def test_merged_export_equals_adapted_model_and_loads_without_peft(tiny, tmp_path):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    settings = lora.LoraSettings(rank=4, targets=["qkv", "proj", "mlp", "decoder_attn"], train_decoder=False)
+    model = lora.apply_lora(tiny.model, settings)
+    randomize_adapters(model)
+    lora.save_adapter(tmp_path / "run", model, tiny, settings)
+    image = np.random.default_rng(1).random((TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    adapted = box_logits(lora.load_run(tmp_path / "run"), image)
+    base = box_logits(build_sam("tiny_sam", checkpoint=tiny.checkpoint_path), image)
+    merged_file = lora.export_merged(tmp_path / "run", tmp_path / "merged.pth")
+    merged = build_sam("tiny_sam", checkpoint=merged_file)
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.model.modules())
+    merged_logits = box_logits(merged, image)
+    assert (merged_logits - adapted).abs().max() < 1e-4
+    assert (adapted - base).abs().max() > 1e-3  # the adapters matter, so the comparison means something
+
+
+def test_litemedsam_adapters_skip_conv_stage_keep_bn_and_attention_cache(tmp_path):
+    """On the real TinyViT: adapters only in attention stages; at init (B = 0) outputs are unchanged in
+    eval and train mode (the cached attention bias ``ab`` follows the mode); merging round-trips."""
+    base = build_sam("litemedsam")
+    image = np.random.default_rng(2).random((256, 256)).astype(np.float32)
+    x = preprocess(base, [image])
+    with torch.no_grad():
+        reference = base.model.image_encoder(x)
+    model = lora.apply_lora(base.model, lora.LoraSettings())
+    adapted = sorted({n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n})
+    assert len(adapted) == 10 and not any(n.startswith("image_encoder.layers.0.") for n in adapted)
+    with torch.no_grad():
+        assert torch.equal(model.image_encoder(x), reference)
+        from cxrsam.train.finetune import SamTrainee
+
+        trainee = SamTrainee(base).train()
+        assert all(not m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        assert (model.image_encoder(x) - reference).abs().max() < 1e-4
+        trainee.eval()
+    randomize_adapters(model)
+    lora.save_adapter(tmp_path / "run", model, base, lora.LoraSettings())
+    adapted_logits = box_logits(lora.load_run(tmp_path / "run"), image)
+    merged = build_sam("litemedsam", checkpoint=lora.export_merged(tmp_path / "run", tmp_path / "merged.pth"))
+    assert (box_logits(merged, image) - adapted_logits).abs().max() < 1e-4
+
+
+def test_onnx_export_runs_and_matches(tiny, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    settings = lora.LoraSettings(rank=4)
+    model = lora.apply_lora(tiny.model, settings)
+    randomize_adapters(model)
+    lora.save_adapter(tmp_path / "run", model, tiny, settings)
+    path = lora.export_onnx(tmp_path / "run", tmp_path / "model.onnx")
+    image = np.random.default_rng(3).random((TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    loaded = lora.load_run(tmp_path / "run")
+    x = preprocess(loaded, [image])
+    boxes = torch.tensor([[[5.0, 5.0, 30.0, 60.0], [34.0, 5.0, 60.0, 60.0], [10.0, 10.0, 50.0, 50.0]]])
+    with torch.no_grad():
+        expected = lora.BoxPromptedSam(loaded.model)(x, boxes)[0].numpy()
+    got = ort.InferenceSession(str(path)).run(None, {"image": x.numpy(), "boxes": boxes.numpy()})[0]
+    assert got.shape == expected.shape == (1, 3, 1, 32, 32)
+    assert np.abs(got - expected).max() < 1e-4

@@ -1,0 +1,180 @@
+"""LoRA fine-tuning on phantoms with a tiny SAM: what trains, run files, resume, CLI."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from cxrsam.errors import CxrsamError
+from cxrsam.sam import lora
+from cxrsam.sam.registry import BACKENDS, build_sam
+from cxrsam.sam.testing import TINY_SIZE, tiny_spec, write_tiny_checkpoint
+from cxrsam.train import finetune as ft
+from cxrsam.train.loop import load_checkpoint
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, monkeypatch):
+    """Checkpoint of the tiny SAM, registered as backend ``tiny_sam``."""
+    monkeypatch.setitem(BACKENDS, "tiny_sam", tiny_spec())
+    return write_tiny_checkpoint(tmp_path / "tiny.pth", seed=0)
+
+
+def tiny_config(data, checkpoint, **overrides) -> ft.FinetuneConfig:
+    options = dict(data=data, backend="tiny_sam", checkpoint=checkpoint, split=(0.75, 0.25, 0.0), epochs=2,
+                   batch_size=3, lr=3e-3, patience=None, progress=False, rank=4)
+    return ft.make_config(**{**options, **overrides})
+
+
+def prompted_data(phantoms, seed: int = 0) -> ft.PromptedDataset:
+    from cxrsam.data.dataset import SegmentationDataset
+    from cxrsam.data.layouts import discover
+
+    cases = discover(phantoms).cases[:4]
+    return ft.PromptedDataset(SegmentationDataset(cases, TINY_SIZE, augment=True, seed=seed), "mixed", jitter=0.05)
+
+
+def test_training_steps_change_adapters_and_decoder_but_never_the_frozen_base(phantoms, tiny_ckpt):
+    torch.manual_seed(0)
+    loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
+    model = lora.apply_lora(loaded.model, lora.LoraSettings(rank=4, train_decoder=True))
+    frozen = {n: t.clone() for n, t in model.state_dict().items()
+              if ".lora_" not in n and not n.startswith("mask_decoder.")}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainee = ft.SamTrainee(loaded)
+    batch = ft.collate_prompted([prompted_data(phantoms)[i] for i in range(4)])
+    with torch.no_grad():
+        before = ft.union_logits(trainee.eval()(batch[0], batch[3]), TINY_SIZE)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    trainee.train()
+    for _ in range(3):
+        loss = ft.segmentation_loss(trainee(batch[0], batch[3]), batch[4], iou_weight=0.5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, tensor in model.state_dict().items():
+        if name in frozen:
+            assert torch.equal(tensor, frozen[name]), name
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trained[n])}
+    assert any(".lora_A." in n for n in changed) and any(".lora_B." in n for n in changed)
+    assert any(n.startswith("mask_decoder.") for n in changed)
+    with torch.no_grad():
+        after = ft.union_logits(trainee.eval()(batch[0], batch[3]), TINY_SIZE)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_prompts_and_targets_are_per_lung_and_reproducible(phantoms):
+    data = prompted_data(phantoms)
+    image, mask, index, prompts, targets = data[1]
+    assert image.shape == mask.shape == (1, TINY_SIZE, TINY_SIZE)
+    assert len(prompts.sets) == len(targets) == 2
+    assert torch.equal(targets.amax(dim=0) > 0, mask[0] > 0)  # the two lungs are the whole mask
+    again = prompted_data(phantoms)[1][3]
+    for a, b in zip(prompts.sets, again.sets):
+        assert a.signature == b.signature
+        assert all(np.array_equal(x, y) for x, y in ((a.box, b.box), (a.points, b.points)) if x is not None)
+    changed = []
+    for epoch in (1, 2, 3):
+        data.set_epoch(epoch)
+        changed.append(repr(data[1][3].sets) != repr(prompts.sets))
+    assert any(changed)  # new jitter / points / prompt kind each epoch
+
+
+def test_adapter_only_run_is_small_and_loads(phantoms, tiny_ckpt, tmp_path):
+    run = ft.finetune(tiny_config(phantoms, tiny_ckpt, train_decoder=False), tmp_path / "run")
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "manifest.csv", "metrics.csv", "curves.png", "best.pt", "last.pt",
+            "adapter.safetensors", "adapter.json"} <= names
+    assert not any(p.suffix == ".pth" for p in run.iterdir())
+    weights = sum((run / n).stat().st_size for n in ("adapter.safetensors", "best.pt", "last.pt"))
+    assert weights < tiny_ckpt.stat().st_size / 4
+    assert set(load_checkpoint(run / "best.pt")["model"]) == set(lora.adapter_state(
+        lora.apply_lora(build_sam("tiny_sam", checkpoint=tiny_ckpt).model, ft.read_config(run).lora)))
+    info = lora.read_adapter_info(run)
+    assert info["trainable"]["opened"] == 0 and info["trainable"]["trainable"] == info["trainable"]["lora"] > 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["train_decoder"] is False
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    assert lora.load_run(run).model_id.startswith("lora:")
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(phantoms, tiny_ckpt, tmp_path):
+    config = tiny_config(phantoms, tiny_ckpt, epochs=2, max_train_cases=6, max_val_cases=2)
+    straight = ft.finetune(config, tmp_path / "straight")
+
+    def kill_after_first(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(config, tmp_path / "resumed", on_epoch_end=kill_after_first)
+    assert not (tmp_path / "resumed" / "adapter.safetensors").exists()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    ft.finetune(config, tmp_path / "resumed", resume=True)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "adapter.safetensors")) for d in (straight, tmp_path / "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last_a, last_b = (load_checkpoint(d / "last.pt")["model"] for d in (straight, tmp_path / "resumed"))
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+
+
+def test_resume_refusals(phantoms, tiny_ckpt, tmp_path):
+    config = tiny_config(phantoms, tiny_ckpt, epochs=1, max_train_cases=3, max_val_cases=1)
+    with pytest.raises(CxrsamError, match="nothing to resume"):
+        ft.finetune(config, tmp_path / "run", resume=True)
+    ft.finetune(config, tmp_path / "run")
+    with pytest.raises(CxrsamError, match="already holds a training run"):
+        ft.finetune(config, tmp_path / "run")
+    with pytest.raises(CxrsamError, match="changed settings: lora"):
+        ft.finetune(tiny_config(phantoms, tiny_ckpt, epochs=1, max_train_cases=3, max_val_cases=1, rank=2),
+                    tmp_path / "run", resume=True)
+
+
+def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path):
+    from cxrsam.cli import app
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", "--data", str(phantoms), "--backend", "tiny_sam", "--checkpoint",
+                                 str(tiny_ckpt), "--rank", "2", "--target", "qkv", "--target", "proj",
+                                 "--freeze-decoder", "--epochs", "1", "--max-train-cases", "3", "--max-val-cases",
+                                 "2", "--batch-size", "3", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    settings = ft.read_config(run).lora
+    assert settings.rank == 2 and settings.targets == ["qkv", "proj"] and not settings.train_decoder
+    result = runner.invoke(app, ["export", "--run", str(run), "--merged", str(tmp_path / "merged.pth")])
+    assert result.exit_code == 0, result.output
+    assert build_sam("tiny_sam", checkpoint=tmp_path / "merged.pth").checkpoint_sha256 != \
+        build_sam("tiny_sam", checkpoint=tiny_ckpt).checkpoint_sha256
+    result = runner.invoke(app, ["predict", "--run", str(run), "--images", str(phantoms / "images"), "--drafts",
+                                 str(phantoms / "masks"), "--prompt", "box", "--out", str(tmp_path / "pred"),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "pred").glob("*_mask.png"))) == 12
+    result = runner.invoke(app, ["export", "--run", str(run)])
+    assert isinstance(result.exception, CxrsamError) and "nothing to export" in str(result.exception)
+    result = runner.invoke(app, ["finetune", "--out", str(tmp_path / "x")])
+    assert isinstance(result.exception, CxrsamError) and "--data is required" in str(result.exception)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(phantoms, tiny_ckpt):
+    batch = ft.collate_prompted([prompted_data(phantoms)[i] for i in range(2)])
+    grads = []
+    for checkpointing in (False, True):
+        loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
+        model = lora.apply_lora(loaded.model, lora.LoraSettings(rank=2))
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        if checkpointing:
+            assert ft.enable_gradient_checkpointing(model.image_encoder) == 2
+        ft.segmentation_loss(ft.SamTrainee(loaded).train()(batch[0], batch[3]), batch[4]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if ".lora_" in n})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
