@@ -240,6 +240,8 @@ def predict_command(
     paths = collect_images([*images, *(more_images or [])])
     segmenter = _segmenter(run, drafts_from, backend, checkpoint, prompt, device)
     report = predict_images(segmenter, paths, out_dir, box=hand_box, drafts_dir=drafts, format=output_format)
+    if len(paths) == 1 and report.failed:
+        raise CxrsamError(report.failed[0][1])
     out.print(f"wrote {len(report.written)} of {len(paths)} image(s) to {out_dir} "
               f"(SAM {segmenter.models['sam']['model_id']})")
     for _, message in report.failed:

@@ -225,23 +225,21 @@ def create_app(segmenter: Segmenter, max_upload_mb: float = 64.0, max_sessions: 
             raise HTTPException(422, exc.problem) from None
         return state(upload, segment(upload, prompt))
 
-    @app.get("/api/images/{image_id}/mask.png")
-    def download_mask(image_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
+    def attachment(image_id: str, suffix: str, media_type: str, render) -> Response:
         upload = get_upload(image_id)
         if upload.segmentation is None:
             raise HTTPException(404, "no mask yet")
-        stem = Path(upload.name).stem
-        return Response(mask_png(upload.segmentation.mask), media_type="image/png",
-                        headers={"Content-Disposition": f'attachment; filename="{stem}_mask.png"'})
+        filename = f"{Path(upload.name).stem}{suffix}"
+        return Response(render(upload), media_type=media_type,
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @app.get("/api/images/{image_id}/mask.png")
+    def download_mask(image_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
+        return attachment(image_id, "_mask.png", "image/png", lambda upload: mask_png(upload.segmentation.mask))
 
     @app.get("/api/images/{image_id}/result.json")
     def download_json(image_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
-        upload = get_upload(image_id)
-        if upload.segmentation is None:
-            raise HTTPException(404, "no mask yet")
-        stem = Path(upload.name).stem
-        body = json.dumps(result_dict(upload.segmentation, upload.name), indent=2) + "\n"
-        return Response(body, media_type="application/json",
-                        headers={"Content-Disposition": f'attachment; filename="{stem}.json"'})
+        return attachment(image_id, ".json", "application/json", lambda upload: json.dumps(
+            result_dict(upload.segmentation, upload.name), indent=2) + "\n")
 
     return app

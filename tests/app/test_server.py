@@ -1,0 +1,104 @@
+"""The web app's HTTP API: upload, automatic mask, refinement, downloads, and what it refuses."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cxrsam.data.io import read_mask
+from cxrsam.evaluation.metrics import dice_score
+from cxrsam.predict import Segmenter
+
+
+def decode_mask(data_url: str) -> np.ndarray:
+    assert data_url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))) > 0
+
+
+@pytest.fixture(scope="module")
+def manual_client(litemedsam):
+    """The app without a CNN run (the user draws a box), with small limits."""
+    return TestClient(create(litemedsam, max_upload_mb=1, max_sessions=2))
+
+
+def create(sam, drafter=None, **limits):
+    from cxrsam.app.server import create_app
+
+    return create_app(Segmenter(sam, drafter=drafter), **limits)
+
+
+def test_real_image_box_then_background_click_then_downloads(manual_client, shared_data, lung_point):
+    image = shared_data / "Viral Pneumonia" / "images" / "Viral Pneumonia-3.png"
+    gt = read_mask(shared_data / "Viral Pneumonia" / "masks" / "Viral Pneumonia-3.png", size=(299, 299))
+    body = manual_client.post("/api/images", files={"file": ("Viral Pneumonia-3.png", image.read_bytes())}).json()
+    assert (body["width"], body["height"], body["mask"], body["automatic"]) == (299, 299, None, False)
+    assert "drag a box" in body["message"] and body["image"].startswith("data:image/png;base64,")
+    both = manual_client.post(f"/api/images/{body['id']}/segment", json={"box": [10, 20, 290, 280]}).json()
+    mask = decode_mask(both["mask"])
+    assert both["mask_pixels"] == mask.sum() and dice_score(mask, gt) > 0.6
+    assert both["result"]["prompt_source"] == "box" and both["result"]["image"] == "Viral_Pneumonia-3.png"
+    click = {"box": [10, 20, 290, 280], "points": [lung_point(gt)], "labels": [0]}
+    refined = manual_client.post(f"/api/images/{body['id']}/segment", json=click).json()
+    assert refined["mask_pixels"] != both["mask_pixels"]
+    assert refined["result"]["prompts"][0]["labels"] == [0]
+    download = manual_client.get(f"/api/images/{body['id']}/mask.png")
+    assert download.headers["content-disposition"] == 'attachment; filename="Viral_Pneumonia-3_mask.png"'
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(download.content))) > 0, decode_mask(refined["mask"]))
+    record = json.loads(manual_client.get(f"/api/images/{body['id']}/result.json").content)
+    assert record["area"]["total"]["pixels"] == refined["mask_pixels"]
+
+
+def test_type_is_decided_by_content_not_name(manual_client, phantom_256):
+    """PNG bytes named like a DICOM are read as the PNG they are."""
+    image, _ = phantom_256
+    body = manual_client.post("/api/images", files={"file": ("scan.dcm", image.read_bytes())}).json()
+    assert (body["width"], body["height"], body["name"]) == (256, 256, "scan.dcm")
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["image"].split(",", 1)[1]))))
+    np.testing.assert_array_equal(shown, np.asarray(Image.open(image)))
+
+
+def test_automatic_mask_from_drafts_and_click_refinement(litemedsam, mask_drafts, phantom_256, lung_point):
+    image, lungs = phantom_256
+    client = TestClient(create(litemedsam, drafter=mask_drafts(lungs)))
+    body = client.post("/api/images", files={"file": ("phantom.png", image.read_bytes())}).json()
+    assert body["automatic"] and body["result"]["prompt_source"] == "cnn-draft"
+    auto = decode_mask(body["mask"])
+    assert dice_score(auto, lungs) > 0.8 and len(body["result"]["prompts"]) == 2
+    click = {"points": [lung_point(lungs)], "labels": [0]}
+    refined = client.post(f"/api/images/{body['id']}/segment", json=click).json()
+    assert refined["result"]["prompt_source"] == "cnn-draft+clicks"
+    assert refined["result"]["prompts"][0]["labels"] == [0] and refined["result"]["prompts"][1]["labels"] is None
+    assert refined["mask_pixels"] != body["mask_pixels"]
+    back = client.post(f"/api/images/{body['id']}/segment", json={}).json()  # no prompts: the automatic mask
+    np.testing.assert_array_equal(decode_mask(back["mask"]), auto)
+
+
+def test_refused_uploads_and_requests(manual_client, phantom_256):
+    png = phantom_256[0].read_bytes()
+    res = manual_client.post("/api/images", files={"file": ("../../etc/scan.png", b"%PDF-1.4 not an image")})
+    assert res.status_code == 400 and res.json()["detail"] == "scan.png: not an image (content is not a known image format)"
+    res = manual_client.post("/api/images", files={"file": ("big.png", b"\0" * (2 << 20))})
+    assert res.status_code == 413
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+        for _ in range(20):
+            yield b"\0" * (128 << 10)
+
+    res = manual_client.post("/api/images", content=chunks(),
+                             headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert res.status_code == 413
+    ids = [manual_client.post("/api/images", files={"file": ("p.png", png)}).json()["id"] for _ in range(3)]
+    assert manual_client.get(f"/api/images/{ids[0]}/result.json").status_code == 404  # dropped: 2 sessions kept
+    assert manual_client.get(f"/api/images/{ids[2]}/mask.png").status_code == 404  # no mask yet
+    for bad in ({"points": [[300, 10]], "labels": [1]}, {"points": [[10, 10]], "labels": [2]},
+                {"points": [[10, 10]], "labels": []}, {"box": [1, 2, 3]}, {"box": [0, 0, 10, 10], "path": "/etc"}):
+        assert manual_client.post(f"/api/images/{ids[2]}/segment", json=bad).status_code == 422, bad
+    assert manual_client.post("/api/images/..%2F..%2Fetc/segment", json={}).status_code in (404, 422)
+    assert manual_client.get("/api/images/" + "0" * 32 + "/mask.png").status_code == 404
