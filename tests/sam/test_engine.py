@@ -1,0 +1,145 @@
+"""The SAM engine on a tiny segment_anything model: equal to Meta's one-image predictor, cached, differentiable."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from segment_anything import SamPredictor
+
+from cxrsam.data.synthetic import make_phantom
+from cxrsam.prompts import Prompts, PromptSet, prompts_from_mask
+from cxrsam.sam.engine import PromptBatch, SamEngine, decode, postprocess, preprocess, to_model_coords
+from cxrsam.sam.registry import build_sam
+from cxrsam.sam.testing import tiny_spec
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return build_sam(tiny_spec(), checkpoint=tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """Three phantoms of different shapes (non-square ones get padded differently)."""
+    out = []
+    for seed, (h, w) in enumerate([(96, 96), (80, 110), (120, 72)]):
+        image, mask = make_phantom(size=96, seed=seed)
+        image = cv2.resize(image.astype(np.float32) / 255, (w, h), interpolation=cv2.INTER_LINEAR)
+        mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        out.append((image, mask))
+    return out
+
+
+def reference_logits(model, pixels: np.ndarray, prompts: Prompts, multimask: bool) -> torch.Tensor:
+    """One image at a time through segment_anything's own SamPredictor: per-set logits (P, H, W)."""
+    predictor = SamPredictor(model)
+    size = pixels.shape
+    h, w = predictor.transform.get_preprocess_shape(*size, predictor.transform.target_length)
+    image = F.interpolate(torch.from_numpy(pixels)[None, None], (h, w), mode="bilinear", align_corners=False,
+                          antialias=True).expand(1, 3, h, w) * 255.0
+    predictor.set_torch_image(image, size)
+    out = []
+    for prompt_set in prompts.sets:
+        boxes = coords = labels = None
+        if prompt_set.box is not None:
+            boxes = predictor.transform.apply_boxes_torch(torch.from_numpy(prompt_set.box)[None], size)
+        if prompt_set.points is not None:
+            coords = predictor.transform.apply_coords_torch(torch.from_numpy(prompt_set.points)[None], size)
+            labels = torch.from_numpy(prompt_set.labels)[None]
+        logits, iou, _ = predictor.predict_torch(coords, labels, boxes, multimask_output=multimask, return_logits=True)
+        out.append(logits[0, int(iou[0].argmax())])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mode", ["box", "points", "box+points"])
+@pytest.mark.parametrize("multimask", [False, True])
+def test_batched_engine_equals_one_image_reference(tiny, cases, mode, multimask):
+    engine = SamEngine(tiny, batch_size=3)
+    prompts = [prompts_from_mask(mask, mode=mode, points_per_lung=3, negatives=("outside",)) for _, mask in cases]
+    assert all(len(p.sets) == 2 for p in prompts)
+    masks = engine.segment_many([image for image, _ in cases], prompts, multimask=multimask)
+    assert engine.images_encoded == 3
+    for (image, _), prompt, mask in zip(cases, prompts, masks):
+        expected = reference_logits(tiny.model, image, prompt, multimask)
+        got = engine.decode_logits(engine.embed([image])[0], prompt, multimask)
+        assert got.shape == expected.shape == (2, *image.shape)
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+        union = (expected > 0).any(dim=0).numpy()
+        clear = (expected.abs() > 1e-3).all(dim=0).numpy()
+        assert mask.shape == image.shape and mask.dtype == bool
+        assert np.array_equal(mask[clear], union[clear])
+    assert engine.images_encoded == 3  # decode_logits above reused the cached embeddings
+
+
+def test_cache_never_re_encodes_and_separates_weights(tiny, cases, tmp_path):
+    calls = []
+    hook = tiny.model.image_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        images = [image for image, _ in cases]
+        engine = SamEngine(tiny, cache_dir=tmp_path, batch_size=2)
+        first = engine.embed(images + [images[0].copy()])  # a duplicate image is encoded once
+        assert calls == [2, 1] and engine.images_encoded == 3
+        engine.embed(images)
+        for mode in ("box", "points", "box+points"):
+            engine.segment(images[1], prompts_from_mask(cases[1][1], mode=mode))
+        assert calls == [2, 1]
+        assert len(list(tmp_path.glob("*.pt"))) == 3
+
+        again = SamEngine(tiny, cache_dir=tmp_path)  # a new process: embeddings come from disk
+        assert all(torch.equal(a, b) for a, b in zip(again.embed(images), first))
+        assert calls == [2, 1] and again.images_encoded == 0
+
+        next(tmp_path.glob("*.pt")).write_bytes(b"damaged")
+        assert SamEngine(tiny, cache_dir=tmp_path).embed(images) and sum(calls) == 4  # recomputed, not fatal
+
+        tuned = SamEngine(tiny, cache_dir=tmp_path, model_id="lora-run-1")  # other weights: other keys
+        tuned.embed(images)
+        assert tuned.images_encoded == 3 and len(list(tmp_path.glob("*.pt"))) == 6
+    finally:
+        hook.remove()
+
+
+def test_empty_draft_gives_empty_mask_without_encoding(tiny, cases):
+    engine = SamEngine(tiny)
+    image = cases[0][0]
+    prompts = prompts_from_mask(np.zeros(image.shape, bool))
+    mask = engine.segment(image, prompts)
+    assert prompts.warnings and not mask.any() and mask.shape == image.shape
+    assert engine.images_encoded == 0
+
+
+def test_mixed_prompt_sets_and_size_mismatch(tiny, cases):
+    engine = SamEngine(tiny)
+    image, mask = cases[1]
+    base = prompts_from_mask(mask, mode="box+points", points_per_lung=2)
+    mixed = Prompts([base.sets[0], PromptSet(box=base.sets[1].box)], base.image_size, "box+points", 2)
+    logits = engine.decode_logits(engine.embed([image])[0], mixed)
+    single = engine.decode_logits(engine.embed([image])[0], Prompts([mixed.sets[1]], base.image_size, "box", 1))
+    torch.testing.assert_close(logits[1], single[0])
+    from cxrsam.errors import CxrsamError
+
+    with pytest.raises(CxrsamError, match="prompts are for"):
+        engine.segment(cases[0][0], base)
+
+
+def test_decode_is_differentiable_and_batched(tiny, cases):
+    model = tiny.model
+    images = [cases[0][0], cases[0][0][::-1].copy()]
+    x = preprocess(tiny, images)
+    assert x.shape == (2, 3, 64, 64)
+    embeddings = model.image_encoder(x)
+    size = images[0].shape
+    boxes = to_model_coords(tiny.spec, np.array([[[10, 20, 40, 80], [50, 20, 85, 80]]] * 2, float).reshape(2, 2, 2, 2),
+                            size).reshape(2, 2, 4)
+    batch = PromptBatch(boxes=torch.tensor(boxes, dtype=torch.float32))
+    logits, iou = decode(model, embeddings, batch, multimask=True)
+    assert logits.shape == (2, 2, 3, 32, 32) and iou.shape == (2, 2, 3)
+    full = postprocess(logits[:, :, 0], tiny.spec, size)
+    assert full.shape == (2, 2, *size)
+    full.sigmoid().mean().backward()
+    grads = [p.grad for p in model.image_encoder.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
