@@ -338,7 +338,7 @@ class Segmenter:
         prompts and forms one prompt set with the given ``points``; without a box the prompts come
         from ``draft`` (or the CNN's draft when ``draft`` is None), per lung, and ``points``
         (x, y; ``labels`` 1 = lung, 0 = background, default 1) are added to the lung they fall on;
-        with neither a box nor a draft, the points alone form one prompt set.
+        with neither a box nor a usable draft, the points alone form one prompt set.
 
         Raises :class:`CxrsamError` naming the image when there is nothing to prompt SAM with.
         """
@@ -355,20 +355,15 @@ class Segmenter:
         else:
             if draft is None and self.drafter is not None:
                 draft, draft_source = self.draft(xray), "cnn-draft"
-            if draft is not None:
-                prompts = prompts_from_mask(draft, mode=self.prompt_mode)
-                warnings += prompts.warnings
+            prompts = None if draft is None else prompts_from_mask(draft, mode=self.prompt_mode)
+            warnings += [] if prompts is None else prompts.warnings
+            if prompts is not None and not prompts.empty:
                 source = draft_source
-                if clicks is not None and not prompts.empty:
-                    prompts = add_points(prompts, *clicks)
-                    source += "+clicks"
-                elif clicks is not None:
-                    prompts = Prompts([PromptSet(points=clicks[0], labels=clicks[1])], size, "points", 0, warnings)
-                    source = "points"
+                if clicks is not None:
+                    prompts, source = add_points(prompts, *clicks), f"{draft_source}+clicks"
             elif clicks is not None:
-                prompts = Prompts([PromptSet(points=clicks[0], labels=clicks[1])], size, "points", 0)
-                source = "points"
-            else:
+                prompts, source = Prompts([PromptSet(points=clicks[0], labels=clicks[1])], size, "points", 0), "points"
+            elif prompts is None:
                 raise CxrsamError("no prompt for SAM: give a CNN run (--drafts-from), draft masks (--drafts) "
                                   "or a box (--box x0,y0,x1,y1)", path=xray.path)
         if prompts.empty:

@@ -47,6 +47,11 @@ def test_real_image_box_then_background_click_then_downloads(manual_client, shar
     refined = manual_client.post(f"/api/images/{body['id']}/segment", json=click).json()
     assert refined["mask_pixels"] != both["mask_pixels"]
     assert refined["result"]["prompts"][0]["labels"] == [0]
+    points_only = manual_client.post(f"/api/images/{body['id']}/segment",
+                                     json={"points": [lung_point(gt)], "labels": [1]}).json()
+    assert points_only["result"]["prompt_source"] == "points"  # LiteMedSAM, box-trained, may return little here
+    assert points_only["result"]["prompts"] == [{"box": None, "points": [list(map(float, lung_point(gt)))], "labels": [1]}]
+    refined = manual_client.post(f"/api/images/{body['id']}/segment", json=click).json()
     download = manual_client.get(f"/api/images/{body['id']}/mask.png")
     assert download.headers["content-disposition"] == 'attachment; filename="Viral_Pneumonia-3_mask.png"'
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(download.content))) > 0, decode_mask(refined["mask"]))

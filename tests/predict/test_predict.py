@@ -159,14 +159,14 @@ def test_predict_dicom_made_from_a_real_image(real_pairs, cli, tmp_path):
 
 
 def test_predict_hand_box_lora_run_and_nifti(real_pairs, lora_run, cli, tmp_path):
-    """Issue-8 forms: --box for every image, --run with a LoRA run, --images PATH PATH, --format nifti."""
+    """Issue-8 forms: --box for every image, --run with a LoRA run, --format nifti."""
     nifti = importlib.util.find_spec("nibabel") is not None  # optional dependency
     box = "20,30,280,260"
     base, lora = tmp_path / "base", tmp_path / "lora"
     res = cli("predict", "--images", real_pairs / "images" / "vp1.png", "--box", box, "--out", base)
     assert res.returncode == 0, res.stderr
-    res = cli("predict", "--images", real_pairs / "images" / "vp1.png", real_pairs / "images" / "vp2.png",
-                  "--run", lora_run, "--box", box, "--out", lora, "--format", "nifti" if nifti else "png")
+    res = cli("predict", "--images", real_pairs / "images" / "vp1.png",
+              "--run", lora_run, "--box", box, "--out", lora, "--format", "nifti" if nifti else "png")
     assert res.returncode == 0, res.stderr
     record = json.loads((lora / "vp1.json").read_text())
     assert record["prompt_source"] == "box" and record["prompts"][0]["box"] == [20.0, 30.0, 280.0, 260.0]
@@ -175,7 +175,7 @@ def test_predict_hand_box_lora_run_and_nifti(real_pairs, lora_run, cli, tmp_path
     if nifti:
         import nibabel
 
-        assert record["outputs"]["mask"] == "vp1_mask.nii.gz" and (lora / "vp2_mask.nii.gz").is_file()
+        assert record["outputs"]["mask"] == "vp1_mask.nii.gz" and (lora / "vp1_overlay.png").is_file()
         lora_mask = np.asarray(nibabel.load(lora / "vp1_mask.nii.gz").dataobj)[:, :, 0].T.astype(bool)
     else:
         lora_mask = read_mask(lora / "vp1_mask.png")
