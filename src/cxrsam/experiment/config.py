@@ -1,0 +1,127 @@
+"""Experiment configuration: one YAML file defines a whole study (see ``configs/``).
+
+The training sections hold the same options as ``cxrsam train-cnn`` and ``cxrsam finetune`` (flat, e.g.
+``epochs``, ``lr``, ``rank``); data and split come from the ``data`` section so every stage sees the
+same split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cxrsam.errors import CxrsamError
+
+DraftSource = str
+"""A CNN architecture name (``unet``, ``deeplabv3plus``) or ``oracle`` (ground-truth masks as drafts)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticData(_Section):
+    """Generated phantoms used when ``data.root`` is empty (the embedded default)."""
+
+    n: int = Field(48, ge=6)
+    size: int = Field(256, ge=32)
+    seed: int = 0
+
+
+class DataSection(_Section):
+    root: Path | None = Field(None, description="Dataset folder; empty = synthetic phantoms")
+    layout: str = "auto"
+    classes: list[str] | None = None
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+    max_test_cases: int | None = Field(None, ge=1, description="Evaluate on the first N test cases only")
+    synthetic: SyntheticData = SyntheticData()
+
+
+class CnnSection(_Section):
+    archs: list[Literal["unet", "deeplabv3plus"]] = ["unet", "deeplabv3plus"]
+    train: dict[str, Any] = Field(default_factory=dict, description="train-cnn options (encoder, size, epochs, ...)")
+
+
+class SamSection(_Section):
+    backend: str = "litemedsam"
+    checkpoint: Path | None = None
+    batch_size: int = Field(4, ge=1)
+
+
+class PromptSection(_Section):
+    """Which prompt kinds and draft sources a SAM method is evaluated with."""
+
+    prompts: list[Literal["box", "points", "box+points"]] = ["points", "box"]
+    draft_sources: list[DraftSource] = ["unet", "deeplabv3plus"]
+    box_mode: Literal["per_lung", "enclosing"] = "per_lung"
+    points_per_lung: int = Field(3, ge=1)
+    strategy: Literal["distance", "kmeans", "random"] = "distance"
+    negatives: list[Literal["mediastinum", "outside"]] = []
+    margin: float = 0.0
+    multimask: bool = False
+
+
+class LoraSection(PromptSection):
+    enabled: bool = True
+    prompts: list[Literal["box", "points", "box+points"]] = ["box"]
+    draft_sources: list[DraftSource] = ["unet"]
+    val_draft_source: DraftSource | None = Field(
+        "unet", description="Draft source of the validation prompts (a CNN or oracle)")
+    train: dict[str, Any] = Field(default_factory=dict, description="finetune options (rank, max_steps, lr, ...)")
+
+
+class ExperimentConfig(_Section):
+    name: str = "cxrsam experiment"
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    data: DataSection = DataSection()
+    cnn: CnnSection = CnnSection()
+    sam: SamSection = SamSection()
+    zero_shot: PromptSection = PromptSection()
+    lora: LoraSection = LoraSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        from cxrsam.train.cnn import make_config as cnn_config
+        from cxrsam.train.finetune import make_config as finetune_config
+
+        for arch in self.cnn.archs:
+            cnn_config(arch=arch, data=Path("."), **self.cnn.train)
+        if self.lora.enabled:
+            finetune_config(data=Path("."), backend=self.sam.backend, **self.lora.train)
+        known = {*self.cnn.archs, "oracle"}
+        for section in (self.zero_shot, self.lora):
+            for source in [*section.draft_sources, *([self.lora.val_draft_source] if section is self.lora else [])]:
+                if source is not None and source not in known:
+                    raise ValueError(f"draft source {source!r} is neither a trained CNN ({', '.join(self.cnn.archs)}) "
+                                     "nor 'oracle'")
+        return self
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML; ``overrides`` are dotted keys (``data.root``) set on top."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise CxrsamError("config file not found", path=path) from None
+    except yaml.YAMLError as exc:
+        raise CxrsamError(f"invalid YAML ({str(exc).splitlines()[0]})", path=path) from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "config"
+        raise CxrsamError(f"invalid setting {where}: {first['msg']}", path=path) from None
+    except CxrsamError as exc:
+        raise CxrsamError(exc.problem, path=path) from None

