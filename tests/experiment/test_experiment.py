@@ -14,7 +14,7 @@ from cxrsam.experiment.cache import StageCache
 
 MINI = {
     "name": "mini",
-    "data": {"split": [0.6, 0.2, 0.2], "max_test_cases": 2, "synthetic": {"n": 10, "size": 64, "seed": 3}},
+    "data": {"split": [0.5, 0.2, 0.3], "max_test_cases": 2, "synthetic": {"n": 12, "size": 64, "seed": 3}},
     "cnn": {"archs": ["unet", "deeplabv3plus"], "train": {"size": 64, "epochs": 1, "batch_size": 4}},
     "zero_shot": {"prompts": ["points", "box"], "draft_sources": ["unet", "oracle"]},
     "lora": {"prompts": ["box"], "draft_sources": ["unet"], "val_draft_source": "oracle",

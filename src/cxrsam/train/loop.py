@@ -305,7 +305,10 @@ class Trainer:
             raise ValueError("no trainable parameters")
         self.params = params
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=False,
+        # A last batch of one sample breaks BatchNorm layers that pool to 1x1 (DeepLabv3+'s ASPP), and
+        # tiny last batches give noisy steps: drop the remainder whenever a full batch exists.
+        loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True,
+                            drop_last=len(train_data) > config.batch_size,
                             num_workers=config.num_workers, collate_fn=collate_fn)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         steps_per_epoch = math.ceil(len(self.loader) / config.grad_accum)
