@@ -82,11 +82,8 @@ def main() -> None:
         predictor = drafts_from_cnn(run)
         drafts[f"CNN `{run.name}`"] = [predictor(x) for x in xrays]
     engine = SamEngine(build_sam(args.backend, args.checkpoint), memory_items=8)
-    frame = dice_by_prompt_variant(engine, xrays, truths, {"ground truth": truths}, ORACLE_VARIANTS)
-    cnn_drafts = {k: v for k, v in drafts.items() if k != "ground truth"}
-    if cnn_drafts:
-        cnn = dice_by_prompt_variant(engine, xrays, truths, cnn_drafts, {v: ORACLE_VARIANTS[v] for v in CNN_VARIANTS})
-        frame = pd.concat([frame, cnn], ignore_index=True)
+    only = {source: CNN_VARIANTS for source in drafts if source != "ground truth"}
+    frame = dice_by_prompt_variant(engine, xrays, truths, drafts, ORACLE_VARIANTS, only=only)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.csv, index=False)
     command = "nice -n 10 python bench/zero_shot_oracle.py " + " ".join(

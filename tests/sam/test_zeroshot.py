@@ -13,6 +13,7 @@ import pytest
 
 from cxrsam.data.io import list_images, read_image, read_mask, write_mask
 from cxrsam.errors import CxrsamError
+from cxrsam.evaluation.metrics import dice_score
 from cxrsam.prompts import prompts_from_mask
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.registry import build_sam
@@ -139,3 +140,22 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 def offline(*args, **kwargs):
     raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+
+def test_dice_by_prompt_variant_encodes_each_image_once(engine, phantoms):
+    from cxrsam.sam.zeroshot import dice_by_prompt_variant
+
+    paths = list_images(phantoms / "images")[:3]
+    xrays = [read_image(p) for p in paths]
+    truths = [read_mask(phantoms / "masks" / p.name) for p in paths]
+    variants = {"box": {"mode": "box"}, "points": {"mode": "points", "points_per_lung": 2, "multimask": True}}
+    fresh = SamEngine(engine.loaded)
+    frame = dice_by_prompt_variant(fresh, xrays, truths, {"truth": truths, "shifted": [np.roll(t, 3, axis=1) for t in truths]},
+                                   variants, only={"shifted": ["box"]}, progress=False)
+    assert fresh.images_encoded == 3
+    assert frame.groupby(["source", "variant"]).size().to_dict() == {
+        ("shifted", "box"): 3, ("truth", "box"): 3, ("truth", "points"): 3}
+    box = frame[(frame.source == "truth") & (frame.variant == "box")]
+    expected = [dice_score(fresh.segment(x, prompts_from_mask(t, rng=np.random.default_rng(image_seed(0, x.path.stem)))),
+                           t) for x, t in zip(xrays, truths)]
+    assert np.allclose(box.dice.to_numpy(), expected) and (frame.components == 2).all()

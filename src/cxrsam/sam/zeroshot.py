@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,7 +168,8 @@ def run_zero_shot(images: str | Path | Sequence[str | Path], out_dir: str | Path
 
 def dice_by_prompt_variant(engine: SamEngine, xrays: Sequence[XRay], truths: Sequence[np.ndarray],
                            drafts: Mapping[str, Sequence[np.ndarray]], variants: Mapping[str, Mapping],
-                           seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                           only: Mapping[str, Collection[str]] | None = None, seed: int = 0,
+                           progress: bool = True) -> pd.DataFrame:
     """Dice of SAM masks for every (draft source, prompt variant) pair, each image encoded once.
 
     Args:
@@ -178,6 +179,7 @@ def dice_by_prompt_variant(engine: SamEngine, xrays: Sequence[XRay], truths: Seq
         drafts: draft source name (``ground truth``, a CNN run, ...) -> one draft mask per image.
         variants: variant name -> keyword arguments of :func:`~cxrsam.prompts.prompts_from_mask`,
             plus ``multimask`` (bool) for the decoder.
+        only: draft source -> the variant names to score for it (default: all variants).
         seed: prompt seed (each image draws from ``seed`` and its stem).
 
     Returns:
@@ -197,6 +199,8 @@ def dice_by_prompt_variant(engine: SamEngine, xrays: Sequence[XRay], truths: Seq
                 stem = xrays[i].path.stem
                 for source, masks in drafts.items():
                     for variant, options in variants.items():
+                        if only is not None and source in only and variant not in only[source]:
+                            continue
                         options = dict(options)
                         multimask = bool(options.pop("multimask", False))
                         prompts = prompts_from_mask(masks[i], rng=np.random.default_rng(image_seed(seed, stem)),
