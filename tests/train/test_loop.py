@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -60,10 +63,26 @@ def test_tiny_unet_learns_and_writes_run_files(phantoms64, tmp_path):
         train_cnn(tiny_config(phantoms64), run)
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(phantoms64, tmp_path):
-    """DeepLabv3+ (it has dropout, so the RNG state matters) with augmentation: 3 epochs straight vs 1 + resume."""
-    config = tiny_config(phantoms64, arch="deeplabv3plus", epochs=3)
-    straight = train_cnn(config, tmp_path / "straight")
+def resume_config(data):
+    """DeepLabv3+ (it has dropout, so the RNG state matters) with augmentation, 3 epochs."""
+    return tiny_config(data, arch="deeplabv3plus", epochs=3)
+
+
+@pytest.fixture(scope="module")
+def straight_run(phantoms64, tmp_path_factory):
+    return train_cnn(resume_config(phantoms64), tmp_path_factory.mktemp("straight") / "run")
+
+
+def assert_same_run(a_dir, b_dir):
+    for name in ("last.pt", "best.pt"):
+        assert_same_tensors(model_state(a_dir, name), model_state(b_dir, name))
+    a, b = (loop.load_checkpoint(d / "last.pt") for d in (a_dir, b_dir))
+    assert [r["val_dice"] for r in a["history"]] == [r["val_dice"] for r in b["history"]]
+    assert_same_tensors(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(phantoms64, straight_run, tmp_path):
+    config = resume_config(phantoms64)
 
     def kill_after_first(epoch, row):
         if epoch == 1:
@@ -74,11 +93,26 @@ def test_killed_and_resumed_run_equals_uninterrupted(phantoms64, tmp_path):
     assert loop.load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     random.seed(123), np.random.seed(123), torch.manual_seed(123)  # resume must not depend on the caller's RNG
     train_cnn(config, tmp_path / "resumed", resume=True)
-    for name in ("last.pt", "best.pt"):
-        assert_same_tensors(model_state(straight, name), model_state(tmp_path / "resumed", name))
-    a, b = (loop.load_checkpoint(d / "last.pt") for d in (straight, tmp_path / "resumed"))
-    assert [r["val_dice"] for r in a["history"]] == [r["val_dice"] for r in b["history"]]
-    assert_same_tensors(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
+    assert_same_run(straight_run, tmp_path / "resumed")
+
+
+def test_sigkilled_cli_run_resumes_to_the_same_weights(phantoms64, straight_run, tmp_path):
+    """A real kill (SIGKILL, no clean-up) of `cxrsam train-cnn` after its first checkpoint, then `--resume`."""
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "cxrsam", "train-cnn", "--arch", "deeplabv3plus", "--data", str(phantoms64),
+            "--size", "64", "--split", "0.75,0.25,0", "--epochs", "3", "--batch-size", "4", "--lr", "3e-3",
+            "--out", str(run)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert loop.load_checkpoint(run / "last.pt")["epoch"] in (1, 2)
+    res = subprocess.run([sys.executable, "-m", "cxrsam", "train-cnn", "--resume", "--out", str(run)],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert_same_run(straight_run, run)
 
 
 def test_resume_refuses_changed_settings_and_missing_run(phantoms64, tmp_path):
