@@ -39,6 +39,11 @@ from cxrsam.sam.registry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, BackendSpec, Load
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BATCH = {"cpu": 1}
+"""Default images per encoder call by device type (others: 4). On CPU one image per call is fastest
+per image: batching LiteMedSAM's TinyViT 2-8 images made each image 6-77 % slower on a 2-core
+EPYC (its memory-bound attention stages; docs/benchmarks.md, "Why batching was slower")."""
+
 ImageLike = XRay | np.ndarray
 """An :class:`~cxrsam.data.io.XRay` or its pixels: float (H, W) in [0, 1]."""
 
@@ -203,16 +208,18 @@ class SamEngine:
         cache_dir: folder for on-disk embeddings, or None for memory only.
         model_id: identity of the weights; default ``loaded.model_id`` (backend + checkpoint hash).
             A fine-tuned (e.g. LoRA) model that is not saved to a file must pass its own id.
-        batch_size: images per encoder call.
+        batch_size: images per encoder call; None: :data:`DEFAULT_BATCH` for the model's device.
         memory_items: embeddings kept in memory.
         threshold: logit threshold of the final masks (0 = probability 0.5).
     """
 
     def __init__(self, loaded: LoadedSam, cache_dir: str | Path | None = None, model_id: str | None = None,
-                 batch_size: int = 4, memory_items: int = 256, threshold: float = 0.0):
+                 batch_size: int | None = None, memory_items: int = 256, threshold: float = 0.0):
         self.loaded = loaded
         self.model_id = model_id or loaded.model_id
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        if batch_size is None:
+            batch_size = DEFAULT_BATCH.get(torch.device(loaded.device).type, 4)
         self.batch_size = max(1, batch_size)
         self.memory_items = memory_items
         self.threshold = threshold
