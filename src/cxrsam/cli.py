@@ -340,7 +340,8 @@ def zero_shot_command(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file [default: the backend's own]")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1")] = "cpu",
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="On-disk embedding cache")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder call")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1,
+                                                 help="Images per encoder call [default: 1 on CPU, 4 on GPU]")] = None,
     seed: Annotated[int, typer.Option(help="Prompt seed (kmeans/random points)")] = 0,
 ) -> None:
     """Zero-shot SAM: prompts from draft masks (files or a CNN run), masks written by image stem."""

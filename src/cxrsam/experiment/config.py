@@ -49,7 +49,7 @@ class CnnSection(_Section):
 class SamSection(_Section):
     backend: str = "litemedsam"
     checkpoint: Path | None = None
-    batch_size: int = Field(4, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="Images per encoder call (None: 1 on CPU, 4 on GPU)")
 
 
 class PromptSection(_Section):

@@ -94,7 +94,7 @@ def _image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
 def run_zero_shot(images: str | Path | Sequence[str | Path], out_dir: str | Path, prompt: str = "box",
                   drafts: Mapping[str, np.ndarray] | str | Path | None = None, drafts_from: str | Path | None = None,
                   backend: str = "litemedsam", checkpoint: str | Path | None = None, device: str = "cpu",
-                  cache_dir: str | Path | None = None, batch_size: int = 4, box_mode: str = "per_lung",
+                  cache_dir: str | Path | None = None, batch_size: int | None = None, box_mode: str = "per_lung",
                   points_per_lung: int = 3, strategy: str = "distance", negatives: Sequence[str] = (),
                   margin: float = 0.0, multimask: bool = False, seed: int = 0, progress: bool = True,
                   engine: SamEngine | None = None) -> ZeroShotResult:
@@ -108,7 +108,7 @@ def run_zero_shot(images: str | Path | Sequence[str | Path], out_dir: str | Path
         drafts_from: a CNN baseline run folder whose model predicts the drafts (instead of ``drafts``).
         backend, checkpoint, device: the SAM model (:func:`~cxrsam.sam.registry.build_sam`).
         cache_dir: on-disk embedding cache (re-runs with other prompts skip the encoder).
-        batch_size: images per encoder call.
+        batch_size: images per encoder call (None: the engine's default for the device, 1 on CPU).
         box_mode, points_per_lung, strategy, negatives, margin: prompt rules
             (:func:`~cxrsam.prompts.prompts_from_mask`).
         multimask: decode 3 candidates per prompt set and keep the one with the best predicted IoU.
