@@ -482,7 +482,7 @@ def _run_experiment(config, out_dir: Path, config_text: str) -> None:
 
     result = run_experiment(config, out_dir, config_text)
     header, rows = display_rows(result.table)
-    keep = [0, 1, 2, 3, 6, 7, 9, 11]
+    keep = [0, 1, 2, 6, 7, 11]  # method, Dice, CI, HD95, p, s/img (the full table is in the report)
     table = Table(title=config.name)
     for i in keep:
         table.add_column(header[i], justify="left" if i == 0 else "right")

@@ -3,13 +3,14 @@
 Stages (each cached by :class:`~cxrsam.experiment.cache.StageCache` under ``<out>/stages/``)::
 
     data -> split -> cnn-<arch> -> drafts-<source> -> embed -> zs-<prompt>-<source>
-                                 \\-> lora -> lora-<prompt>-<source>
+                                 \\-> lora -> lora-embed -> lora-<prompt>-<source>
     -> evaluation (per_image.csv, table.csv, table.md) -> report (report.md, report.html)
 
 Timing rules of the comparison table: *inference (s/img)* of a SAM method is the draft CNN's time +
 the SAM encoder's time + the prompt decoding time per test image (zero-shot methods share one cached
-encoding per image, measured once in ``embed``); LoRA methods encode with their own weights inside
-their stage. *Params trained* and *train time* include the draft CNN that a method depends on.
+encoding per image, measured once in ``embed``; LoRA methods likewise share ``lora-embed``, made with
+their own weights). *Params trained* and *train time* include the draft CNN that a method depends on;
+train time is the sum of the epochs' wall times in ``metrics.csv`` (so it survives a resume).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def resolve_device(choice: str) -> str:
 
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _train_seconds(run_dir: str | Path) -> float:
+    """Training wall time of a run: the sum of its epochs' times in ``metrics.csv`` (all sessions of a resumed run)."""
+    path = Path(run_dir) / "metrics.csv"
+    return float(pd.read_csv(path)["epoch_s"].sum()) if path.exists() else 0.0
 
 
 @dataclass
@@ -126,9 +133,8 @@ class Experiment:
                              split_seed=data.split_seed, **options)
 
         def train(stage_dir: Path) -> dict:
-            with measure(self.device) as usage:
-                train_cnn(config, stage_dir, resume=(stage_dir / "last.pt").exists())
-            return {"run": str(stage_dir), "train_seconds": usage.seconds}
+            train_cnn(config, stage_dir, resume=(stage_dir / "last.pt").exists())
+            return {"run": str(stage_dir), "train_seconds": _train_seconds(stage_dir)}
 
         return self.cache.run(f"cnn-{arch}", {"split": split_key, "config": config.model_dump(mode="json")}, train)
 
@@ -169,20 +175,23 @@ class Experiment:
                                      cache_dir=self.out_dir / "embeddings", batch_size=sam.batch_size)
         return self._engine
 
-    def _embed(self, test: list[Case]) -> dict:
+    def _embed(self, test: list[Case], name: str = "embed", key: dict | None = None, engine_factory=None) -> dict:
+        """Encode every test image once (timed); later prompt stages decode against the cached embeddings."""
         sam = self.config.sam
+        engine_factory = engine_factory or self.engine
 
         def embed(stage_dir: Path) -> dict:
-            engine = self.engine()
+            engine = engine_factory()
             xrays = [read_image(c.image) for c in test]
             with measure(self.device) as usage:
                 engine.embed(xrays)
             return {"seconds_per_image": usage.seconds / len(test), "peak_mb": usage.peak_mb,
                     "params": _params(engine.loaded.model), "model_id": engine.model_id}
 
-        checkpoint = None if sam.checkpoint is None else sha256_file(sam.checkpoint)
-        return self.cache.run("embed", {"backend": sam.backend, "checkpoint": checkpoint,
-                                        "test": [c.case_id for c in test]}, embed)
+        if key is None:
+            checkpoint = None if sam.checkpoint is None else sha256_file(sam.checkpoint)
+            key = {"backend": sam.backend, "checkpoint": checkpoint}
+        return self.cache.run(name, {**key, "test": [c.case_id for c in test]}, embed)
 
     def _segment(self, name: str, key: dict, test: list[Case], prompt: str, drafts: dict, section: PromptSection,
                  engine_factory) -> dict:
@@ -216,10 +225,10 @@ class Experiment:
                              val_drafts=val_drafts, **options)
 
         def train(stage_dir: Path) -> dict:
-            with measure(self.device) as usage:
-                finetune(config, stage_dir, resume=(stage_dir / "last.pt").exists())
+            finetune(config, stage_dir, resume=(stage_dir / "last.pt").exists())
             info = read_adapter_info(stage_dir)
-            return {"run": str(stage_dir), "train_seconds": usage.seconds, "trainable": info.get("trainable", {})}
+            return {"run": str(stage_dir), "train_seconds": _train_seconds(stage_dir),
+                    "trainable": info.get("trainable", {})}
 
         key = {"split": split_key, "config": config.model_dump(mode="json"),
                "val_drafts": cnn_runs[val_source]["key"] if val_drafts else None}
@@ -235,6 +244,8 @@ class Experiment:
         log.info("test images: %d", len(test))
 
         cnn_runs = {arch: self._train_cnn(arch, root, split_done["key"]) for arch in cfg.cnn.archs}
+        for done in cnn_runs.values():
+            done["train_seconds"] = _train_seconds(done["run"])
         sources = {*cfg.zero_shot.draft_sources, *(cfg.lora.draft_sources if cfg.lora.enabled else [])}
         drafts = {s: self._drafts(s, test, cnn_runs.get(s)) for s in [*cfg.cnn.archs, *sorted(sources - set(cfg.cnn.archs))]}
 
@@ -261,12 +272,14 @@ class Experiment:
         reference = None
         if cfg.lora.enabled:
             tuned = self._finetune(root, split_done["key"], cnn_runs)
+            tuned["train_seconds"] = _train_seconds(tuned["run"])
             self.curves["LoRA-SAM"] = Path(tuned["run"]) / "metrics.csv"
             lora_engine = _LazyLoraEngine(tuned["run"], self.device, cfg.sam.batch_size)
+            lora_embedded = self._embed(test, "lora-embed", {"lora": tuned["key"]}, lora_engine)
             for source in cfg.lora.draft_sources:
                 for prompt in cfg.lora.prompts:
-                    done = self._segment(f"lora-{prompt.replace('+', '-')}-{source}", {"lora": tuned["key"]}, test,
-                                         prompt, drafts[source], cfg.lora, lora_engine)
+                    done = self._segment(f"lora-{prompt.replace('+', '-')}-{source}", {"embed": lora_embedded["key"]},
+                                         test, prompt, drafts[source], cfg.lora, lora_engine)
                     cnn = cnn_runs.get(source, {})
                     trainable = tuned["trainable"]
                     name = f"LoRA-SAM, {prompt} ({SOURCE_NAMES[source]} drafts)"
@@ -274,8 +287,8 @@ class Experiment:
                     self._add(name, done["dir"], params_total=int(trainable.get("total", 0)) + drafts[source]["params"],
                               params_trainable=int(trainable.get("trainable", 0)) + drafts[source]["params"],
                               train_seconds=tuned["train_seconds"] + cnn.get("train_seconds", 0.0),
-                              seconds=drafts[source]["seconds_per_image"] + done["seconds_per_image"],
-                              peak=done["peak_mb"])
+                              seconds=drafts[source]["seconds_per_image"] + lora_embedded["seconds_per_image"]
+                              + done["seconds_per_image"], peak=max(done["peak_mb"], lora_embedded["peak_mb"]))
         return self._evaluate_and_report(test, splits, split_done, reference)
 
     def _add(self, name: str, pred_dir: str | Path, params_total: int, params_trainable: int, train_seconds: float,

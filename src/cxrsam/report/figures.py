@@ -30,7 +30,8 @@ def dice_boxplot(per_image: pd.DataFrame, methods: Sequence[str], path: str | Pa
     rng = np.random.default_rng(0)
     for i, values in enumerate(data, start=1):
         ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=6, alpha=0.5, color="tab:blue")
-    ax.set_xticks(range(1, len(methods) + 1), [m.replace(" (", "\n(") for m in methods], fontsize=8)
+    labels = [m.replace(", ", ",\n").replace(" (", "\n(") for m in methods]
+    ax.set_xticks(range(1, len(methods) + 1), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("Dice per test image")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, Path(path))
@@ -54,7 +55,7 @@ def overlay_grid(per_image: pd.DataFrame, methods: Sequence[str], load_image: Ca
 
     Ground truth is drawn in green, the method's prediction in red.
     """
-    fig, axes = plt.subplots(len(methods), 3, figsize=(7.5, 2.6 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(len(methods), 3, figsize=(10, 2.9 * len(methods)), squeeze=False)
     for row, method in enumerate(methods):
         part = per_image[per_image["method"] == method].sort_values("dice", kind="stable")
         if part.empty:
