@@ -150,7 +150,7 @@ def evaluate_cnn_run(run_dir: str | Path, split: str = "test", postprocess: bool
     from cxrsam.data.dataset import load_case
     from cxrsam.data.split import read_manifest
     from cxrsam.evaluation.evaluate import evaluate_masks
-    from cxrsam.train.cnn import MANIFEST_CSV
+    from cxrsam.train.runs import MANIFEST_CSV
 
     manifest = Path(run_dir) / MANIFEST_CSV
     if not manifest.is_file():

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cxrsam.errors import CxrsamError
+from cxrsam.train.runs import settings_error
 
 DraftSource = str
 """A CNN architecture name (``unet``, ``deeplabv3plus``) or ``oracle`` (ground-truth masks as drafts)."""
@@ -120,8 +121,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "config"
-        raise CxrsamError(f"invalid setting {where}: {first['msg']}", path=path) from None
+        raise settings_error(exc, path) from None
     except CxrsamError as exc:
         raise CxrsamError(exc.problem, path=path) from None

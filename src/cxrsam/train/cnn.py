@@ -11,15 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cxrsam.errors import CxrsamError
-from cxrsam.files import atomic_write_text
-from cxrsam.train.loop import LAST, LoopConfig, Trainer, segmentation_dice, seed_everything
-
-CONFIG_YAML = "config.yaml"
-MANIFEST_CSV = "manifest.csv"
+from cxrsam.train.loop import LoopConfig, Trainer, segmentation_dice, seed_everything
+from cxrsam.train.runs import prepare_run, read_run_config, settings_error
 
 
 class CnnTrainConfig(BaseModel):
@@ -77,45 +72,12 @@ def make_config(**options: Any) -> CnnTrainConfig:
     try:
         return CnnTrainConfig(**options, loop=LoopConfig(**loop))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CxrsamError(f"invalid setting {'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}") from None
+        raise settings_error(exc) from None
 
 
 def read_config(run_dir: str | Path) -> CnnTrainConfig:
-    """The ``config.yaml`` of a run folder."""
-    path = Path(run_dir) / CONFIG_YAML
-    if not path.is_file():
-        raise CxrsamError(f"not a CNN run folder (no {CONFIG_YAML})", path=run_dir)
-    try:
-        return CnnTrainConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except (yaml.YAMLError, ValidationError, TypeError) as exc:
-        raise CxrsamError(f"invalid run config ({str(exc).splitlines()[0]})", path=path) from None
-
-
-def write_config(run_dir: str | Path, config: CnnTrainConfig) -> Path:
-    path = Path(run_dir) / CONFIG_YAML
-    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    return path
-
-
-def _splits(config: CnnTrainConfig, run_dir: Path, resume: bool) -> dict[str, list]:
-    """The split of a new run (discovered, written by the main process) or of the run being resumed."""
-    from accelerate import PartialState
-
-    from cxrsam.data.layouts import discover, require_cases
-    from cxrsam.data.split import read_manifest, split_cases, write_manifest
-
-    if resume:
-        return read_manifest(run_dir / MANIFEST_CSV)
-    splits = split_cases(require_cases(discover(config.data, config.layout, config.classes)), config.split,
-                         config.split_seed)
-    for part in ("train", "val"):
-        if not splits[part]:
-            raise CxrsamError(f"the {part} split is empty (split {config.split}); use more data or other ratios",
-                              path=config.data)
-    if PartialState().is_main_process:
-        write_manifest(run_dir / MANIFEST_CSV, splits)
-    return splits
+    """The ``config.yaml`` of a CNN run folder."""
+    return read_run_config(run_dir, CnnTrainConfig, "CNN")
 
 
 def train_cnn(config: CnnTrainConfig, out_dir: str | Path, resume: bool = False,
@@ -127,28 +89,13 @@ def train_cnn(config: CnnTrainConfig, out_dir: str | Path, resume: bool = False,
     Without ``resume`` an ``out_dir`` that already holds ``last.pt`` is refused. ``on_epoch_end`` is
     passed to :class:`~cxrsam.train.loop.Trainer`.
     """
-    from accelerate import PartialState
     from monai.losses import DiceCELoss
 
     from cxrsam.baselines.models import build_cnn, to_model_input
     from cxrsam.data.dataset import SegmentationDataset
 
     run_dir = Path(out_dir)
-    if resume:
-        if not (run_dir / LAST).is_file():
-            raise CxrsamError(f"nothing to resume (no {LAST})", path=run_dir)
-        saved = read_config(run_dir).model_dump(exclude={"loop"})
-        changed = [k for k, v in config.model_dump(exclude={"loop"}).items() if saved[k] != v]
-        if changed:
-            raise CxrsamError("cannot resume with changed settings: " + ", ".join(
-                f"{k} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed), path=run_dir / CONFIG_YAML)
-    elif (run_dir / LAST).exists():
-        raise CxrsamError("folder already holds a training run; add --resume to continue it or choose another --out",
-                          path=run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    splits = _splits(config, run_dir, resume)
-    if PartialState().is_main_process:
-        write_config(run_dir, config)
+    splits = prepare_run(config, run_dir, resume, "CNN")
 
     loop = config.loop
     seed_everything(loop.seed, loop.deterministic)

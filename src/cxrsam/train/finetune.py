@@ -30,7 +30,6 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from torch.utils.data import Dataset
@@ -38,18 +37,17 @@ from torch.utils.data import Dataset
 from cxrsam.data.dataset import SegmentationDataset
 from cxrsam.data.layouts import Case
 from cxrsam.errors import CxrsamError
-from cxrsam.files import atomic_write_text
 from cxrsam.prompts import MODES, Prompts, prompts_from_mask
 from cxrsam.prompts.components import lung_components
 from cxrsam.sam.engine import decode, postprocess, preprocess, prompt_batch
 from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, save_adapter, \
     trainable_summary
 from cxrsam.sam.registry import LoadedSam, build_sam
-from cxrsam.train.loop import BEST, LAST, LoopConfig, Trainer, load_checkpoint, segmentation_dice, seed_everything
+from cxrsam.train.loop import BEST, LoopConfig, Trainer, load_checkpoint, segmentation_dice, seed_everything
+from cxrsam.train.runs import CONFIG_YAML, prepare_run, read_run_config, settings_error
 
 log = logging.getLogger(__name__)
 
-CONFIG_YAML = "config.yaml"
 EMPTY_LOGIT = -20.0
 """Logit of every pixel of an image without prompts (no lung found): an empty mask."""
 
@@ -90,19 +88,12 @@ def make_config(**options: Any) -> FinetuneConfig:
         defaults = FinetuneConfig.model_fields["loop"].default.model_dump()
         return FinetuneConfig(**options, lora=LoraSettings(**lora), loop=LoopConfig(**{**defaults, **loop}))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CxrsamError(f"invalid setting {'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}") from None
+        raise settings_error(exc) from None
 
 
 def read_config(run_dir: str | Path) -> FinetuneConfig:
     """The ``config.yaml`` of a fine-tuning run folder."""
-    path = Path(run_dir) / CONFIG_YAML
-    if not path.is_file():
-        raise CxrsamError(f"not a fine-tuning run folder (no {CONFIG_YAML})", path=run_dir)
-    try:
-        return FinetuneConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except (yaml.YAMLError, ValidationError, TypeError) as exc:
-        raise CxrsamError(f"invalid run config ({str(exc).splitlines()[0]})", path=path) from None
+    return read_run_config(run_dir, FinetuneConfig, "fine-tuning")
 
 
 def _frozen_batchnorm(module: nn.Module) -> bool:
@@ -277,20 +268,6 @@ def _val_drafts(config: FinetuneConfig, cases: Sequence[Case], size: int) -> lis
     return drafts
 
 
-def _check_resume(config: FinetuneConfig, run_dir: Path, resume: bool) -> None:
-    if resume:
-        if not (run_dir / LAST).is_file():
-            raise CxrsamError(f"nothing to resume (no {LAST})", path=run_dir)
-        saved = read_config(run_dir).model_dump(exclude={"loop"})
-        changed = [k for k, v in config.model_dump(exclude={"loop"}).items() if saved[k] != v]
-        if changed:
-            raise CxrsamError("cannot resume with changed settings: " + ", ".join(
-                f"{k} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed), path=run_dir / CONFIG_YAML)
-    elif (run_dir / LAST).exists():
-        raise CxrsamError("folder already holds a training run; add --resume to continue it or choose another --out",
-                          path=run_dir)
-
-
 def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
              on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     """Train LoRA adapters (and the opened weights) of ``config.backend``; return the run folder.
@@ -306,15 +283,9 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     """
     from accelerate import PartialState
 
-    from cxrsam.train.cnn import _splits
-
     run_dir = Path(out_dir)
-    _check_resume(config, run_dir, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    splits = prepare_run(config, run_dir, resume, "fine-tuning")
     state = PartialState()
-    splits = _splits(config, run_dir, resume)
-    if state.is_main_process:
-        atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
     loop = config.loop
     seed_everything(loop.seed, loop.deterministic)
