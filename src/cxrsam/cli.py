@@ -397,6 +397,11 @@ def finetune_command(
     max_val_cases: Annotated[Optional[int], typer.Option(help="Validate on the first N validation cases")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs [default: 20]")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps")] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option(
+        help="Validate and checkpoint every N optimizer steps (each epoch a new shuffle) [default: one data pass]")] = None,
+    validate_start: Annotated[Optional[bool], typer.Option(
+        "--validate-start/--no-validate-start",
+        help="Validate the untouched model as epoch 0 (best checkpoint never worse than SAM itself) [default: on]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per process and step [default: 4]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate [default: 2e-4]")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [default: 1e-4]")] = None,
@@ -416,8 +421,8 @@ def finetune_command(
         train_decoder=False if freeze_decoder else None, train_prompt=train_prompt, box_jitter=box_jitter,
         points_per_lung=points_per_lung, val_prompt=val_prompt, val_drafts=val_drafts, iou_loss_weight=iou_loss_weight,
         gradient_checkpointing=gradient_checkpointing, max_train_cases=max_train_cases, max_val_cases=max_val_cases,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-        seed=seed, mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers).items()
+        epochs=epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch, validate_start=validate_start,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed, mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers).items()
         if v is not None}
     options: dict = {}
     if resume:

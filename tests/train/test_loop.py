@@ -181,3 +181,34 @@ def test_warmup_cosine_schedule_shape():
     assert values[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert factor(100) == pytest.approx(0.01)
+
+
+def test_validate_start_keeps_the_untouched_model_when_training_only_hurts(tmp_path):
+    # A 1x1 convolution that starts as the perfect segmenter of binary images (logit 20x - 10); the "loss"
+    # is the mean logit, so every step shrinks the masks and every trained epoch validates worse.
+    images = (torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    data = torch.utils.data.TensorDataset(images, images)
+    model = torch.nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        model.weight.fill_(20.0)
+        model.bias.fill_(-10.0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def validate(net):
+        dice = loop.segmentation_dice(net, data, lambda m, batch: (m(batch[0]), batch[1]), batch_size=4)
+        return {"val_dice": dice}
+
+    config = loop.LoopConfig(epochs=3, steps_per_epoch=1, batch_size=2, lr=20.0, warmup_steps=0, patience=None,
+                             max_grad_norm=None, weight_decay=0.0, validate_start=True, progress=False)
+    result = loop.Trainer(config, tmp_path / "run", model, data, lambda net, batch: net(batch[0]).mean(),
+                          validate).fit()
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1, 2, 3]
+    assert list(metrics["step"]) == [0, 1, 2, 3]  # one optimizer step per epoch out of a 4-batch data pass
+    assert metrics["val_dice"].iloc[0] == pytest.approx(1.0)
+    assert (metrics["val_dice"].iloc[1:] < 0.99).all()
+    assert (result.best_epoch, result.best_dice) == (0, pytest.approx(1.0))
+    best = loop.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == 0
+    assert_same_tensors(best["model"], start)
+    assert not torch.equal(model_state(tmp_path / "run")["weight"], start["weight"])  # training did move it

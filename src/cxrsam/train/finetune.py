@@ -77,7 +77,8 @@ class FinetuneConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Recompute encoder blocks in backward (less memory)")
     max_train_cases: int | None = Field(None, ge=1, description="Use only the first N training cases")
     max_val_cases: int | None = Field(None, ge=1, description="Validate on the first N validation cases")
-    loop: LoopConfig = LoopConfig(lr=2e-4, batch_size=4, epochs=20, patience=5, warmup_fraction=0.05)
+    loop: LoopConfig = LoopConfig(lr=2e-4, batch_size=4, epochs=20, patience=5, warmup_fraction=0.05,
+                                  validate_start=True)
 
 
 def make_config(**options: Any) -> FinetuneConfig:

@@ -73,6 +73,12 @@ class LoopConfig(BaseModel):
 
     epochs: int = Field(30, ge=1, description="Maximum number of epochs")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (all epochs)")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="End an epoch (validate, checkpoint) after this many optimizer steps, each epoch "
+                                "a new shuffle (nnU-Net style); None: one pass over the training data")
+    validate_start: bool = Field(
+        False, description="Validate the untouched model as epoch 0, so the best checkpoint is never worse on "
+                           "validation than the start (for fine-tuning a pretrained model)")
     batch_size: int = Field(8, ge=1, description="Samples per process and micro-batch")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW")
     weight_decay: float = Field(1e-4, ge=0)
@@ -311,8 +317,11 @@ class Trainer:
                             drop_last=len(train_data) > config.batch_size,
                             num_workers=config.num_workers, collate_fn=collate_fn)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
-        steps_per_epoch = math.ceil(len(self.loader) / config.grad_accum)
-        self.total_steps = steps_per_epoch * config.epochs
+        self.steps_per_epoch = math.ceil(len(self.loader) / config.grad_accum)
+        if config.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, config.steps_per_epoch)
+        self.batches_per_epoch = min(len(self.loader), self.steps_per_epoch * config.grad_accum)
+        self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
         warmup = (config.warmup_steps if config.warmup_steps is not None
@@ -345,6 +354,15 @@ class Trainer:
             pd.DataFrame(state["history"]).to_csv(tmp, index=False, float_format="%.6g")
         write_curves(state["history"], self.run_dir / CURVES_PNG)
 
+    def _validate(self) -> dict[str, float]:
+        """``validate_fn`` on the unwrapped model in eval mode, without gradients, under autocast."""
+        self.model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            metrics = {k: float(v) for k, v in self.validate_fn(self.unwrapped).items()}
+        if "val_dice" not in metrics:
+            raise ValueError("validate_fn must return 'val_dice'")
+        return metrics
+
     def fit(self, resume: bool = False) -> FitResult:
         """Train until ``epochs``/``max_steps`` or early stopping; with ``resume`` continue ``last.pt``."""
         cfg, acc = self.config, self.accelerator
@@ -371,16 +389,41 @@ class Trainer:
                 log.info("resuming %s after epoch %d (step %d, best val Dice %.4f)", self.run_dir, epoch, step,
                          best_dice)
         stopped_early = finished and bad_epochs >= (cfg.patience or math.inf)
+        track = {"best_dice": best_dice, "best_epoch": best_epoch, "bad_epochs": bad_epochs}
+
+        def end_epoch(done_epoch: int, row: dict[str, float], done: bool) -> None:
+            """Best checkpoint, last.pt, metrics.csv and curves after ``done_epoch`` (0: the untouched model)."""
+            if row["val_dice"] > track["best_dice"]:
+                track.update(best_dice=row["val_dice"], best_epoch=done_epoch, bad_epochs=0)
+                if acc.is_main_process:
+                    metrics = {k: v for k, v in row.items() if k.startswith("val_")}
+                    save_checkpoint(self.run_dir / BEST, {"model": self.state_fn(self.unwrapped),
+                                                         "epoch": done_epoch, "metrics": metrics})
+            elif done_epoch > 0:
+                track["bad_epochs"] += 1
+            history.append(row)
+            self._write({"model": self.state_fn(self.unwrapped), "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "epoch": done_epoch, "step": step,
+                         **track, "finished": done, "history": history, "rng": rng_state(),
+                         "loop": cfg.model_dump()})
+
+        if cfg.validate_start and not resume:
+            started = time.perf_counter()
+            metrics = self._validate()
+            end_epoch(0, {"epoch": 0, "step": 0, "train_loss": math.nan, "lr": self.scheduler.get_last_lr()[0],
+                          **metrics, "epoch_s": time.perf_counter() - started, "train_images_per_s": math.nan}, False)
+            if acc.is_main_process:
+                log.info("epoch 0 (untouched model)  val Dice %.4f", metrics["val_dice"])
         with self._progress() as progress:
-            task = progress.add_task("train", total=cfg.epochs * len(self.loader),
-                                     completed=epoch * len(self.loader), info="")
+            task = progress.add_task("train", total=cfg.epochs * self.batches_per_epoch,
+                                     completed=epoch * self.batches_per_epoch, info="")
             while not finished:
                 started = time.perf_counter()
                 if hasattr(self.train_data, "set_epoch"):
                     self.train_data.set_epoch(epoch)
                 self.loader.set_epoch(epoch)
                 self.model.train()
-                loss_sum, loss_count, seen = 0.0, 0, 0
+                loss_sum, loss_count, seen, epoch_start_step = 0.0, 0, 0, step
                 for batch in self.loader:
                     with acc.accumulate(self.model):
                         with acc.autocast():
@@ -397,42 +440,30 @@ class Trainer:
                     loss_sum += float(loss.detach())
                     loss_count += 1
                     seen += len(batch[0]) if isinstance(batch, (list, tuple)) else cfg.batch_size
+                    best = track["best_dice"] if track["best_epoch"] >= 0 else None
                     progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / loss_count:.4f}"
-                                    + (f" best Dice {best_dice:.4f}" if best_epoch >= 0 else ""))
-                    if cfg.max_steps and step >= cfg.max_steps:
+                                    + (f" best Dice {best:.4f}" if best is not None else ""))
+                    if (cfg.max_steps and step >= cfg.max_steps) or step - epoch_start_step >= self.steps_per_epoch:
                         break
                 train_s = time.perf_counter() - started
                 mean_loss = float(acc.gather(torch.tensor([loss_sum / max(1, loss_count)], device=acc.device)).mean())
-                self.model.eval()
-                with torch.no_grad(), acc.autocast():
-                    metrics = {k: float(v) for k, v in self.validate_fn(self.unwrapped).items()}
-                if "val_dice" not in metrics:
-                    raise ValueError("validate_fn must return 'val_dice'")
+                metrics = self._validate()
                 epoch += 1
-                if metrics["val_dice"] > best_dice:
-                    best_dice, best_epoch, bad_epochs = metrics["val_dice"], epoch, 0
-                    if acc.is_main_process:
-                        save_checkpoint(self.run_dir / BEST, {"model": self.state_fn(self.unwrapped), "epoch": epoch,
-                                                             "metrics": metrics})
-                else:
-                    bad_epochs += 1
-                stopped_early = cfg.patience is not None and bad_epochs >= cfg.patience
-                finished = stopped_early or epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
                 row = {"epoch": epoch, "step": step, "train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
-                       **metrics, "epoch_s": time.perf_counter() - started,
-                       "train_images_per_s": seen * acc.num_processes / train_s}
-                history.append(row)
-                self._write({"model": self.state_fn(self.unwrapped), "optimizer": self.optimizer.state_dict(),
-                             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": step,
-                             "best_dice": best_dice, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                             "finished": finished, "history": history, "rng": rng_state(),
-                             "loop": cfg.model_dump()})
+                       **metrics, "epoch_s": math.nan, "train_images_per_s": seen * acc.num_processes / train_s}
+                improved = metrics["val_dice"] > track["best_dice"]
+                bad_after = 0 if improved else track["bad_epochs"] + 1
+                stopped_early = cfg.patience is not None and bad_after >= cfg.patience
+                finished = stopped_early or epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
+                row["epoch_s"] = time.perf_counter() - started
+                end_epoch(epoch, row, finished)
                 if acc.is_main_process:
                     log.info("epoch %d/%d  loss %.4f  val Dice %.4f  (best %.4f @ %d)  %.0f s", epoch, cfg.epochs,
-                             mean_loss, metrics["val_dice"], best_dice, best_epoch, row["epoch_s"])
+                             mean_loss, metrics["val_dice"], track["best_dice"], track["best_epoch"], row["epoch_s"])
                 acc.wait_for_everyone()
                 if self.on_epoch_end is not None and acc.is_main_process:
                     self.on_epoch_end(epoch, row)
+        best_dice, best_epoch, bad_epochs = track["best_dice"], track["best_epoch"], track["bad_epochs"]
         if stopped_early and acc.is_main_process:
             log.info("early stopping: no val Dice gain for %d epochs", bad_epochs)
         return FitResult(best_dice=best_dice, best_epoch=best_epoch, epochs_done=epoch, steps_done=step,
