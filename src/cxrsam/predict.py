@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxrsam.data.io import XRay, read_image, read_mask, resize_mask
+from cxrsam.data.io import XRay, read_draft, read_image
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, sha256_file
 from cxrsam.prompts import Prompts, PromptSet, prompts_from_mask
@@ -44,8 +44,6 @@ SIDES = {"image_left": "right lung (patient's right in a PA view)",
          "image_right": "left lung (patient's left in a PA view)"}
 """Left/right keys of the JSON: the side of the *image* the lung is on, and its anatomical name
 assuming the usual PA (or AP) view with the patient facing the viewer."""
-ASPECT_TOLERANCE = 0.02
-"""A draft mask whose aspect ratio differs from the image's by more than this (relative) is refused."""
 OVERLAY_RGB = (255, 64, 64)
 OVERLAY_ALPHA = 0.35
 
@@ -215,22 +213,6 @@ def parse_box(text: str) -> np.ndarray:
     if len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]:
         raise CxrsamError(f"--box must be x0,y0,x1,y1 in pixels with x0 < x1 and y0 < y1, got {text!r}")
     return np.array(values, dtype=np.float32)
-
-
-def read_draft(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """A draft lung mask file as bool (H, W) at the image ``size``.
-
-    {0, 1}, {0, 255} and label masks are read as lung = non-zero. A draft of another size with the
-    same aspect ratio (e.g. 256x256 masks for 299x299 images) is resized by nearest neighbour; a
-    different aspect ratio or an empty draft raises :class:`CxrsamError` naming the file.
-    """
-    mask = read_mask(path)
-    (mh, mw), (h, w) = mask.shape, size
-    if abs((mw / mh) / (w / h) - 1) > ASPECT_TOLERANCE:
-        raise CxrsamError(f"draft mask is {mw}x{mh} but the image is {w}x{h} (different aspect ratio)", path=path)
-    if not mask.any():
-        raise CxrsamError("draft mask is empty: no lung to prompt SAM with", path=path)
-    return resize_mask(mask, size) if mask.shape != size else mask
 
 
 def validate_points(points: Sequence[Sequence[float]] | np.ndarray | None, labels: Sequence[int] | np.ndarray | None,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrsam.data.io import read_image, read_mask, write_mask
+from cxrsam.data.io import read_draft, read_image, read_mask, write_mask
 from cxrsam.errors import CxrsamError
 
 RAMP = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
@@ -65,6 +65,23 @@ def test_rgb_mask_and_resize(tmp_path):
     Image.fromarray(m).save(tmp_path / "m.png")
     mask = read_mask(tmp_path / "m.png", size=(64, 64))
     assert mask.shape == (64, 64) and mask[:32].all() and not mask[32:].any()
+
+
+def test_read_draft_resizes_same_aspect_and_refuses_other_aspect_or_empty(tmp_path):
+    lungs = np.zeros((60, 80), np.uint8)
+    lungs[10:50, 6:30] = 1
+    lungs[16:44, 50:70] = 1
+    Image.fromarray(lungs[::2, ::2]).save(tmp_path / "half.png")  # {0, 1} at half size
+    draft = read_draft(tmp_path / "half.png", (60, 80))
+    assert draft.shape == (60, 80) and np.array_equal(draft, lungs > 0)
+    with pytest.raises(CxrsamError, match="aspect ratio") as info:
+        read_draft(tmp_path / "half.png", (60, 60))
+    assert "half.png" in str(info.value)
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(CxrsamError, match="empty") as info:
+        read_draft(tmp_path / "empty.png", (60, 80))
+    assert "empty.png" in str(info.value)
+    assert not read_draft(tmp_path / "empty.png", (60, 80), allow_empty=True).any()
 
 
 def test_write_mask_roundtrip(tmp_path):

@@ -14,7 +14,7 @@ from cxrsam.data.io import XRay, read_image, read_mask
 from cxrsam.errors import CxrsamError
 from cxrsam.evaluation.metrics import dice_score
 from cxrsam.files import sha256_file
-from cxrsam.predict import (Segmentation, add_points, lung_areas, output_paths, parse_box, read_draft,
+from cxrsam.predict import (Segmentation, add_points, lung_areas, output_paths, parse_box,
                             write_outputs)
 from cxrsam.prompts import Prompts, PromptSet
 
@@ -52,17 +52,11 @@ def test_add_points_join_the_lung_whose_box_holds_them():
     assert prompts.sets[0].points is None  # the draft prompts are not modified
 
 
-def test_parse_box_and_read_draft_rules(tmp_path):
+def test_parse_box_rules():
     assert parse_box("1,2,30,40").tolist() == [1, 2, 30, 40]
     for bad in ("1,2,3", "a,b,c,d", "30,2,1,40"):
         with pytest.raises(CxrsamError, match="--box"):
             parse_box(bad)
-    Image.fromarray(two_lungs()[::2, ::2].astype(np.uint8)).save(tmp_path / "half.png")  # {0, 1}, half size
-    draft = read_draft(tmp_path / "half.png", (60, 80))
-    assert draft.shape == (60, 80) and dice_score(draft, two_lungs()) > 0.95
-    with pytest.raises(CxrsamError, match="aspect ratio") as info:
-        read_draft(tmp_path / "half.png", (60, 60))
-    assert "half.png" in str(info.value)
 
 
 def _segmentation(spacing=(0.4, 0.4)) -> Segmentation:

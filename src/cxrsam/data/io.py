@@ -154,6 +154,27 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     return mask
 
 
+ASPECT_TOLERANCE = 0.02
+"""Largest relative aspect-ratio difference between a draft mask and its image that is still resized."""
+
+
+def read_draft(path: str | Path, size: tuple[int, int], allow_empty: bool = False) -> np.ndarray:
+    """A draft lung mask file (a CNN's output, a hand mask) as bool (H, W) at the image ``size``.
+
+    {0, 1}, {0, 255} and label masks are read as lung = non-zero. A draft of another size with the
+    same aspect ratio (e.g. 256x256 masks for 299x299 images) is resized by nearest neighbour; a
+    different aspect ratio, or an empty draft unless ``allow_empty``, raises :class:`CxrsamError`
+    naming the file.
+    """
+    mask = read_mask(path)
+    (mh, mw), (h, w) = mask.shape, size
+    if abs((mw / mh) / (w / h) - 1) > ASPECT_TOLERANCE:
+        raise CxrsamError(f"draft mask is {mw}x{mh} but the image is {w}x{h} (different aspect ratio)", path=path)
+    if not allow_empty and not mask.any():
+        raise CxrsamError("draft mask is empty: no lung to prompt SAM with", path=path)
+    return resize_mask(mask, size) if mask.shape != tuple(size) else mask
+
+
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a bool mask (H, W) to ``size=(H', W')``."""
     import cv2

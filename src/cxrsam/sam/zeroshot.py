@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrsam.data.io import XRay, list_images, read_image, read_mask, write_mask
+from cxrsam.data.io import XRay, list_images, read_draft, read_image, write_mask
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
 from cxrsam.prompts import Prompts, prompts_from_mask
@@ -47,7 +47,8 @@ def image_seed(seed: int, stem: str) -> list[int]:
 
 
 def drafts_from_dir(drafts_dir: str | Path) -> DraftSource:
-    """Drafts read from ``drafts_dir/<stem>.<image suffix>`` (resized to the image by nearest neighbour)."""
+    """Drafts read from ``drafts_dir/<stem>.<image suffix>`` (:func:`cxrsam.data.io.read_draft`; an empty
+    draft is allowed and gives an empty mask)."""
     by_stem = {p.stem: p for p in list_images(drafts_dir)}
     if not by_stem:
         raise CxrsamError("no draft masks (image files) in folder", path=drafts_dir)
@@ -56,7 +57,7 @@ def drafts_from_dir(drafts_dir: str | Path) -> DraftSource:
         path = by_stem.get(xray.path.stem)
         if path is None:
             raise KeyError(xray.path.stem)
-        return read_mask(path, size=xray.size)
+        return read_draft(path, xray.size, allow_empty=True)
 
     return draft
 
