@@ -13,11 +13,22 @@ SHARED_COVID = REPO.parent / "shared" / "data" / "COVID-19_Radiography_Dataset"
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+SHARED_DATA_PRESENT = (SHARED_COVID / "Viral Pneumonia" / "images").is_dir()
+needs_shared_data = pytest.mark.skipif(
+    not SHARED_DATA_PRESENT,
+    reason=f"real CXR data not present at {SHARED_COVID} (../shared/data is provided to developers and CI)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that uses the real data (directly or through another fixture) skips, with the reason, without it."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(needs_shared_data)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Root of the real COVID-19 Radiography Database subset beside the repo; skip if absent."""
-    if not (SHARED_COVID / "Viral Pneumonia" / "images").is_dir():
-        pytest.skip(f"real CXR data not present at {SHARED_COVID} (../shared/data is provided to developers and CI)")
+    """Root of the real COVID-19 Radiography Database subset beside the repo (tests using it skip when absent)."""
     return SHARED_COVID
 
 

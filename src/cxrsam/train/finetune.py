@@ -328,4 +328,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
         best = load_checkpoint(run_dir / BEST)["model"]
         save_adapter(run_dir, model, loaded, config.lora, state=best)
         log.info("best val Dice %.4f at epoch %d; adapters in %s", result.best_dice, result.best_epoch, run_dir)
+        if result.best_epoch == 0:
+            log.warning("no epoch validated better than the untouched %s: the saved adapters are the identity "
+                        "(train longer, or with another learning rate)", config.backend)
     return run_dir
