@@ -116,6 +116,18 @@ def _split_ratios(text: str | None) -> tuple[float, float, float] | None:
     return parts
 
 
+def _run_options(given: dict, out_dir: Path, resume: bool, read_config) -> dict:
+    """A training command's flat options: with ``--resume`` the run's saved ``config.yaml`` (its nested
+    sections such as ``loop`` and ``lora`` flattened), overridden by the options given now."""
+    if not resume:
+        return given
+    saved = read_config(out_dir).model_dump()
+    flat = {k: v for k, v in saved.items() if not isinstance(v, dict)}
+    for section in (v for v in saved.values() if isinstance(v, dict)):
+        flat.update(section)
+    return {**flat, **given}
+
+
 @app.command("train-cnn")
 def train_cnn_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder to create (or continue with --resume)")],
@@ -150,14 +162,9 @@ def train_cnn_command(
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
         mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers,
         max_steps=max_steps).items() if v is not None}
-    options: dict = {}
-    if resume:
-        saved = read_config(out_dir).model_dump()
-        options = {**{k: v for k, v in saved.items() if k != "loop"}, **saved["loop"]}
-    elif arch is None or data is None:
+    if not resume and (arch is None or data is None):
         raise CxrsamError("--arch and --data are required (unless --resume)")
-    config = make_config(**{**options, **given})
-    run_dir = train_cnn(config, out_dir, resume=resume)
+    run_dir = train_cnn(make_config(**_run_options(given, out_dir, resume, read_config)), out_dir, resume=resume)
     out.print(f"run folder: {run_dir} (best model: best.pt, curves: curves.png)")
 
 
@@ -424,13 +431,9 @@ def finetune_command(
         epochs=epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch, validate_start=validate_start,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed, mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers).items()
         if v is not None}
-    options: dict = {}
-    if resume:
-        saved = read_config(out_dir).model_dump()
-        options = {**{k: v for k, v in saved.items() if k not in ("loop", "lora")}, **saved["lora"], **saved["loop"]}
-    elif data is None:
+    if not resume and data is None:
         raise CxrsamError("--data is required (unless --resume)")
-    run_dir = finetune(make_config(**{**options, **given}), out_dir, resume=resume)
+    run_dir = finetune(make_config(**_run_options(given, out_dir, resume, read_config)), out_dir, resume=resume)
     out.print(f"run folder: {run_dir} (adapters: adapter.safetensors, curves: curves.png)")
 
 

@@ -148,6 +148,12 @@ def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path):
     assert result.exit_code == 0, result.output
     settings = ft.read_config(run).lora
     assert settings.rank == 2 and settings.targets == ["qkv", "proj"] and not settings.train_decoder
+    # --resume alone takes every setting (LoRA and loop sections included) from the run's config.yaml
+    result = runner.invoke(app, ["finetune", "--resume", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert ft.read_config(run).lora == settings
+    result = runner.invoke(app, ["finetune", "--resume", "--rank", "4", "--out", str(run)])
+    assert isinstance(result.exception, CxrsamError) and "changed settings: lora" in str(result.exception)
     result = runner.invoke(app, ["export", "--run", str(run), "--merged", str(tmp_path / "merged.pth")])
     assert result.exit_code == 0, result.output
     assert build_sam("tiny_sam", checkpoint=tmp_path / "merged.pth").checkpoint_sha256 != \
