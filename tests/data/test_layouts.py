@@ -49,6 +49,12 @@ def test_montgomery_left_right_union(tmp_path):
     assert case.sides == ["left", "right"]
     _, mask = load_case(case)
     assert mask.sum() == 16 * 8 + 16 * 10
+    # a one-sided case is reported, never scored against half a ground truth
+    _png(tmp_path / "CXR_png" / "MCUCXR_0002_1.png")
+    _png(tmp_path / "ManualMask" / "rightMask" / "MCUCXR_0002_1.png", box=(4, 20, 20, 30))
+    found = discover(tmp_path)
+    assert [c.case_id for c in found.cases] == ["MCUCXR_0001_0"]
+    assert [(p.name, m) for p, m in found.problems] == [("MCUCXR_0002_1.png", "image without left lung mask")]
 
 
 def test_shenzhen_mask_suffix(tmp_path):

@@ -100,20 +100,23 @@ def discover_covid19(root: Path, classes: Sequence[str] | None = None) -> Discov
     return found
 
 
+def _pair_sides(images: list[Path], left: list[Path], right: list[Path], found: Discovery, layout: str) -> None:
+    """Cases from images with one mask file per lung (same stem); an image lacking either side is a
+    problem, not a case (scoring it against one lung would be wrong)."""
+    tables = {"left": {p.stem: p for p in left}, "right": {p.stem: p for p in right}}
+    for img in images:
+        missing = [side for side, table in tables.items() if img.stem not in table]
+        if missing:
+            found.problems.append((img, f"image without {' and '.join(missing)} lung mask"))
+        else:
+            found.cases.append(Case(img.stem, img, [tables["left"][img.stem], tables["right"][img.stem]],
+                                    ["left", "right"], layout))
+
+
 def discover_montgomery(root: Path) -> Discovery:
     found = Discovery("montgomery", root)
-    left = {p.stem: p for p in _files(root / "ManualMask" / "leftMask")}
-    right = {p.stem: p for p in _files(root / "ManualMask" / "rightMask")}
-    for img in _files(root / "CXR_png"):
-        masks, sides = [], []
-        for side, table in (("left", left), ("right", right)):
-            if img.stem in table:
-                masks.append(table[img.stem])
-                sides.append(side)
-            else:
-                found.problems.append((img, f"image without {side} mask"))
-        if masks:
-            found.cases.append(Case(img.stem, img, masks, sides, "montgomery"))
+    _pair_sides(_files(root / "CXR_png"), _files(root / "ManualMask" / "leftMask"),
+                _files(root / "ManualMask" / "rightMask"), found, "montgomery")
     return found
 
 
@@ -126,14 +129,8 @@ def discover_shenzhen(root: Path) -> Discovery:
 def discover_jsrt(root: Path) -> Discovery:
     found = Discovery("jsrt", root)
     masks_root = next((p for p in [root / "masks", *root.glob("*/masks")] if p.is_dir()), root / "masks")
-    left = {p.stem: p for p in _files(masks_root / "left lung")}
-    right = {p.stem: p for p in _files(masks_root / "right lung")}
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".img" and p.is_file())
-    for img in images:
-        if img.stem in left and img.stem in right:
-            found.cases.append(Case(img.stem, img, [left[img.stem], right[img.stem]], ["left", "right"], "jsrt"))
-        else:
-            found.problems.append((img, "image without SCR left and right lung masks"))
+    _pair_sides(images, _files(masks_root / "left lung"), _files(masks_root / "right lung"), found, "jsrt")
     return found
 
 
