@@ -1,4 +1,4 @@
-"""Atomic file writes: outputs and checkpoints are never left half-written."""
+"""File helpers: atomic writes (outputs and checkpoints are never left half-written), input checks, hashes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from cxrsam.errors import CxrsamError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -46,3 +48,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def require_file(path: str | Path, kind: str = "file") -> Path:
+    """``path`` if it is a non-empty file; else :class:`CxrsamError` naming it ("<kind> not found",
+    "is a folder, expected a(n) <kind>", "empty <kind> (0 bytes)")."""
+    path = Path(path)
+    if not path.exists():
+        raise CxrsamError(f"{kind} not found", path=path)
+    if path.is_dir():
+        raise CxrsamError(f"is a folder, expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}", path=path)
+    if path.stat().st_size == 0:
+        raise CxrsamError(f"empty {kind} (0 bytes)", path=path)
+    return path

@@ -150,7 +150,7 @@ def test_jsrt_raw(tmp_path):
 
 
 @pytest.mark.parametrize("make, problem", [
-    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: p.write_bytes(b""), "empty image file"),
     (lambda p: p.write_bytes(b"this is not an image"), "not an image"),
     (lambda p: p.write_bytes(_png_bytes()[:200]), "unreadable image"),
     (lambda p: Image.fromarray(np.zeros((1, 1), np.uint8)).save(p), "too small"),

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cxrsam.errors import CxrsamError
-from cxrsam.files import atomic_path
+from cxrsam.files import atomic_path, require_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".img", ".gif"}
 MAX_PIXELS = 50_000_000
@@ -43,15 +43,6 @@ class XRay:
     def size(self) -> tuple[int, int]:
         """(H, W) in pixels."""
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise CxrsamError("file not found", path=path)
-    if path.is_dir():
-        raise CxrsamError("is a folder, expected an image file", path=path)
-    if path.stat().st_size == 0:
-        raise CxrsamError("empty file (0 bytes)", path=path)
 
 
 def _check_shape(shape: tuple[int, ...], path: Path) -> None:
@@ -125,7 +116,7 @@ def read_image(path: str | Path) -> XRay:
     from cxrsam.data.dicom import is_dicom, read_dicom, read_jsrt_raw
 
     path = Path(path)
-    _check_file(path)
+    require_file(path, "image file")
     if path.suffix.lower() in (".dcm", ".dicom") or is_dicom(path):
         return read_dicom(path)
     if path.suffix.lower() == ".img":
@@ -146,7 +137,7 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     channel non-zero counts). With ``size=(H, W)`` the mask is resized by nearest neighbour.
     """
     path = Path(path)
-    _check_file(path)
+    require_file(path, "mask file")
     array = _open_pil(path)
     mask = array.any(axis=2) if array.ndim == 3 else array != 0
     if size is not None and mask.shape != tuple(size):

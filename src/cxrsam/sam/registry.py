@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from cxrsam.errors import CxrsamError
-from cxrsam.files import sha256_file
+from cxrsam.files import require_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +151,6 @@ def get_backend(backend: str | BackendSpec) -> BackendSpec:
     return spec
 
 
-def _require_file(path: Path) -> Path:
-    if not path.exists():
-        raise CxrsamError("checkpoint not found", path=path)
-    if path.is_dir():
-        raise CxrsamError("is a folder, expected a checkpoint file", path=path)
-    if path.stat().st_size == 0:
-        raise CxrsamError("empty checkpoint file (0 bytes)", path=path)
-    return path
-
-
 def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint with ``torch.load(weights_only=True)`` and return its state dict (on CPU).
 
@@ -168,7 +158,7 @@ def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     unreadable or corrupt files, files holding pickled code or objects other than tensors, and
     files that are not a ``{name: tensor}`` mapping raise :class:`CxrsamError` naming the file.
     """
-    path = _require_file(Path(path))
+    path = require_file(path, "checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -246,7 +236,7 @@ def build_sam(backend: str | BackendSpec = "litemedsam", checkpoint: str | Path 
         :class:`LoadedSam` with the model in eval mode.
     """
     spec = get_backend(backend)
-    path = _require_file(resolve_checkpoint(spec, checkpoint))
+    path = require_file(resolve_checkpoint(spec, checkpoint), "checkpoint file")
     digest = sha256_file(path)
     official = checkpoint is None or (spec.checkpoint_name is not None and path.name == spec.checkpoint_name)
     if spec.sha256 and official and digest != spec.sha256:
