@@ -24,32 +24,41 @@ from cxrsam.data.split import split_cases
 from cxrsam.train.cnn import make_config
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_images_per_s(arch: str, encoder: str, dataset: SegmentationDataset, batch_size: int, steps: int,
-                       warmup: int = 2) -> float:
+                       device: torch.device, warmup: int = 2) -> float:
     from monai.losses import DiceCELoss
 
-    model = build_cnn(arch, encoder).train()
+    model = build_cnn(arch, encoder).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(sigmoid=True)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True))
     started = 0.0
     for step in range(warmup + steps):
         if step == warmup:
+            _sync(device)
             started = time.perf_counter()
         images, masks, _ = next(loader)
-        loss = loss_fn(model(images), masks)
+        loss = loss_fn(model(images.to(device)), masks.to(device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    _sync(device)
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def predict_images_per_s(arch: str, encoder: str, size: int, images: list, batch_size: int) -> float:
+def predict_images_per_s(arch: str, encoder: str, size: int, images: list, batch_size: int,
+                         device: torch.device) -> float:
     config = make_config(arch=arch, encoder=encoder, size=size, data=".")
-    predictor = CnnPredictor(build_cnn(arch, encoder), config, device="cpu")
+    predictor = CnnPredictor(build_cnn(arch, encoder), config, device=device)
     predictor.predict_many(images[:batch_size], batch_size)  # warm-up
+    _sync(device)
     started = time.perf_counter()
-    predictor.predict_many(images, batch_size)
+    predictor.predict_many(images, batch_size)  # returns numpy masks: the device work is done
     return len(images) / (time.perf_counter() - started)
 
 
@@ -61,19 +70,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--predict-images", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     splits = split_cases(require_cases(discover(args.data)))
     train = SegmentationDataset(splits["train"][: args.batch_size * (args.steps + 2)], args.size, augment=True)
     images = [load_case(c)[0].pixels for c in splits["test"][: args.predict_images]]
     n_train = len(splits["train"])
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    print(f"machine: {where}; "
           f"size {args.size}, encoder {args.encoder}, batch {args.batch_size}, {n_train} training images")
     print("| arch | train images/s | s/epoch (estimated) | predict images/s |")
     print("|---|---|---|---|")
     for arch in ARCHITECTURES:
-        train_rate = train_images_per_s(arch, args.encoder, train, args.batch_size, args.steps)
-        predict_rate = predict_images_per_s(arch, args.encoder, args.size, images, args.batch_size)
+        train_rate = train_images_per_s(arch, args.encoder, train, args.batch_size, args.steps, device)
+        predict_rate = predict_images_per_s(arch, args.encoder, args.size, images, args.batch_size, device)
         print(f"| {arch} | {train_rate:.1f} | {n_train / train_rate:.0f} | {predict_rate:.1f} |")
 
 

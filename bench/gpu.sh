@@ -5,7 +5,7 @@
 #      (random ViT-B weights unless the official sam_vit_b_01ec64.pth is in the weights folder),
 #      re-prompting, and encoder scaling (LiteMedSAM batch 1-8, ViT-B 256/512/1024);
 #   2. LoRA vs full fine-tuning step time and peak CUDA memory (LiteMedSAM, then ViT-B at 1024);
-#   3. CNN training and prediction throughput (only if bench/cnn_speed.py accepts --device).
+#   3. CNN training and prediction throughput at 256 px.
 # Paste the printed tables into docs/benchmarks.md with this command line and the GPU name.
 set -euo pipefail
 DATA="${1:-../shared/data/COVID-19_Radiography_Dataset}"
@@ -20,8 +20,4 @@ python bench/lora_vs_full.py --device cuda --backend litemedsam --batch-size 4 -
 python bench/lora_vs_full.py --device cuda --backend vit_b --batch-size 2 --steps 10 \
     || echo "vit_b LoRA bench needs the official checkpoint: cxrsam weights download vit_b"
 set +x
-if grep -q -- '--device' bench/cnn_speed.py; then
-    python bench/cnn_speed.py --data "$DATA" --device cuda --size 256 --batch-size 16 --steps 30 --predict-images 256
-else
-    echo "bench/cnn_speed.py has no --device option yet: CNN GPU throughput not measured"
-fi
+python bench/cnn_speed.py --data "$DATA" --device cuda --size 256 --batch-size 16 --steps 30 --predict-images 256
