@@ -58,7 +58,7 @@ def test_evaluate_perturbed_masks(phantoms, tmp_path):
         pred = np.roll(gt, int(rng.integers(-5, 6)), axis=1)
         pred[rng.random(gt.shape) < 0.01] = True
         if i == 0:
-            pred = np.kron(pred, np.ones((2, 2), bool))  # another size: resized to the ground truth
+            pred = np.kron(pred, np.ones((2, 2), bool))  # another size: the ground truth is resized to it
         write_mask(pred_dir / gt_path.name, pred)
         expected[gt_path.stem] = dice_score(pred[::2, ::2] if i == 0 else pred, gt)
     out = tmp_path / "results.csv"
