@@ -27,14 +27,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from torch.utils.data import Dataset
 
-from cxrsam.data.dataset import SegmentationDataset
+from cxrsam.data.dataset import SegmentationDataset, resize_mask_square
 from cxrsam.data.layouts import Case
 from cxrsam.errors import CxrsamError
 from cxrsam.prompts import MODES, Prompts, prompts_from_mask
@@ -265,7 +264,7 @@ def _val_drafts(config: FinetuneConfig, cases: Sequence[Case], size: int) -> lis
             draft = truth if draft_of is None else draft_of(xray)
         except KeyError:
             raise CxrsamError(f"no validation draft for {xray.path.stem}", path=source) from None
-        drafts.append(cv2.resize(draft.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0)
+        drafts.append(resize_mask_square(draft, size))
     return drafts
 
 
