@@ -39,3 +39,19 @@ def test_dataset_shapes_and_reproducible_augmentation(phantoms):
     assert not np.array_equal(ds[3][0].numpy(), img.numpy())
     plain = SegmentationDataset(cases, size=64)[3][1]
     assert abs(float(mask.sum()) - float(plain.sum())) < 0.35 * float(plain.sum())  # geometry only mildly changed
+
+
+def test_masks_reach_the_model_size_on_the_image_grid(phantoms):
+    from cxrsam.data.dataset import load_case, resize_image, resize_mask_square
+
+    # a disk centred in a 299 px image stays centred at the model size (OpenCV nearest moves it by 0.5 px)
+    yy, xx = np.mgrid[:299, :299]
+    disk = (yy - 149) ** 2 + (xx - 149) ** 2 < 80 ** 2
+    for size in (128, 256):
+        ys, xs = np.nonzero(resize_mask_square(disk, size))
+        assert abs(xs.mean() - (size - 1) / 2) < 0.05 and abs(ys.mean() - (size - 1) / 2) < 0.05
+        # and it lands where the image's own resize puts the disk's pixels
+        assert np.array_equal(resize_mask_square(disk, size), resize_image(disk.astype(np.float32), size) >= 0.5)
+    data = SegmentationDataset(discover(phantoms).cases[:2], 64)
+    _, mask = load_case(data.cases[1])
+    assert np.array_equal(data.pair(1)[1], resize_mask_square(mask, 64))
