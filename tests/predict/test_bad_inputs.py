@@ -46,7 +46,7 @@ def test_folder_with_bad_files_finishes_the_others(phantoms, run_cli, tmp_path):
     out = tmp_path / "out"
     res = run_cli("predict", "--images", images, "--box", BOX, "--out", out)
     assert res.returncode == 1
-    expected = {"truncated.png": "unreadable image", "zero.png": "empty file", "one_pixel.png": "too small",
+    expected = {"truncated.png": "unreadable image", "zero.png": "empty image file", "one_pixel.png": "too small",
                 "huge.png": "too large", "report.png": "not an image"}
     lines = error_lines(res.stderr)
     for name, problem in expected.items():

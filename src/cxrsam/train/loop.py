@@ -51,7 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cxrsam.errors import CxrsamError
-from cxrsam.files import atomic_path
+from cxrsam.files import atomic_path, require_file
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``, on CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CxrsamError("checkpoint not found", path=path)
+    path = require_file(path, "checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated/foreign files
