@@ -57,8 +57,9 @@ def resize_mask_square(mask: np.ndarray, size: int) -> np.ndarray:
 
     The mask is resized as a float image (area average when shrinking, bilinear when enlarging) and
     thresholded at 0.5. OpenCV's nearest-neighbour resize maps pixel corners instead of centres and
-    shifts a mask by up to half a source pixel against its image: on the COVID-19 data a perfect model
-    trained on such targets would lose 0.014 Dice at 299 px from 256 px targets, 0.033 from 128 px ones.
+    shifts a mask by up to half a source pixel against its image: on the COVID-19 data a model that
+    reproduced such targets perfectly would score at most 0.982 Dice at 299 px from 256 px targets and
+    0.967 from 128 px ones (0.996 and 0.986 with this resize).
     """
     return resize_image(np.asarray(mask, dtype=np.float32), size) >= 0.5
 

@@ -389,8 +389,8 @@ class Trainer:
         stopped_early = finished and bad_epochs >= (cfg.patience or math.inf)
         track = {"best_dice": best_dice, "best_epoch": best_epoch, "bad_epochs": bad_epochs}
 
-        def end_epoch(done_epoch: int, row: dict[str, float], done: bool) -> None:
-            """Best checkpoint, last.pt, metrics.csv and curves after ``done_epoch`` (0: the untouched model)."""
+        def record(done_epoch: int, row: dict[str, float]) -> None:
+            """Best checkpoint, counters and history after ``done_epoch`` (0: the untouched model)."""
             if row["val_dice"] > track["best_dice"]:
                 track.update(best_dice=row["val_dice"], best_epoch=done_epoch, bad_epochs=0)
                 if acc.is_main_process:
@@ -400,6 +400,8 @@ class Trainer:
             elif done_epoch > 0:
                 track["bad_epochs"] += 1
             history.append(row)
+
+        def write_last(done_epoch: int, done: bool) -> None:
             self._write({"model": self.state_fn(self.unwrapped), "optimizer": self.optimizer.state_dict(),
                          "scheduler": self.scheduler.state_dict(), "epoch": done_epoch, "step": step,
                          **track, "finished": done, "history": history, "rng": rng_state(),
@@ -408,8 +410,9 @@ class Trainer:
         if cfg.validate_start and not resume:
             started = time.perf_counter()
             metrics = self._validate()
-            end_epoch(0, {"epoch": 0, "step": 0, "train_loss": math.nan, "lr": self.scheduler.get_last_lr()[0],
-                          **metrics, "epoch_s": time.perf_counter() - started, "train_images_per_s": math.nan}, False)
+            record(0, {"epoch": 0, "step": 0, "train_loss": math.nan, "lr": self.scheduler.get_last_lr()[0],
+                       **metrics, "epoch_s": time.perf_counter() - started, "train_images_per_s": math.nan})
+            write_last(0, False)
             if acc.is_main_process:
                 log.info("epoch 0 (untouched model)  val Dice %.4f", metrics["val_dice"])
         with self._progress() as progress:
@@ -448,13 +451,12 @@ class Trainer:
                 metrics = self._validate()
                 epoch += 1
                 row = {"epoch": epoch, "step": step, "train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
-                       **metrics, "epoch_s": math.nan, "train_images_per_s": seen * acc.num_processes / train_s}
-                improved = metrics["val_dice"] > track["best_dice"]
-                bad_after = 0 if improved else track["bad_epochs"] + 1
-                stopped_early = cfg.patience is not None and bad_after >= cfg.patience
+                       **metrics, "epoch_s": time.perf_counter() - started,
+                       "train_images_per_s": seen * acc.num_processes / train_s}
+                record(epoch, row)
+                stopped_early = cfg.patience is not None and track["bad_epochs"] >= cfg.patience
                 finished = stopped_early or epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
-                row["epoch_s"] = time.perf_counter() - started
-                end_epoch(epoch, row, finished)
+                write_last(epoch, finished)
                 if acc.is_main_process:
                     log.info("epoch %d/%d  loss %.4f  val Dice %.4f  (best %.4f @ %d)  %.0f s", epoch, cfg.epochs,
                              mean_loss, metrics["val_dice"], track["best_dice"], track["best_epoch"], row["epoch_s"])
