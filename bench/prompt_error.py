@@ -21,8 +21,7 @@ from cxrsam.data.dataset import load_case, resize_mask_square
 from cxrsam.data.layouts import discover, require_cases
 from cxrsam.data.split import split_cases
 from cxrsam.prompts.prompts import prompts_from_mask
-from cxrsam.sam.zeroshot import drafts_from_cnn, drafts_from_dir
-from cxrsam.train.runs import CONFIG_YAML
+from cxrsam.sam.zeroshot import drafts_from_path
 
 COORDS = ("x0", "y0", "x1", "y1")
 
@@ -46,7 +45,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="Model input size the boxes are measured at")
     args = parser.parse_args()
 
-    draft_of = drafts_from_cnn(args.drafts) if (args.drafts / CONFIG_YAML).is_file() else drafts_from_dir(args.drafts)
+    draft_of = drafts_from_path(args.drafts)
     cases = split_cases(require_cases(discover(args.data)), seed=0)[args.split]
     pixels, fractions, skipped = [], [], 0
     for case in cases:

@@ -18,7 +18,7 @@ from cxrsam.prompts import prompts_from_mask
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.registry import build_sam
 from cxrsam.sam.testing import tiny_spec
-from cxrsam.sam.zeroshot import image_seed, run_zero_shot
+from cxrsam.sam.zeroshot import drafts_from_path, image_seed, run_zero_shot
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -99,6 +99,10 @@ def test_drafts_from_a_cnn_run(engine, phantoms, tmp_path):
     expected = engine.segment(read_image(first), prompts_from_mask(
         draft, rng=np.random.default_rng(image_seed(0, first.stem))))
     assert np.array_equal(read_mask(tmp_path / "out" / f"{first.stem}.png"), expected)
+    # one entry point for both kinds of draft source: a run folder predicts, a mask folder is read
+    xray = read_image(first)
+    assert np.array_equal(drafts_from_path(run)(xray), np.asarray(draft) > 0)
+    assert np.array_equal(drafts_from_path(phantoms / "masks")(xray), read_mask(phantoms / "masks" / first.name))
 
 
 def test_cli_zero_shot_with_litemedsam(phantoms, tmp_path, monkeypatch, capsys):

@@ -83,6 +83,14 @@ def drafts_from_cnn(run_dir: str | Path) -> DraftSource:
     return lambda xray: np.asarray(predictor.predict(xray.pixels)) > 0
 
 
+def drafts_from_path(source: str | Path) -> DraftSource:
+    """Drafts from a CNN run folder (it holds ``config.yaml``: :func:`drafts_from_cnn`) or from a folder of
+    draft masks named by image stem (:func:`drafts_from_dir`)."""
+    from cxrsam.train.runs import CONFIG_YAML
+
+    return drafts_from_cnn(source) if (Path(source) / CONFIG_YAML).is_file() else drafts_from_dir(source)
+
+
 def _image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
     if isinstance(images, (str, Path)):
         paths = list_images(images)

@@ -43,7 +43,7 @@ from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapte
     trainable_summary
 from cxrsam.sam.registry import LoadedSam, build_sam
 from cxrsam.train.loop import BEST, LoopConfig, Trainer, load_checkpoint, segmentation_dice, seed_everything
-from cxrsam.train.runs import CONFIG_YAML, prepare_run, read_run_config, settings_error
+from cxrsam.train.runs import prepare_run, read_run_config, settings_error
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +251,12 @@ def segmentation_loss(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], targ
 def _val_drafts(config: FinetuneConfig, cases: Sequence[Case], size: int) -> list[np.ndarray]:
     """Draft masks bool (S, S) of the validation cases from the configured source."""
     from cxrsam.data.dataset import load_case
-    from cxrsam.sam.zeroshot import drafts_from_cnn, drafts_from_dir
+    from cxrsam.sam.zeroshot import drafts_from_path
 
     source = config.val_drafts
     draft_of = None
     if source is not None:
-        draft_of = drafts_from_cnn(source) if (Path(source) / CONFIG_YAML).is_file() else drafts_from_dir(source)
+        draft_of = drafts_from_path(source)
     drafts = []
     for case in cases:
         xray, truth = load_case(case)
