@@ -398,6 +398,8 @@ def finetune_command(
     val_drafts: Annotated[Optional[Path], typer.Option(
         help="Validation drafts: mask folder or CNN run folder [default: ground truth (oracle)]")] = None,
     iou_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the IoU-head MSE loss [default: 0]")] = None,
+    augment: Annotated[Optional[bool], typer.Option(
+        "--augment/--no-augment", help="Random rotation, scale, shift, brightness and gamma of training images [default: on]")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute encoder blocks in backward [default: off]")] = None,
     max_train_cases: Annotated[Optional[int], typer.Option(help="Use only the first N training cases")] = None,
@@ -427,7 +429,7 @@ def finetune_command(
         checkpoint=checkpoint, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
         train_decoder=False if freeze_decoder else None, train_prompt=train_prompt, box_jitter=box_jitter,
         points_per_lung=points_per_lung, val_prompt=val_prompt, val_drafts=val_drafts, iou_loss_weight=iou_loss_weight,
-        gradient_checkpointing=gradient_checkpointing, max_train_cases=max_train_cases, max_val_cases=max_val_cases,
+        augment=augment, gradient_checkpointing=gradient_checkpointing, max_train_cases=max_train_cases, max_val_cases=max_val_cases,
         epochs=epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch, validate_start=validate_start,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed, mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers).items()
         if v is not None}

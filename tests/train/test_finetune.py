@@ -143,11 +143,12 @@ def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path):
     run = tmp_path / "run"
     result = runner.invoke(app, ["finetune", "--data", str(phantoms), "--backend", "tiny_sam", "--checkpoint",
                                  str(tiny_ckpt), "--rank", "2", "--target", "qkv", "--target", "proj",
-                                 "--freeze-decoder", "--epochs", "1", "--max-train-cases", "3", "--max-val-cases",
+                                 "--freeze-decoder", "--no-augment", "--epochs", "1", "--max-train-cases", "3", "--max-val-cases",
                                  "2", "--batch-size", "3", "--out", str(run)])
     assert result.exit_code == 0, result.output
     settings = ft.read_config(run).lora
     assert settings.rank == 2 and settings.targets == ["qkv", "proj"] and not settings.train_decoder
+    assert not ft.read_config(run).augment
     # --resume alone takes every setting (LoRA and loop sections included) from the run's config.yaml
     result = runner.invoke(app, ["finetune", "--resume", "--out", str(run)])
     assert result.exit_code == 0, result.output
