@@ -77,15 +77,14 @@ def markdown(frame: pd.DataFrame, run: Path, command: str, seconds: float) -> st
              f"Run `{run}`: backend `{config.backend}`, LoRA rank {config.lora.rank} (alpha {config.lora.alpha:g}) on "
              f"{', '.join(config.lora.targets)}, mask decoder {'trained' if config.lora.train_decoder else 'frozen'}; "
              f"{int(metrics.step.iloc[-1])} AdamW steps at batch {config.loop.batch_size} (lr {config.loop.lr:g}, "
-             f"warm-up + cosine) on the first {config.max_train_cases or 'all'} training cases, "
-             f"prompts `{config.train_prompt}` with box jitter {config.box_jitter:g}; best epoch by val Dice "
-             f"(oracle boxes, {config.max_val_cases or 'all'} val cases): "
+             f"warm-up + cosine) on {f'the first {config.max_train_cases}' if config.max_train_cases else 'all'} training cases, "
+             f"{'augmented' if config.augment else 'unaugmented'} images, prompts `{config.train_prompt}` with box "
+             f"jitter {config.box_jitter:g}; best epoch by val Dice ({config.val_prompt} prompts from "
+             f"{config.val_drafts or 'the ground truth (oracle)'}, {config.max_val_cases or 'all'} val cases): "
              f"{metrics.val_dice.max():.4f}. Split: the run's `manifest.csv` (seed {config.split_seed}, "
-             f"ratios {'/'.join(f'{r:g}' for r in config.split)}), data `{config.data}`.",
-             "", "Training command and evaluation command:", "", "```",
-             f"nice -n 10 cxrsam finetune --data {config.data} --out {run} --max-train-cases {config.max_train_cases} "
-             f"--max-val-cases {config.max_val_cases} --batch-size {config.loop.batch_size} --epochs {config.loop.epochs} "
-             f"--lr {config.loop.lr:g}", command, "```", "",
+             f"ratios {'/'.join(f'{r:g}' for r in config.split)}), data `{config.data}`. Every training "
+             f"setting: `{run / 'config.yaml'}`.",
+             "", "Evaluation command:", "", "```", command, "```", "",
              f"Test split, {len(wide)} images, Dice at the original image size (per-lung box prompts, masks "
              "merged by union):", "",
              "| method | prompts from | Dice mean | 95 % CI | median | n |", "|---|---|---|---|---|---|"]

@@ -254,9 +254,7 @@ def _val_drafts(config: FinetuneConfig, cases: Sequence[Case], size: int) -> lis
     from cxrsam.sam.zeroshot import drafts_from_path
 
     source = config.val_drafts
-    draft_of = None
-    if source is not None:
-        draft_of = drafts_from_path(source)
+    draft_of = None if source is None else drafts_from_path(source)
     drafts = []
     for case in cases:
         xray, truth = load_case(case)
