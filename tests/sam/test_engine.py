@@ -11,7 +11,7 @@ from segment_anything import SamPredictor
 
 from cxrsam.data.synthetic import make_phantom
 from cxrsam.prompts import Prompts, PromptSet, prompts_from_mask
-from cxrsam.sam.engine import PromptBatch, SamEngine, decode, postprocess, preprocess, to_model_coords
+from cxrsam.sam.engine import PromptBatch, SamEngine, decode
 from cxrsam.sam.registry import build_sam
 from cxrsam.sam.testing import tiny_spec
 
@@ -128,16 +128,15 @@ def test_mixed_prompt_sets_and_size_mismatch(tiny, cases):
 def test_decode_is_differentiable_and_batched(tiny, cases):
     model = tiny.model
     images = [cases[0][0], cases[0][0][::-1].copy()]
-    x = preprocess(tiny, images)
+    x = tiny.spec.transform.images(images)
     assert x.shape == (2, 3, 64, 64)
     embeddings = model.image_encoder(x)
     size = images[0].shape
-    boxes = to_model_coords(tiny.spec, np.array([[[10, 20, 40, 80], [50, 20, 85, 80]]] * 2, float).reshape(2, 2, 2, 2),
-                            size).reshape(2, 2, 4)
+    boxes = tiny.spec.transform.boxes(np.array([[[10, 20, 40, 80], [50, 20, 85, 80]]] * 2, float), size)
     batch = PromptBatch(boxes=torch.tensor(boxes, dtype=torch.float32))
     logits, iou = decode(model, embeddings, batch, multimask=True)
     assert logits.shape == (2, 2, 3, 32, 32) and iou.shape == (2, 2, 3)
-    full = postprocess(logits[:, :, 0], tiny.spec, size)
+    full = tiny.spec.transform.logits_to_image(logits[:, :, 0], size)
     assert full.shape == (2, 2, *size)
     full.sigmoid().mean().backward()
     grads = [p.grad for p in model.image_encoder.parameters()]

@@ -12,7 +12,7 @@ from torch import nn
 from cxrsam.errors import CxrsamError
 from cxrsam.prompts import PromptSet
 from cxrsam.sam import lora
-from cxrsam.sam.engine import decode, preprocess, prompt_batch
+from cxrsam.sam.engine import decode, prompt_batch
 from cxrsam.sam.registry import BACKENDS, build_sam
 from cxrsam.sam.testing import TINY_SIZE, tiny_spec, write_tiny_checkpoint
 
@@ -39,7 +39,7 @@ def box_logits(loaded, image: np.ndarray) -> torch.Tensor:
     sets = [PromptSet(box=np.array([0.1, 0.1, 0.45, 0.9], np.float32) * size),
             PromptSet(box=np.array([0.55, 0.1, 0.9, 0.9], np.float32) * size)]
     with torch.no_grad():
-        embeddings = loaded.model.image_encoder(preprocess(loaded, [image]))
+        embeddings = loaded.model.image_encoder(loaded.spec.transform.images([image]))
         return decode(loaded.model, embeddings, prompt_batch(loaded.spec, sets, (size, size)))[0]
 
 
@@ -124,7 +124,7 @@ def test_litemedsam_adapters_skip_conv_stage_keep_bn_and_attention_cache(tmp_pat
     eval and train mode (the cached attention bias ``ab`` follows the mode); merging round-trips."""
     base = build_sam("litemedsam")
     image = np.random.default_rng(2).random((256, 256)).astype(np.float32)
-    x = preprocess(base, [image])
+    x = base.spec.transform.images([image])
     with torch.no_grad():
         reference = base.model.image_encoder(x)
     model = lora.apply_lora(base.model, lora.LoraSettings())
@@ -155,7 +155,7 @@ def test_onnx_export_runs_and_matches(tiny, tmp_path):
     path = lora.export_onnx(tmp_path / "run", tmp_path / "model.onnx")
     image = np.random.default_rng(3).random((TINY_SIZE, TINY_SIZE)).astype(np.float32)
     loaded = lora.load_run(tmp_path / "run")
-    x = preprocess(loaded, [image])
+    x = loaded.spec.transform.images([image])
     boxes = torch.tensor([[[5.0, 5.0, 30.0, 60.0], [34.0, 5.0, 60.0, 60.0], [10.0, 10.0, 50.0, 50.0]]])
     with torch.no_grad():
         expected = lora.BoxPromptedSam(loaded.model)(x, boxes)[0].numpy()

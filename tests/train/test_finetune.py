@@ -32,11 +32,11 @@ def tiny_config(data, checkpoint, **overrides) -> ft.FinetuneConfig:
 
 
 def prompted_data(phantoms, seed: int = 0) -> ft.PromptedDataset:
-    from cxrsam.data.dataset import SegmentationDataset
     from cxrsam.data.layouts import discover
+    from cxrsam.sam.testing import tiny_spec
 
     cases = discover(phantoms).cases[:4]
-    return ft.PromptedDataset(SegmentationDataset(cases, TINY_SIZE, augment=True, seed=seed), "mixed", jitter=0.05)
+    return ft.PromptedDataset(cases, tiny_spec().transform, "mixed", jitter=0.05, augment=True, seed=seed)
 
 
 def test_training_steps_change_adapters_and_decoder_but_never_the_frozen_base(phantoms, tiny_ckpt):
@@ -71,7 +71,7 @@ def test_training_steps_change_adapters_and_decoder_but_never_the_frozen_base(ph
 def test_prompts_and_targets_are_per_lung_and_reproducible(phantoms):
     data = prompted_data(phantoms)
     image, mask, index, prompts, targets = data[1]
-    assert image.shape == mask.shape == (1, TINY_SIZE, TINY_SIZE)
+    assert image.shape == (3, TINY_SIZE, TINY_SIZE) and mask.shape == (1, TINY_SIZE, TINY_SIZE)
     assert len(prompts.sets) == len(targets) == 2
     assert torch.equal(targets.amax(dim=0) > 0, mask[0] > 0)  # the two lungs are the whole mask
     again = prompted_data(phantoms)[1][3]
@@ -186,3 +186,40 @@ def test_gradient_checkpointing_gives_the_same_gradients(phantoms, tiny_ckpt):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if ".lora_" in n})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_a_non_square_image_reaches_the_model_as_the_same_tensor_in_finetuning_and_inference(tmp_path, tiny_ckpt):
+    """Fine-tuning letterboxes like inference (no stretching): the encoder input of a 90 x 140 image is
+    bit-identical in the training dataset and in the engine, and so is the lung mask's frame."""
+    from PIL import Image
+
+    from cxrsam.data.io import read_image
+    from cxrsam.data.layouts import discover
+    from cxrsam.sam.engine import SamEngine
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image = (rng.random((90, 140)) * 255).astype(np.uint8)
+    mask = np.zeros((90, 140), np.uint8)
+    mask[20:70, 15:60] = mask[20:70, 80:125] = 255
+    Image.fromarray(image).save(tmp_path / "images" / "wide.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "wide.png")
+    loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
+    transform = loaded.spec.transform
+    data = ft.PromptedDataset(discover(tmp_path).cases, transform, "box")
+    model_input, truth, _, prompts, _ = data[0]
+
+    seen = []
+    loaded.model.image_encoder.register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
+    SamEngine(loaded).embed([read_image(tmp_path / "images" / "wide.png")])
+    assert seen[0].shape == (1, 3, TINY_SIZE, TINY_SIZE)
+    assert torch.equal(model_input, seen[0][0])
+    h, w = transform.resized_shape((90, 140))
+    assert (h, w) == (41, TINY_SIZE)  # aspect ratio kept, not stretched to 64 x 64
+    assert model_input[:, h:].abs().sum() == 0  # zero padding below the image
+    target = truth[0].numpy() > 0.5
+    assert not target[h:].any() and np.array_equal(target, transform.mask(mask > 0))
+    expected = transform.boxes(np.array([[15, 20, 59, 69], [80, 20, 124, 69]], np.float32), (90, 140))
+    got = np.stack([s.box for s in prompts.sets])
+    assert np.abs(got - expected).max() <= 1.0  # prompts from the letterboxed mask sit where inference puts them

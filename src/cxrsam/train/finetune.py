@@ -10,7 +10,8 @@ lung and merges the masks by union.
 
 Validation: prompts derived (without jitter) from a draft source -- the ground truth (oracle boxes,
 default), a folder of draft masks or a CNN run -- are decoded, the per-lung masks merged by union
-(max of logits) and the Dice against the full ground-truth mask at the model size is averaged.
+(max of logits) and the Dice against the full ground-truth mask in the model-input frame is averaged.
+Images and masks reach the model through the backend's transform, exactly as in inference.
 
 The generic loop (:class:`cxrsam.train.loop.Trainer`) checkpoints only what trains (adapters and
 opened weights). A run folder holds ``config.yaml``, ``manifest.csv``, ``last.pt``/``best.pt``
@@ -33,15 +34,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from torch.utils.data import Dataset
 
-from cxrsam.data.dataset import SegmentationDataset, resize_mask_square
+from cxrsam.data.dataset import augment, load_case
 from cxrsam.data.layouts import Case
 from cxrsam.errors import CxrsamError
 from cxrsam.prompts import MODES, Prompts, prompts_from_mask
 from cxrsam.prompts.components import lung_components
-from cxrsam.sam.engine import decode, postprocess, preprocess, prompt_batch
+from cxrsam.sam.engine import decode, prompt_batch
 from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, save_adapter, \
     trainable_summary
 from cxrsam.sam.registry import LoadedSam, build_sam
+from cxrsam.sam.transforms import SamTransform
 from cxrsam.train.loop import BEST, LoopConfig, Trainer, load_checkpoint, segmentation_dice, seed_everything
 from cxrsam.train.runs import prepare_run, read_run_config, settings_error
 
@@ -123,24 +125,25 @@ class SamTrainee(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, prompts: Sequence[Prompts]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image: (logits (P, S, S) at the model input size, predicted IoU (P,)) of its P prompt sets.
+        """Per image: (logits (P, S, S) over the padded model input, predicted IoU (P,)) of its P prompt sets.
 
         Args:
-            images: (B, 1, S, S) float in [0, 1] at the model size S.
+            images: (B, 3, S, S) model input made by the backend's transform
+                (:meth:`~cxrsam.sam.transforms.SamTransform.finish`), exactly what inference encodes.
             prompts: B prompt lists in model-input pixels (image size (S, S)); an image without sets
                 gets empty tensors.
         """
-        spec = self.loaded.spec
-        size = (spec.img_size, spec.img_size)
-        embeddings = self.sam.image_encoder(preprocess(self.loaded, list(images[:, 0])))
+        transform = self.loaded.spec.transform
+        size = (transform.img_size, transform.img_size)
+        embeddings = self.sam.image_encoder(images)
         out = []
         for b, image_prompts in enumerate(prompts):
             if image_prompts.empty:
                 out.append((embeddings.new_zeros((0, *size)), embeddings.new_zeros((0,))))
                 continue
-            batch = prompt_batch(spec, image_prompts.sets, size, embeddings.device)
+            batch = prompt_batch(self.loaded.spec, image_prompts.sets, size, embeddings.device)
             logits, iou = decode(self.sam, embeddings[b:b + 1], batch)
-            out.append((postprocess(logits[0, :, 0], spec, size), iou[0, :, 0]))
+            out.append((transform.logits_to_input(logits[0, :, 0]), iou[0, :, 0]))
         return out
 
 
@@ -172,42 +175,64 @@ def enable_gradient_checkpointing(encoder: nn.Module) -> int:
 
 
 class PromptedDataset(Dataset):
-    """Images at the model size with prompt sets and per-set targets.
+    """Cases in a SAM backend's model-input frame, with prompt sets and per-set targets.
 
-    Item ``i``: ``(image (1, S, S), mask (1, S, S), i, prompts, targets)``. For training
-    (``drafts=None``) prompts are sampled from the (augmented) mask, one set per lung, and
-    ``targets`` (P, S, S) are the lungs' components; for validation prompts come from
-    ``drafts[i]`` (bool (S, S)) without randomness and ``targets`` is the full mask (1, S, S).
-    Randomness is drawn from ``(seed, epoch, i)``, like the augmentation.
+    Each image and mask go through the backend's :class:`~cxrsam.sam.transforms.SamTransform` exactly as
+    inference does (resize the longest side to S, then normalise and zero-pad), for any aspect ratio;
+    augmentation (:func:`cxrsam.data.dataset.augment`) acts on the resized (h, w) pair before padding.
+
+    Item ``i``: ``(image (3, S, S) model input, mask (1, S, S), i, prompts, targets)``. For training
+    (``drafts=None``) prompts are sampled from the (augmented) mask, one set per lung, and ``targets``
+    (P, S, S) are the lungs' components; for validation prompts come from ``drafts[i]`` (bool (S, S), in the
+    model-input frame) without randomness and ``targets`` is the full mask (1, S, S). Randomness is drawn from
+    ``(seed, epoch, i)``: reproducible and independent of worker order (call :meth:`set_epoch`). Resized pairs
+    are kept in memory after first use.
     """
 
-    def __init__(self, base: SegmentationDataset, prompt: str, jitter: float = 0.0, points_per_lung: int = 3,
-                 drafts: Sequence[np.ndarray] | None = None):
-        self.base = base
+    def __init__(self, cases: Sequence[Case], transform: SamTransform, prompt: str, jitter: float = 0.0,
+                 points_per_lung: int = 3, drafts: Sequence[np.ndarray] | None = None, augment: bool = False,
+                 seed: int = 0):
+        self.cases = list(cases)
+        self.transform = transform
         self.prompt = prompt
         self.jitter = jitter
         self.points_per_lung = points_per_lung
         self.drafts = drafts
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.cases)
+
+    def resized(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Case ``index`` resized to (h, w) by the transform: (image float32 in [0, 1], mask bool)."""
+        if index not in self._cache:
+            xray, mask = load_case(self.cases[index])
+            self._cache[index] = (self.transform.resize(xray.pixels).numpy(), self.transform.resize_mask(mask))
+        return self._cache[index]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, Prompts, torch.Tensor]:
-        image, mask, _ = self.base[index]
-        truth = mask[0].numpy() > 0.5
+        image, mask = self.resized(index)
+        if self.augment:
+            image, mask = augment(image, mask, np.random.default_rng([self.seed, self.epoch, index]))
+        model_input = self.transform.finish(torch.from_numpy(np.ascontiguousarray(image)))
+        truth = self.transform.pad_mask(mask)
+        full = torch.from_numpy(truth.astype(np.float32))[None]
         if self.drafts is not None:
             prompts = prompts_from_mask(self.drafts[index], mode=self.prompt, points_per_lung=self.points_per_lung)
-            return image, mask, index, prompts, mask
-        rng = np.random.default_rng([self.base.seed, self.base.epoch, index, 1])
+            return model_input, full, index, prompts, full
+        rng = np.random.default_rng([self.seed, self.epoch, index, 1])
         mode = str(rng.choice(MODES)) if self.prompt == "mixed" else self.prompt
         prompts = prompts_from_mask(truth, mode=mode, points_per_lung=self.points_per_lung, strategy="random",
                                     jitter=self.jitter, rng=rng)
         lungs, _ = lung_components(truth)
-        targets = torch.from_numpy(np.stack(lungs).astype(np.float32)) if lungs else mask[:0]
-        return image, mask, index, prompts, targets
+        targets = torch.from_numpy(np.stack(lungs).astype(np.float32)) if lungs else full[:0]
+        return model_input, full, index, prompts, targets
 
 
 def collate_prompted(items: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, list]:
@@ -248,9 +273,8 @@ def segmentation_loss(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], targ
     return loss + iou_weight * torch.nn.functional.mse_loss(predicted, inter / union)
 
 
-def _val_drafts(config: FinetuneConfig, cases: Sequence[Case], size: int) -> list[np.ndarray]:
-    """Draft masks bool (S, S) of the validation cases from the configured source."""
-    from cxrsam.data.dataset import load_case
+def _val_drafts(config: FinetuneConfig, cases: Sequence[Case], transform: SamTransform) -> list[np.ndarray]:
+    """Draft masks bool (S, S) of the validation cases from the configured source, in the model-input frame."""
     from cxrsam.sam.zeroshot import drafts_from_path
 
     source = config.val_drafts
@@ -262,7 +286,7 @@ def _val_drafts(config: FinetuneConfig, cases: Sequence[Case], size: int) -> lis
             draft = truth if draft_of is None else draft_of(xray)
         except KeyError:
             raise CxrsamError(f"no validation draft for {xray.path.stem}", path=source) from None
-        drafts.append(resize_mask_square(draft, size))
+        drafts.append(transform.mask(draft))
     return drafts
 
 
@@ -296,13 +320,14 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
         log.info("gradient checkpointing on %d encoder blocks", enable_gradient_checkpointing(model.image_encoder))
     trainee = SamTrainee(loaded)
 
-    size = loaded.spec.img_size
+    transform = loaded.spec.transform
+    size = transform.img_size
     train_cases = splits["train"][:config.max_train_cases]
     val_cases = splits["val"][:config.max_val_cases]
-    train_data = PromptedDataset(SegmentationDataset(train_cases, size, augment=config.augment, seed=loop.seed),
-                                 config.train_prompt, config.box_jitter, config.points_per_lung)
-    val_data = PromptedDataset(SegmentationDataset(val_cases, size), config.val_prompt,
-                               points_per_lung=config.points_per_lung, drafts=_val_drafts(config, val_cases, size))
+    train_data = PromptedDataset(train_cases, transform, config.train_prompt, config.box_jitter,
+                                 config.points_per_lung, augment=config.augment, seed=loop.seed)
+    val_data = PromptedDataset(val_cases, transform, config.val_prompt, points_per_lung=config.points_per_lung,
+                               drafts=_val_drafts(config, val_cases, transform))
 
     def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
         images, _, _, prompts, targets = batch
