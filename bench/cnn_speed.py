@@ -21,7 +21,7 @@ from cxrsam.baselines.predict import CnnPredictor
 from cxrsam.data.dataset import SegmentationDataset, load_case
 from cxrsam.data.layouts import discover, require_cases
 from cxrsam.data.split import split_cases
-from cxrsam.train.cnn import make_config
+from cxrsam.baselines.config import make_config
 
 
 def _sync(device: torch.device) -> None:

@@ -23,6 +23,31 @@ out = Console()
 
 LayoutOpt = Annotated[str, typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")]
 ClassesOpt = Annotated[Optional[list[str]], typer.Option("--classes", help="COVID-19 layout: class folders to use")]
+ImagesOpt = Annotated[list[Path], typer.Option("--images", help="Image files or folders (PNG/JPEG/TIFF/DICOM)")]
+MoreImagesArg = Annotated[Optional[list[Path]], typer.Argument(
+    help="More image files or folders (so `--images a.png b/` works)", show_default=False)]
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder for <stem>_mask.png, <stem>_overlay.png, <stem>.json and "
+                                                    "results.csv (not an input folder)")]
+DraftsFromOpt = Annotated[Optional[Path], typer.Option(
+    "--drafts-from", help="CNN run folder (train-cnn) whose draft masks give the prompts")]
+DraftsOpt = Annotated[Optional[Path], typer.Option(
+    "--drafts", help="Folder of draft masks <stem>.png or <stem>_mask.png (e.g. another run's output)")]
+BoxOpt = Annotated[Optional[str], typer.Option("--box", help="One box x0,y0,x1,y1 (pixels) used for every image")]
+PromptOpt = Annotated[str, typer.Option("--prompt", help="Prompts from drafts: box | points | box+points")]
+BoxModeOpt = Annotated[str, typer.Option("--box-mode", help="per_lung (masks merged) | enclosing")]
+PointsOpt = Annotated[int, typer.Option("--points-per-lung", help="Positive points per lung")]
+StrategyOpt = Annotated[str, typer.Option(help="Point placement: distance | kmeans | random")]
+NegativesOpt = Annotated[Optional[list[str]], typer.Option(
+    "--negative", help="Negative points: mediastinum and/or outside (repeat the option)")]
+MarginOpt = Annotated[float, typer.Option(help="Pixels added to each box side")]
+MultimaskOpt = Annotated[bool, typer.Option(help="Keep the best of SAM's 3 candidates by predicted IoU")]
+SeedOpt = Annotated[int, typer.Option(help="Prompt seed (kmeans/random points)")]
+BackendOpt = Annotated[str, typer.Option(help="SAM backend without --run: litemedsam | vit_b | vit_l | vit_h")]
+FormatOpt = Annotated[str, typer.Option("--format", help="Mask file format: png | nifti (.nii.gz, needs nibabel)")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: a GPU when present)")]
+CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="On-disk embedding cache")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1,
+                                                 help="Images per encoder call [default: 1 on CPU, 4 on GPU]")]
 
 
 def _fmt(x: float) -> str:
@@ -116,16 +141,28 @@ def _split_ratios(text: str | None) -> tuple[float, float, float] | None:
     return parts
 
 
-def _run_options(given: dict, out_dir: Path, resume: bool, read_config) -> dict:
-    """A training command's flat options: with ``--resume`` the run's saved ``config.yaml`` (its nested
-    sections such as ``loop`` and ``lora`` flattened), overridden by the options given now."""
-    if not resume:
-        return given
-    saved = read_config(out_dir).model_dump()
-    flat = {k: v for k, v in saved.items() if not isinstance(v, dict)}
-    for section in (v for v in saved.values() if isinstance(v, dict)):
-        flat.update(section)
+def _run_options(given: dict, out_dir: Path, resume: bool, read_config, config_file: Path | None,
+                 sets: list[str] | None) -> dict:
+    """A training command's flat options, in order of precedence: the options given now, then ``--set KEY=VALUE``
+    overrides, then ``--config FILE`` (a run's ``config.yaml`` format) or, with ``--resume``, the run's saved
+    ``config.yaml``. Nested ``loop`` and ``lora`` sections are flattened (``make_config`` takes them flat)."""
+    from cxrsam.config import apply_overrides, read_yaml
+
+    if resume:
+        base = read_config(out_dir).model_dump(mode="json")
+    else:
+        base = read_yaml(config_file) if config_file is not None else {}
+    base = apply_overrides(base, sets)
+    flat = {k: v for k, v in base.items() if k not in ("loop", "lora")}
+    for section in ("loop", "lora"):
+        flat.update(base.get(section) or {})
     return {**flat, **given}
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="YAML of settings (a run's config.yaml format); options given here win")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Dotted override KEY=VALUE, e.g. --set loop.lr=1e-3 (repeat)")]
 
 
 @app.command("train-cnn")
@@ -151,41 +188,44 @@ def train_cnn_command(
     grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [default: 1]")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0]")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
+    config_file: ConfigOpt = None,
+    sets: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --out from its last.pt")] = False,
 ) -> None:
     """Train a U-Net or DeepLabv3+ baseline (Dice + BCE, AdamW, warm-up + cosine); multi-GPU via accelerate launch."""
-    from cxrsam.train.cnn import make_config, read_config, train_cnn
+    from cxrsam.baselines.config import make_config, read_config
+    from cxrsam.train.cnn import train_cnn
 
     given = {k: v for k, v in dict(
         arch=arch, data=data, layout=layout, classes=classes, split=_split_ratios(split), split_seed=split_seed,
         encoder=encoder, encoder_weights=encoder_weights, in_channels=in_channels, size=size, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
         mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers,
-        max_steps=max_steps).items() if v is not None}
-    if not resume and (arch is None or data is None):
-        raise CxrsamError("--arch and --data are required (unless --resume)")
-    run_dir = train_cnn(make_config(**_run_options(given, out_dir, resume, read_config)), out_dir, resume=resume)
+        max_steps=max_steps, device=device).items() if v is not None}
+    options = _run_options(given, out_dir, resume, read_config, config_file, sets)
+    if "arch" not in options or not ({"data", "manifest"} & set(options)):
+        raise CxrsamError("--arch and --data are required (or a --config holding them, or --resume)")
+    run_dir = train_cnn(make_config(**options), out_dir, resume=resume)
     out.print(f"run folder: {run_dir} (best model: best.pt, curves: curves.png)")
 
 
 @app.command("predict-cnn")
 def predict_cnn_command(
     run: Annotated[Path, typer.Option("--run", help="Run folder written by train-cnn")],
-    images: Annotated[Path, typer.Option("--images", help="Folder of X-ray images")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the masks (<stem>.png, {0,255})")],
+    images: Annotated[list[Path], typer.Option("--images", help="Image files or folders")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for <stem>_mask.png, <stem>_overlay.png, <stem>.json")],
     postprocess: Annotated[bool, typer.Option(help="Keep the two largest components and fill holes")] = True,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 8,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 [default: cuda if present]")] = None,
+    output_format: FormatOpt = "png",
+    device: DeviceOpt = "auto",
 ) -> None:
-    """Write one lung mask per image at the image's original size, with the same file stem."""
-    from cxrsam.baselines.predict import predict_folder
+    """The CNN baseline's lung masks (its drafts) at each image's original size, written like `predict`'s."""
+    from cxrsam.baselines.drafts import CnnDrafts
+    from cxrsam.pipeline import Segmenter
 
-    report = predict_folder(run, images, out_dir, postprocess=postprocess, batch_size=batch_size, device=device)
-    out.print(f"wrote {len(report.written)} mask(s) to {out_dir}")
-    if report.failed:
-        for path, problem in report.failed:
-            console.print(f"  skipped {path}: {problem}", markup=False, highlight=False)
-        raise CxrsamError(f"{len(report.failed)} image(s) skipped (listed above)", path=images)
+    _check_outputs(out_dir, images, output_format)
+    _segment_folder(Segmenter(None, CnnDrafts(run, device=device, postprocess=postprocess)), images, out_dir,
+                    output_format=output_format)
 
 
 @app.command("eval-cnn")
@@ -206,28 +246,55 @@ def eval_cnn_command(
     out.print(f"per-image results: {path}")
 
 
-@app.command("predict")
-def predict_command(
-    images: Annotated[list[Path], typer.Option("--images", help="Image files or folders (PNG/JPEG/TIFF/DICOM)")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for <stem>_mask.png, <stem>_overlay.png, <stem>.json")],
-    more_images: Annotated[Optional[list[Path]], typer.Argument(
-        help="More image files or folders (so `--images a.png b/` works)", show_default=False)] = None,
-    run: Annotated[Optional[Path], typer.Option("--run", help="LoRA run folder (default: pretrained SAM backend)")] = None,
-    drafts_from: Annotated[Optional[Path], typer.Option(
-        "--drafts-from", help="CNN run folder (train-cnn): its draft masks give the prompts")] = None,
-    drafts: Annotated[Optional[Path], typer.Option(
-        "--drafts", help="Folder of draft masks <stem>.png giving the prompts")] = None,
-    box: Annotated[Optional[str], typer.Option("--box", help="One box x0,y0,x1,y1 (pixels) used for every image")] = None,
-    prompt: Annotated[str, typer.Option("--prompt", help="Prompts from drafts: box | points | box+points")] = "box",
-    backend: Annotated[str, typer.Option(help="SAM backend without --run: litemedsam | vit_b | vit_l | vit_h")] = "litemedsam",
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        help="SAM checkpoint (without --run: the backend's weights; with --run: the base the run was trained on)")] = None,
-    output_format: Annotated[str, typer.Option("--format", help="Mask file format: png | nifti (.nii.gz, needs nibabel)")] = "png",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 [default: cuda if present]")] = None,
-) -> None:
-    """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained."""
-    from cxrsam.predict import FORMATS, collect_images, parse_box, predict_images
-    from cxrsam.prompts import MODES
+def _prompt_spec(prompt: str, box_mode: str, points_per_lung: int, strategy: str, negatives: list[str] | None,
+                 margin: float, multimask: bool, seed: int):
+    """The validated :class:`~cxrsam.prompts.PromptSpec` of the prompt options (one line per bad value)."""
+    from pydantic import ValidationError
+
+    from cxrsam.config import settings_error
+    from cxrsam.prompts import PromptSpec
+
+    try:
+        return PromptSpec(mode=prompt, box_mode=box_mode, points_per_lung=points_per_lung, strategy=strategy,
+                          negatives=tuple(negatives or ()), margin=margin, multimask=multimask, seed=seed)
+    except ValidationError as exc:
+        raise settings_error(exc) from None
+
+
+def _check_outputs(out_dir: Path, inputs: list[Path], output_format: str) -> None:
+    """Refuse, before any model is loaded, an output folder that overlaps the inputs or a format that cannot be written."""
+    from cxrsam.pipeline.folder import check_output_folder
+    from cxrsam.pipeline.outputs import output_format as check_format
+
+    check_format(output_format)
+    check_output_folder(out_dir, inputs)
+
+
+def _segment_folder(segmenter, inputs: list[Path], out_dir: Path, box: str | None = None,
+                    output_format: str = "png") -> None:
+    """Run the one folder pipeline and report: a line per failed image, exit 1 if any failed."""
+    from cxrsam.pipeline import collect_images, segment_images
+    from cxrsam.pipeline.segmenter import parse_box
+
+    hand_box = parse_box(box) if box is not None else None
+    paths = collect_images(inputs)
+    report = segment_images(segmenter, paths, out_dir, box=hand_box, format=output_format, inputs=inputs)
+    sam = segmenter.models["sam"]
+    out.print(f"wrote {len(report.written)} of {len(paths)} image(s) to {out_dir} "
+              f"({'SAM ' + sam['model_id'] if sam else 'CNN drafts'}); per-image results: {report.results}",
+              markup=False, highlight=False)
+    for _, message in report.failed:
+        console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    if report.failed:
+        raise CxrsamError(f"{len(report.failed)} of {len(paths)} image(s) failed (listed above and in "
+                          f"{report.results.name}); the other {len(report.written)} were written", path=out_dir)
+
+
+def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts_from: Path | None,
+                     drafts: Path | None, box: str | None, spec, backend: str, checkpoint: Path | None,
+                     output_format: str, device: str, cache_dir: Path | None, batch_size: int | None) -> None:
+    """What `predict` and `zero-shot` share: one draft source, one prompt spec, one SAM, one folder pipeline."""
+    from cxrsam.pipeline import build_segmenter
 
     sources = [name for name, value in (("--drafts-from", drafts_from), ("--drafts", drafts), ("--box", box))
                if value is not None]
@@ -237,34 +304,72 @@ def predict_command(
                           f"of pretrained {backend}")
     if len(sources) > 1:
         raise CxrsamError(f"give only one prompt source, got {' and '.join(sources)}")
-    if prompt not in MODES:
-        raise CxrsamError(f"--prompt must be one of {', '.join(MODES)}, got {prompt!r}")
-    if output_format not in FORMATS:
-        raise CxrsamError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
-    hand_box = parse_box(box) if box is not None else None
     if drafts is not None and not drafts.is_dir():
         raise CxrsamError("draft mask folder not found", path=drafts)
-    paths = collect_images([*images, *(more_images or [])])
-    segmenter = _segmenter(run, drafts_from, backend, checkpoint, prompt, device)
-    report = predict_images(segmenter, paths, out_dir, box=hand_box, drafts_dir=drafts, format=output_format)
-    if len(paths) == 1 and report.failed:
-        raise CxrsamError(report.failed[0][1])
-    out.print(f"wrote {len(report.written)} of {len(paths)} image(s) to {out_dir} "
-              f"(SAM {segmenter.models['sam']['model_id']})")
-    for _, message in report.failed:
-        console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    if report.failed:
-        raise CxrsamError(f"{len(report.failed)} of {len(paths)} image(s) failed (listed above); the others were written",
-                          path=out_dir)
+    _check_outputs(out_dir, [*images, *([drafts] if drafts else [])], output_format)
+    segmenter = build_segmenter(run=run, drafts_from=drafts_from or drafts, backend=backend, checkpoint=checkpoint,
+                                spec=spec, device=device, cache_dir=cache_dir, batch_size=batch_size)
+    _segment_folder(segmenter, images, out_dir, box=box, output_format=output_format)
 
 
-def _segmenter(run: Optional[Path], drafts_from: Optional[Path], backend: str, checkpoint: Optional[Path],
-               prompt: str, device: Optional[str]):
-    """The :class:`cxrsam.predict.Segmenter` shared by ``predict`` and ``app``."""
-    from cxrsam.predict import Segmenter
+@app.command("predict")
+def predict_command(
+    images: ImagesOpt,
+    out_dir: OutOpt,
+    more_images: MoreImagesArg = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="LoRA run folder (default: pretrained SAM backend)")] = None,
+    drafts_from: DraftsFromOpt = None,
+    drafts: DraftsOpt = None,
+    box: BoxOpt = None,
+    prompt: PromptOpt = "box",
+    box_mode: BoxModeOpt = "per_lung",
+    points_per_lung: PointsOpt = 3,
+    strategy: StrategyOpt = "distance",
+    negatives: NegativesOpt = None,
+    margin: MarginOpt = 0.0,
+    multimask: MultimaskOpt = False,
+    seed: SeedOpt = 0,
+    backend: BackendOpt = "litemedsam",
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="SAM checkpoint (without --run: the backend's weights; with --run: the base the run was trained on)")] = None,
+    output_format: FormatOpt = "png",
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    batch_size: BatchOpt = None,
+) -> None:
+    """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained."""
+    spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
+    _segment_command([*images, *(more_images or [])], out_dir, run, drafts_from, drafts, box, spec, backend, checkpoint,
+                     output_format, device, cache_dir, batch_size)
 
-    return Segmenter.from_runs(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
-                               prompt_mode=prompt, device=device)
+
+@app.command("zero-shot")
+def zero_shot_command(
+    images: ImagesOpt,
+    out_dir: OutOpt,
+    more_images: MoreImagesArg = None,
+    drafts_from: DraftsFromOpt = None,
+    drafts: DraftsOpt = None,
+    box: BoxOpt = None,
+    prompt: PromptOpt = "box",
+    box_mode: BoxModeOpt = "per_lung",
+    points_per_lung: PointsOpt = 3,
+    strategy: StrategyOpt = "distance",
+    negatives: NegativesOpt = None,
+    margin: MarginOpt = 0.0,
+    multimask: MultimaskOpt = False,
+    seed: SeedOpt = 0,
+    backend: BackendOpt = "litemedsam",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file [default: the backend's own]")] = None,
+    output_format: FormatOpt = "png",
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    batch_size: BatchOpt = None,
+) -> None:
+    """Zero-shot SAM (pretrained, no LoRA run): `predict` without --run; the same pipeline and outputs."""
+    spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
+    _segment_command([*images, *(more_images or [])], out_dir, None, drafts_from, drafts, box, spec, backend,
+                     checkpoint, output_format, device, cache_dir, batch_size)
 
 
 @app.command("app")
@@ -272,20 +377,22 @@ def app_command(
     run: Annotated[Optional[Path], typer.Option("--run", help="LoRA run folder (default: pretrained SAM backend)")] = None,
     drafts_from: Annotated[Optional[Path], typer.Option(
         "--drafts-from", help="CNN run folder: automatic mask on upload (without it, drag a box first)")] = None,
-    prompt: Annotated[str, typer.Option("--prompt", help="Prompts from CNN drafts: box | points | box+points")] = "box",
-    backend: Annotated[str, typer.Option(help="SAM backend without --run: litemedsam | vit_b | vit_l | vit_h")] = "litemedsam",
+    prompt: PromptOpt = "box",
+    backend: BackendOpt = "litemedsam",
     checkpoint: Annotated[Optional[Path], typer.Option(help="SAM checkpoint (see predict --help)")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; other hosts expose the app)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MiB")] = 64.0,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda [default: cuda if present]")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Local web page: upload a CXR, see the lung mask, refine it with clicks or a box, download mask and JSON."""
     import uvicorn
 
     from cxrsam.app.server import create_app
+    from cxrsam.pipeline import build_segmenter
 
-    segmenter = _segmenter(run, drafts_from, backend, checkpoint, prompt, device)
+    segmenter = build_segmenter(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
+                                spec=_prompt_spec(prompt, "per_lung", 3, "distance", None, 0.0, False, 0), device=device)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] binding to {host} exposes the app to other machines")
     out.print(f"cxrsam app on http://{host}:{port}/ (Ctrl+C to stop)")
@@ -326,53 +433,6 @@ def weights_download(
 
     path = download_weights(name, directory)
     out.print(f"{name}: {path} (SHA-256 verified)")
-
-
-@app.command("zero-shot")
-def zero_shot_command(
-    images: Annotated[Path, typer.Option("--images", help="Folder of images")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png masks and prompts.csv")],
-    drafts: Annotated[Optional[Path], typer.Option("--drafts", help="Folder of draft masks <stem>.png")] = None,
-    drafts_from: Annotated[Optional[Path], typer.Option(
-        "--drafts-from", help="CNN run folder (train-cnn) whose predictions are the drafts")] = None,
-    prompt: Annotated[str, typer.Option("--prompt", help="box | points | box+points")] = "box",
-    box_mode: Annotated[str, typer.Option("--box-mode", help="per_lung (masks merged) | enclosing")] = "per_lung",
-    points_per_lung: Annotated[int, typer.Option("--points-per-lung", min=1, help="Positive points per lung")] = 3,
-    strategy: Annotated[str, typer.Option(help="Point placement: distance | kmeans | random")] = "distance",
-    negatives: Annotated[Optional[list[str]], typer.Option(
-        "--negative", help="Negative points: mediastinum and/or outside (repeat the option)")] = None,
-    margin: Annotated[float, typer.Option(help="Pixels added to each box side")] = 0.0,
-    multimask: Annotated[bool, typer.Option(help="Keep the best of SAM's 3 candidates by predicted IoU")] = False,
-    backend: Annotated[str, typer.Option(help="litemedsam | vit_b | vit_l | vit_h")] = "litemedsam",
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file [default: the backend's own]")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1")] = "cpu",
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="On-disk embedding cache")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1,
-                                                 help="Images per encoder call [default: 1 on CPU, 4 on GPU]")] = None,
-    seed: Annotated[int, typer.Option(help="Prompt seed (kmeans/random points)")] = 0,
-) -> None:
-    """Zero-shot SAM: prompts from draft masks (files or a CNN run), masks written by image stem."""
-    from cxrsam.prompts import BOX_MODES, MODES
-    from cxrsam.prompts.points import NEGATIVE_KINDS, STRATEGIES
-    from cxrsam.sam.zeroshot import run_zero_shot
-
-    for option, value, allowed in (("--prompt", prompt, MODES), ("--box-mode", box_mode, BOX_MODES),
-                                   ("--strategy", strategy, STRATEGIES)):
-        if value not in allowed:
-            raise CxrsamError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-    bad = sorted(set(negatives or []) - set(NEGATIVE_KINDS))
-    if bad:
-        raise CxrsamError(f"--negative must be one of {', '.join(NEGATIVE_KINDS)}, got {', '.join(bad)}")
-    result = run_zero_shot(images, out_dir, prompt=prompt, drafts=drafts, drafts_from=drafts_from, backend=backend,
-                           checkpoint=checkpoint, device=device, cache_dir=cache_dir, batch_size=batch_size,
-                           box_mode=box_mode, points_per_lung=points_per_lung, strategy=strategy,
-                           negatives=tuple(negatives or ()), margin=margin, multimask=multimask, seed=seed)
-    out.print(f"wrote {len(result.written)} mask(s) to {out_dir}; prompt report: {result.report}")
-    if result.missing_drafts:
-        console.print(f"[yellow]{len(result.missing_drafts)} image(s) without a draft (skipped):[/yellow] "
-                      + ", ".join(result.missing_drafts[:10]) + (" ..." if len(result.missing_drafts) > 10 else ""))
-    if result.warnings:
-        console.print(f"[yellow]{len(result.warnings)} image(s) with prompt warnings[/yellow] (see {result.report})")
 
 
 @app.command("finetune")
@@ -419,10 +479,13 @@ def finetune_command(
     mixed_precision: Annotated[Optional[str], typer.Option(help="auto | no | bf16 | fp16 [default: auto]")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [default: 1]")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0]")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
+    config_file: ConfigOpt = None,
+    sets: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --out from its last.pt")] = False,
 ) -> None:
     """Fine-tune SAM with LoRA adapters on lung masks (Dice + BCE, AdamW, warm-up + cosine); multi-GPU via accelerate launch."""
-    from cxrsam.train.finetune import make_config, read_config, finetune
+    from cxrsam.train.finetune import finetune, make_config, read_config
 
     given = {k: v for k, v in dict(
         data=data, layout=layout, classes=classes, split=_split_ratios(split), split_seed=split_seed, backend=backend,
@@ -431,11 +494,13 @@ def finetune_command(
         points_per_lung=points_per_lung, val_prompt=val_prompt, val_drafts=val_drafts, iou_loss_weight=iou_loss_weight,
         augment=augment, gradient_checkpointing=gradient_checkpointing, max_train_cases=max_train_cases, max_val_cases=max_val_cases,
         epochs=epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch, validate_start=validate_start,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed, mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers).items()
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
+        mixed_precision=mixed_precision, grad_accum=grad_accum, num_workers=num_workers, device=device).items()
         if v is not None}
-    if not resume and data is None:
-        raise CxrsamError("--data is required (unless --resume)")
-    run_dir = finetune(make_config(**_run_options(given, out_dir, resume, read_config)), out_dir, resume=resume)
+    options = _run_options(given, out_dir, resume, read_config, config_file, sets)
+    if not ({"data", "manifest"} & set(options)):
+        raise CxrsamError("--data is required (or a --config holding it, or --resume)")
+    run_dir = finetune(make_config(**options), out_dir, resume=resume)
     out.print(f"run folder: {run_dir} (adapters: adapter.safetensors, curves: curves.png)")
 
 

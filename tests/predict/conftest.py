@@ -60,7 +60,8 @@ def real_pairs(shared_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cnn_run(phantoms, tmp_path_factory) -> Path:
     """A U-Net trained for 2 epochs at 64 px on the phantoms (a real train-cnn run folder)."""
-    from cxrsam.train.cnn import make_config, train_cnn
+    from cxrsam.baselines.config import make_config
+    from cxrsam.train.cnn import train_cnn
 
     config = make_config(arch="unet", data=phantoms, size=64, epochs=2, batch_size=4, split=(0.75, 0.25, 0.0),
                          lr=3e-3)

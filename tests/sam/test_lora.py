@@ -83,7 +83,7 @@ def test_run_files_hold_only_trained_weights_and_reload_exactly(tiny, tmp_path):
     keys = set(load_file(str(run / lora.ADAPTER_FILE)))
     assert keys and all(".lora_" in k or k.startswith("mask_decoder.") for k in keys)
     info = json.loads((run / lora.ADAPTER_JSON).read_text())
-    assert info["base_sha256"] == tiny.checkpoint_sha256 and info["trainable"]["lora"] > 0
+    assert info.base_sha256 == tiny.checkpoint_sha256 and info.trainable["lora"] > 0
     loaded = lora.load_run(run)
     assert loaded.model_id.startswith("lora:") and loaded.model_id != tiny.model_id
     assert torch.equal(box_logits(loaded, image), before)

@@ -15,7 +15,7 @@ from cxrsam.sam import lora
 from cxrsam.sam.registry import BACKENDS, build_sam
 from cxrsam.sam.testing import TINY_SIZE, tiny_spec, write_tiny_checkpoint
 from cxrsam.train import finetune as ft
-from cxrsam.train.loop import load_checkpoint
+from cxrsam.runs import load_checkpoint
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_adapter_only_run_is_small_and_loads(phantoms, tiny_ckpt, tmp_path):
     assert set(load_checkpoint(run / "best.pt")["model"]) == set(lora.adapter_state(
         lora.apply_lora(build_sam("tiny_sam", checkpoint=tiny_ckpt).model, ft.read_config(run).lora)))
     info = lora.read_adapter_info(run)
-    assert info["trainable"]["opened"] == 0 and info["trainable"]["trainable"] == info["trainable"]["lora"] > 0
+    assert info.trainable["opened"] == 0 and info.trainable["trainable"] == info.trainable["lora"] > 0
     assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["train_decoder"] is False
     epochs = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
     assert epochs == ["0", "1", "2"]  # epoch 0: the untouched SAM, validated before training (default)

@@ -16,7 +16,8 @@ import torch
 
 from cxrsam.errors import CxrsamError
 from cxrsam.train import loop
-from cxrsam.train.cnn import make_config, train_cnn
+from cxrsam.baselines.config import make_config
+from cxrsam.train.cnn import train_cnn
 
 
 def tiny_config(data, **overrides):

@@ -1,4 +1,5 @@
-"""Draft lung masks from a trained CNN run: ``load_cnn_run(run_dir).predict(pixels)``.
+"""Draft lung masks from a trained CNN run: ``load_cnn_run(run_dir).predict(pixels)`` (folders of images go
+through the one pipeline, :func:`cxrsam.pipeline.segment_images`, as ``cxrsam predict-cnn``).
 
 Prediction: the image (H, W) is resized to the model size S (as in training), the lung probability
 map (S, S) is resized back to (H, W) bilinearly and thresholded at 0.5. Post-processing (on by
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -19,18 +19,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cxrsam.baselines.config import CnnTrainConfig, read_config
 from cxrsam.baselines.models import build_cnn, to_model_input
 from cxrsam.baselines.postprocess import clean_mask
+from cxrsam.config import resolve_device
 from cxrsam.data.dataset import resize_image
 from cxrsam.errors import CxrsamError
-from cxrsam.train.cnn import CnnTrainConfig, read_config
-from cxrsam.train.loop import BEST, load_checkpoint
+from cxrsam.runs import BEST, MANIFEST_CSV, load_checkpoint, require_finite, verify_checksum
 
 log = logging.getLogger(__name__)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class CnnPredictor:
@@ -38,7 +35,7 @@ class CnnPredictor:
 
     def __init__(self, model: nn.Module, config: CnnTrainConfig, device: torch.device | str | None = None,
                  postprocess: bool = True, threshold: float = 0.5):
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config = config
         self.postprocess = postprocess
@@ -78,64 +75,20 @@ def load_cnn_run(run_dir: str | Path, device: torch.device | str | None = None,
                  postprocess: bool = True) -> CnnPredictor:
     """The best model of a ``train-cnn`` run folder (reads ``config.yaml`` and ``best.pt``)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CxrsamError("run folder not found", path=run_dir)
     config = read_config(run_dir)
     if not (run_dir / BEST).is_file():
         raise CxrsamError(f"run folder has no {BEST} (training has not finished an epoch)", path=run_dir)
+    verify_checksum(run_dir / BEST)
     checkpoint = load_checkpoint(run_dir / BEST)
     model = build_cnn(config.arch, config.encoder, config.in_channels, encoder_weights=None)
     try:
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, RuntimeError) as exc:
+        state = checkpoint["model"]
+        require_finite(state, run_dir / BEST)
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise CxrsamError(f"checkpoint does not match {config.arch}/{config.encoder} in config.yaml "
                           f"({str(exc).splitlines()[0]})", path=run_dir / BEST) from None
     return CnnPredictor(model, config, device=device, postprocess=postprocess)
-
-
-@dataclass
-class PredictionReport:
-    """What :func:`predict_folder` did: masks written and images skipped (path, problem)."""
-
-    written: list[Path] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def predict_folder(run_dir: str | Path, images_dir: str | Path, out_dir: str | Path, postprocess: bool = True,
-                   batch_size: int = 8, device: torch.device | str | None = None,
-                   progress: bool = True) -> PredictionReport:
-    """Write ``out_dir/<stem>.png`` ({0, 255}, the image's size) for every image in ``images_dir``.
-
-    Unreadable images are skipped and listed in the report; an empty folder raises.
-    """
-    from rich.progress import track
-
-    from cxrsam.data.io import list_images, read_image, write_mask
-
-    predictor = load_cnn_run(run_dir, device=device, postprocess=postprocess)
-    images = list_images(images_dir)
-    if not images:
-        raise CxrsamError("no images found (png, jpg, tif, bmp, dcm, ...)", path=images_dir)
-    report = PredictionReport()
-    stems: set[str] = set()
-    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-    for paths in track(batches, description="predict", disable=not progress, transient=True):
-        loaded: list[tuple[Path, np.ndarray]] = []
-        for path in paths:
-            if path.stem in stems:
-                report.failed.append((path, f"another image has the stem {path.stem!r}; its mask would be overwritten"))
-                continue
-            try:
-                loaded.append((path, read_image(path).pixels))
-                stems.add(path.stem)
-            except CxrsamError as exc:
-                report.failed.append((path, exc.problem))
-        masks = predictor.predict_many([pixels for _, pixels in loaded], batch_size=batch_size)
-        for (path, _), mask in zip(loaded, masks):
-            report.written.append(write_mask(Path(out_dir) / f"{path.stem}.png", mask))
-    for path, problem in report.failed:
-        log.warning("skipped %s: %s", path, problem)
-    return report
 
 
 def evaluate_cnn_run(run_dir: str | Path, split: str = "test", postprocess: bool = True,
@@ -150,7 +103,6 @@ def evaluate_cnn_run(run_dir: str | Path, split: str = "test", postprocess: bool
     from cxrsam.data.dataset import load_case
     from cxrsam.data.split import read_manifest
     from cxrsam.evaluation.evaluate import evaluate_masks
-    from cxrsam.train.runs import MANIFEST_CSV
 
     manifest = Path(run_dir) / MANIFEST_CSV
     if not manifest.is_file():

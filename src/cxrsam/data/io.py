@@ -182,6 +182,32 @@ def write_mask(path: str | Path, mask: np.ndarray) -> Path:
     return path
 
 
+MASK_SUFFIX = "_mask"
+"""Mask files are named ``<image stem>_mask.<ext>`` (what every cxrsam command writes); ``<image stem>.<ext>``
+is read too (ground-truth and draft folders of public datasets)."""
+
+
+def mask_file_name(stem: str, extension: str = ".png") -> str:
+    """The one output name of an image's mask: ``<stem>_mask<extension>``."""
+    return f"{stem}{MASK_SUFFIX}{extension}"
+
+
+def index_masks(folder: str | Path) -> dict[str, Path]:
+    """Mask files of ``folder`` by the image stem they belong to (``x.png`` and ``x_mask.png`` both -> ``x``).
+
+    Two files claiming one image (``x.png`` and ``x_mask.png``, or ``x.png`` and ``x.tif``) raise
+    :class:`CxrsamError` naming both, never a silent choice.
+    """
+    found: dict[str, Path] = {}
+    for path in list_images(folder):
+        stem = path.stem.removesuffix(MASK_SUFFIX)
+        if stem in found:
+            raise CxrsamError(f"two mask files for image {stem!r}: {found[stem].name} and {path.name} "
+                              "(keep one)", path=folder)
+        found[stem] = path
+    return found
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly inside ``folder`` (sorted by name), by suffix; hidden files skipped."""
     folder = Path(folder)

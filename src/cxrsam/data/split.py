@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from cxrsam.data.layouts import Case
-from cxrsam.files import atomic_path
+from cxrsam.errors import CxrsamError
+from cxrsam.files import atomic_path, require_file
 
 SPLITS = ("train", "val", "test")
 
@@ -82,10 +83,15 @@ def write_manifest(path: str | Path, splits: dict[str, list[Case]]) -> Path:
 
 
 def read_manifest(path: str | Path) -> dict[str, list[Case]]:
-    """Read a manifest written by :func:`write_manifest` back into splits."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    out: dict[str, list[Case]] = {s: [] for s in SPLITS}
-    for row in frame.itertuples(index=False):
-        out[row.split].append(Case(row.case, Path(row.image), [Path(m) for m in row.masks.split(";")],
-                                   row.sides.split(";"), row.group))
+    """Read a manifest written by :func:`write_manifest` back into splits (one-line error when malformed)."""
+    path = require_file(path, "split manifest")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        out: dict[str, list[Case]] = {s: [] for s in SPLITS}
+        for row in frame.itertuples(index=False):
+            out[row.split].append(Case(row.case, Path(row.image), [Path(m) for m in row.masks.split(";")],
+                                       row.sides.split(";"), row.group))
+    except (ValueError, KeyError, AttributeError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise CxrsamError(f"not a split manifest ({type(exc).__name__}: {exc}; expected columns "
+                          "case,split,group,image,masks,sides)", path=path) from None
     return out

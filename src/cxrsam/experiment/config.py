@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cxrsam.errors import CxrsamError
-from cxrsam.train.runs import settings_error
+from cxrsam.config import SplitFields, load_yaml
+from cxrsam.prompts import BoxMode, NegativeKind, PointStrategy, PromptMode, PromptSpec
 
 DraftSource = str
 """A CNN architecture name (``unet``, ``deeplabv3plus``) or ``oracle`` (ground-truth masks as drafts)."""
@@ -32,12 +31,10 @@ class SyntheticData(_Section):
     seed: int = 0
 
 
-class DataSection(_Section):
+class DataSection(SplitFields):
+    """The study's data: a dataset folder (or generated phantoms) and its split (:class:`SplitFields`)."""
+
     root: Path | None = Field(None, description="Dataset folder; empty = synthetic phantoms")
-    layout: str = "auto"
-    classes: list[str] | None = None
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_seed: int = 0
     max_test_cases: int | None = Field(None, ge=1, description="Evaluate on the first N test cases only")
     synthetic: SyntheticData = SyntheticData()
 
@@ -54,21 +51,28 @@ class SamSection(_Section):
 
 
 class PromptSection(_Section):
-    """Which prompt kinds and draft sources a SAM method is evaluated with."""
+    """Which prompt kinds and draft sources a SAM method is evaluated with, and the prompt rules
+    (:class:`~cxrsam.prompts.PromptSpec`'s fields, one spec per prompt kind)."""
 
-    prompts: list[Literal["box", "points", "box+points"]] = ["points", "box"]
+    prompts: list[PromptMode] = [PromptMode.POINTS, PromptMode.BOX]
     draft_sources: list[DraftSource] = ["unet", "deeplabv3plus"]
-    box_mode: Literal["per_lung", "enclosing"] = "per_lung"
+    box_mode: BoxMode = BoxMode.PER_LUNG
     points_per_lung: int = Field(3, ge=1)
-    strategy: Literal["distance", "kmeans", "random"] = "distance"
-    negatives: list[Literal["mediastinum", "outside"]] = []
+    strategy: PointStrategy = PointStrategy.DISTANCE
+    negatives: list[NegativeKind] = []
     margin: float = 0.0
     multimask: bool = False
+
+    def spec(self, prompt: PromptMode | str, seed: int) -> PromptSpec:
+        """The prompt spec of this section for one prompt kind."""
+        return PromptSpec(mode=prompt, box_mode=self.box_mode, points_per_lung=self.points_per_lung,
+                          strategy=self.strategy, negatives=tuple(self.negatives), margin=self.margin,
+                          multimask=self.multimask, seed=seed)
 
 
 class LoraSection(PromptSection):
     enabled: bool = True
-    prompts: list[Literal["box", "points", "box+points"]] = ["box"]
+    prompts: list[PromptMode] = [PromptMode.BOX]
     draft_sources: list[DraftSource] = ["unet"]
     val_draft_source: DraftSource | None = Field(
         "unet", description="Draft source of the validation prompts (a CNN or oracle)")
@@ -87,7 +91,7 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
-        from cxrsam.train.cnn import make_config as cnn_config
+        from cxrsam.baselines.config import make_config as cnn_config
         from cxrsam.train.finetune import make_config as finetune_config
 
         for arch in self.cnn.archs:
@@ -103,24 +107,6 @@ class ExperimentConfig(_Section):
         return self
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> ExperimentConfig:
     """Read and validate an experiment YAML; ``overrides`` are dotted keys (``data.root``) set on top."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise CxrsamError("config file not found", path=path) from None
-    except yaml.YAMLError as exc:
-        raise CxrsamError(f"invalid YAML ({str(exc).splitlines()[0]})", path=path) from None
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise settings_error(exc, path) from None
-    except CxrsamError as exc:
-        raise CxrsamError(exc.problem, path=path) from None
+    return load_yaml(path, ExperimentConfig, overrides)

@@ -26,13 +26,15 @@ import pandas as pd
 import torch
 import yaml
 
+from cxrsam.config import resolve_device
 from cxrsam.data.dataset import load_case
-from cxrsam.data.io import read_image, read_mask, write_mask
+from cxrsam.data.io import mask_file_name, read_image, read_mask, write_mask
 from cxrsam.data.layouts import Case, discover, require_cases
 from cxrsam.data.split import read_manifest, split_cases, write_manifest
 from cxrsam.evaluation.evaluate import evaluate_masks, write_csv
 from cxrsam.experiment.cache import StageCache
 from cxrsam.experiment.config import ExperimentConfig, PromptSection
+from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_write_text, sha256_file
 from cxrsam.profiling import measure
 from cxrsam.report import MethodInfo, ReportContent, comparison_table, dice_boxplot, overlay_grid, training_curves
@@ -42,11 +44,6 @@ from cxrsam.report.tables import table_markdown
 log = logging.getLogger(__name__)
 
 SOURCE_NAMES = {"unet": "U-Net", "deeplabv3plus": "DeepLabv3+", "oracle": "ground-truth"}
-
-
-def resolve_device(choice: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -80,7 +77,7 @@ class Experiment:
         self.config = config
         self.out_dir = Path(out_dir)
         self.cache = StageCache(self.out_dir / "stages")
-        self.device = resolve_device(config.device)
+        self.device = str(resolve_device(config.device))
         self.config_text = config_text or yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         self.methods: list[MethodInfo] = []
         self.pred_dirs: dict[str, Path] = {}
@@ -116,21 +113,26 @@ class Experiment:
         done = self.cache.run("split", {"data": data_key, "split": data.split, "seed": data.split_seed}, split)
         splits = read_manifest(done["manifest"])
         if not splits["test"]:
-            from cxrsam.errors import CxrsamError
-
             raise CxrsamError("the split has no test cases (too few cases or a test ratio of 0)", path=root)
         if data.max_test_cases:
             splits["test"] = sorted(splits["test"], key=lambda c: c.case_id)[:data.max_test_cases]
         return splits, done
 
     # ------------------------------------------------------------------------------------ CNNs
-    def _train_cnn(self, arch: str, root: Path, split_key: str) -> dict:
-        from cxrsam.train.cnn import make_config, train_cnn
-
+    def _data_options(self, root: Path, split_done: dict) -> dict[str, Any]:
+        """What every trainer gets: the data fields and the split manifest (never a split of its own), and the
+        device."""
         data = self.config.data
-        options = {"seed": self.config.seed, **self.config.cnn.train}
-        config = make_config(arch=arch, data=root, layout=data.layout, classes=data.classes, split=data.split,
-                             split_seed=data.split_seed, **options)
+        return {"data": root, "layout": data.layout, "classes": data.classes, "split": data.split,
+                "split_seed": data.split_seed, "manifest": Path(split_done["manifest"]), "seed": self.config.seed,
+                "device": self.config.device}
+
+    def _train_cnn(self, arch: str, root: Path, split_done: dict) -> dict:
+        from cxrsam.baselines.config import make_config
+        from cxrsam.train.cnn import train_cnn
+
+        config = make_config(arch=arch, **self._data_options(root, split_done), **self.config.cnn.train)
+        split_key = split_done["key"]
 
         def train(stage_dir: Path) -> dict:
             train_cnn(config, stage_dir, resume=(stage_dir / "last.pt").exists())
@@ -150,13 +152,13 @@ class Experiment:
             with measure(self.device) as usage:
                 masks = predictor.predict_many(pixels)
             for case, mask in zip(test, masks):
-                write_mask(stage_dir / "masks" / f"{case.image.stem}.png", mask)
+                write_mask(stage_dir / "masks" / mask_file_name(case.image.stem), mask)
             return {"dir": str(stage_dir / "masks"), "seconds_per_image": usage.seconds / len(test),
                     "peak_mb": usage.peak_mb, "params": _params(predictor.model)}
 
         def oracle(stage_dir: Path) -> dict:
             for case in test:
-                write_mask(stage_dir / "masks" / f"{case.image.stem}.png", load_case(case)[1])
+                write_mask(stage_dir / "masks" / mask_file_name(case.image.stem), load_case(case)[1])
             return {"dir": str(stage_dir / "masks"), "seconds_per_image": 0.0, "peak_mb": math.nan, "params": 0}
 
         if source == "oracle":
@@ -195,40 +197,41 @@ class Experiment:
 
     def _segment(self, name: str, key: dict, test: list[Case], prompt: str, drafts: dict, section: PromptSection,
                  engine_factory) -> dict:
-        def run(stage_dir: Path) -> dict:
-            from cxrsam.sam.zeroshot import run_zero_shot
+        spec = section.spec(prompt, self.config.seed)
 
-            engine = engine_factory()
+        def run(stage_dir: Path) -> dict:
+            from cxrsam.baselines.drafts import MaskFolderDrafts
+            from cxrsam.pipeline import Segmenter, segment_images
+
+            segmenter = Segmenter.from_engine(engine_factory(), MaskFolderDrafts(drafts["dir"]), spec)
             with measure(self.device) as usage:
-                run_zero_shot([c.image for c in test], stage_dir / "masks", prompt=prompt, drafts=drafts["dir"],
-                              engine=engine, box_mode=section.box_mode, points_per_lung=section.points_per_lung,
-                              strategy=section.strategy, negatives=section.negatives, margin=section.margin,
-                              multimask=section.multimask, seed=self.config.seed)
+                report = segment_images(segmenter, [c.image for c in test], stage_dir / "masks", kinds=("mask", "json"),
+                                        progress=False)
+            if report.failed:
+                raise CxrsamError(f"{len(report.failed)} test image(s) failed, first: {report.failed[0][1]}",
+                                  path=report.results)
             return {"dir": str(stage_dir / "masks"), "seconds_per_image": usage.seconds / len(test),
                     "peak_mb": usage.peak_mb}
 
-        settings = section.model_dump(include={"box_mode", "points_per_lung", "strategy", "negatives", "margin",
-                                               "multimask"})
-        return self.cache.run(name, {**key, "prompt": prompt, "drafts": drafts["key"], "prompt_settings": settings,
-                                     "seed": self.config.seed}, run)
+        return self.cache.run(name, {**key, "drafts": drafts["key"], "prompt_spec": spec.model_dump(mode="json")}, run)
 
-    def _finetune(self, root: Path, split_key: str, cnn_runs: dict[str, dict]) -> dict:
+    def _finetune(self, root: Path, split_done: dict, cnn_runs: dict[str, dict]) -> dict:
         from cxrsam.sam.lora import read_adapter_info
         from cxrsam.train.finetune import finetune, make_config
 
-        data, lora, sam = self.config.data, self.config.lora, self.config.sam
+        lora, sam = self.config.lora, self.config.sam
         val_source = lora.val_draft_source
         val_drafts = Path(cnn_runs[val_source]["run"]) if val_source not in (None, "oracle") else None
-        options = {"seed": self.config.seed, **lora.train}
-        config = make_config(data=root, layout=data.layout, classes=data.classes, split=data.split,
-                             split_seed=data.split_seed, backend=sam.backend, checkpoint=sam.checkpoint,
-                             val_drafts=val_drafts, **options)
+        val_prompts = lora.spec(lora.prompts[0], self.config.seed).model_dump(mode="json")
+        config = make_config(**self._data_options(root, split_done), backend=sam.backend, checkpoint=sam.checkpoint,
+                             val_drafts=val_drafts, val_prompts=val_prompts, **lora.train)
+        split_key = split_done["key"]
 
         def train(stage_dir: Path) -> dict:
             finetune(config, stage_dir, resume=(stage_dir / "last.pt").exists())
             info = read_adapter_info(stage_dir)
             return {"run": str(stage_dir), "train_seconds": _train_seconds(stage_dir),
-                    "trainable": info.get("trainable", {})}
+                    "trainable": info.trainable}
 
         key = {"split": split_key, "config": config.model_dump(mode="json"),
                "val_drafts": cnn_runs[val_source]["key"] if val_drafts else None}
@@ -243,7 +246,7 @@ class Experiment:
         test = splits["test"]
         log.info("test images: %d", len(test))
 
-        cnn_runs = {arch: self._train_cnn(arch, root, split_done["key"]) for arch in cfg.cnn.archs}
+        cnn_runs = {arch: self._train_cnn(arch, root, split_done) for arch in cfg.cnn.archs}
         for done in cnn_runs.values():
             done["train_seconds"] = _train_seconds(done["run"])
         sources = {*cfg.zero_shot.draft_sources, *(cfg.lora.draft_sources if cfg.lora.enabled else [])}
@@ -271,7 +274,7 @@ class Experiment:
 
         reference = None
         if cfg.lora.enabled:
-            tuned = self._finetune(root, split_done["key"], cnn_runs)
+            tuned = self._finetune(root, split_done, cnn_runs)
             tuned["train_seconds"] = _train_seconds(tuned["run"])
             self.curves["LoRA-SAM"] = Path(tuned["run"]) / "metrics.csv"
             lora_engine = _LazyLoraEngine(tuned["run"], self.device, cfg.sam.batch_size)
@@ -309,7 +312,8 @@ class Experiment:
                 spacings[case.image.stem] = xray.spacing_mm
         frames = []
         for method, pred_dir in self.pred_dirs.items():
-            preds = {stem: read_mask(pred_dir / f"{stem}.png") for stem in gts if (pred_dir / f"{stem}.png").exists()}
+            preds = {stem: read_mask(pred_dir / mask_file_name(stem)) for stem in gts
+                     if (pred_dir / mask_file_name(stem)).exists()}
             frame = evaluate_masks(preds, gts, spacings)
             frame.insert(0, "method", method)
             frames.append(frame)
@@ -327,7 +331,7 @@ class Experiment:
         figures = {"Dice per test image": dice_boxplot(per_image, names, fig_dir / "dice_boxplot.png"),
                    "Best, median and worst test image per method (green: ground truth, red: prediction)":
                        overlay_grid(per_image, names, images.__getitem__, gts.__getitem__,
-                                    lambda m, n: _read_optional(self.pred_dirs[m] / f"{n}.png"),
+                                    lambda m, n: _read_optional(self.pred_dirs[m] / mask_file_name(n)),
                                     fig_dir / "overlays.png")}
         curves = training_curves(self.curves, fig_dir / "training_curves.png")
         if curves:

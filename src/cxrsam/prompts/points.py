@@ -12,8 +12,10 @@ import numpy as np
 from scipy import ndimage
 from scipy.cluster.vq import kmeans2
 
-STRATEGIES = ("distance", "kmeans", "random")
-NEGATIVE_KINDS = ("mediastinum", "outside")
+from cxrsam.prompts.modes import NegativeKind, PointStrategy
+
+STRATEGIES = tuple(s.value for s in PointStrategy)
+NEGATIVE_KINDS = tuple(k.value for k in NegativeKind)
 CORE_FRACTION = 0.5
 """``distance`` strategy: candidates lie at least this fraction of the deepest point's depth inside."""
 

@@ -14,10 +14,11 @@ import numpy as np
 
 from cxrsam.prompts.boxes import adjust_box, enclosing_box, mask_box
 from cxrsam.prompts.components import DEFAULT_MIN_AREA_FRAC, lung_components
+from cxrsam.prompts.modes import BoxMode, PromptMode
 from cxrsam.prompts.points import negative_points, positive_points
 
-MODES = ("box", "points", "box+points")
-BOX_MODES = ("per_lung", "enclosing")
+MODES = tuple(m.value for m in PromptMode)
+BOX_MODES = tuple(m.value for m in BoxMode)
 
 
 @dataclass

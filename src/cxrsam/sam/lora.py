@@ -28,17 +28,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from cxrsam.errors import CxrsamError
-from cxrsam.files import atomic_path, atomic_write_text, sha256_file
+from cxrsam.files import atomic_path, atomic_write_text
+from cxrsam.runs import ADAPTER_FILE, ADAPTER_JSON, record_checksum, require_finite, verify_checksum
 from cxrsam.sam.registry import LoadedSam, build_sam, get_backend
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILE = "adapter.safetensors"
-ADAPTER_JSON = "adapter.json"
 
 LoraTarget = Literal["qkv", "proj", "mlp", "decoder_attn"]
 TARGET_PATTERNS: dict[str, str] = {
@@ -134,7 +133,16 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source:
 
     lora_state = {k: v for k, v in state.items() if is_lora_key(k)}
     opened = {k: v for k, v in state.items() if not is_lora_key(k)}
-    result = set_peft_model_state_dict(model, lora_state)
+    try:
+        result = set_peft_model_state_dict(model, lora_state)
+        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        wrong = next((k for k, v in opened.items() if k in shapes and tuple(v.shape) != shapes[k]), None)
+        if wrong is not None:
+            raise RuntimeError(f"{wrong!r} has shape {tuple(opened[wrong].shape)}, the model {shapes[wrong]}")
+    except RuntimeError as exc:  # size mismatches
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line or "shape" in line),
+                      str(exc).splitlines()[0] if str(exc) else "")
+        raise CxrsamError(f"adapter weights do not fit the model ({detail})", path=source) from None
     expected_lora = {n for n, _ in model.named_parameters() if is_lora_key(n)}
     missing_lora = sorted(k for k in result.missing_keys if k in expected_lora)
     unknown = sorted(set(opened) - set(model.state_dict()))
@@ -185,6 +193,7 @@ def save_adapter(run_dir: str | Path, model: nn.Module, loaded: LoadedSam, setti
     with atomic_path(run_dir / ADAPTER_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
                   metadata={"format": "pt", "backend": loaded.spec.name, "base_sha256": loaded.checkpoint_sha256})
+    record_checksum(run_dir / ADAPTER_FILE)
     info = {"backend": loaded.spec.name, "base_checkpoint": str(loaded.checkpoint_path),
             "base_sha256": loaded.checkpoint_sha256, "lora": settings.model_dump(),
             "trainable": trainable_summary(model)}
@@ -192,8 +201,21 @@ def save_adapter(run_dir: str | Path, model: nn.Module, loaded: LoadedSam, setti
     return run_dir / ADAPTER_FILE
 
 
-def read_adapter_info(run_dir: str | Path) -> dict:
-    """The ``adapter.json`` of a run directory (raises :class:`CxrsamError` when absent or unreadable)."""
+class AdapterInfo(BaseModel):
+    """The validated ``adapter.json`` of a LoRA run."""
+
+    model_config = ConfigDict(extra="allow")
+
+    backend: str
+    base_checkpoint: Path
+    base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    lora: LoraSettings
+    trainable: dict[str, float] = Field(default_factory=dict)
+
+
+def read_adapter_info(run_dir: str | Path) -> AdapterInfo:
+    """The ``adapter.json`` of a run directory (one-line :class:`CxrsamError` naming the file and the field when
+    absent, unreadable or malformed)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CxrsamError("run directory not found", path=run_dir)
@@ -202,9 +224,13 @@ def read_adapter_info(run_dir: str | Path) -> dict:
         raise CxrsamError(f"not a finished LoRA run (no {ADAPTER_JSON} and {ADAPTER_FILE}; "
                           "train it with `cxrsam finetune` or resume it)", path=run_dir)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return AdapterInfo.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
-        raise CxrsamError(f"unreadable adapter description ({exc})", path=path) from None
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            raise CxrsamError(f"invalid adapter description: {'.'.join(map(str, first['loc']))}: {first['msg']}",
+                              path=path) from None
+        raise CxrsamError(f"unreadable adapter description ({str(exc).splitlines()[0]})", path=path) from None
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> LoraSam:
@@ -223,21 +249,24 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
 
     run_dir = Path(run_dir)
     info = read_adapter_info(run_dir)
-    spec = get_backend(info["backend"])
-    recorded = Path(info["base_checkpoint"])
+    adapter_path = run_dir / ADAPTER_FILE
+    adapter_sha256 = verify_checksum(adapter_path)
+    spec = get_backend(info.backend)
+    recorded = info.base_checkpoint
     base = checkpoint if checkpoint is not None else (recorded if recorded.is_file() else None)
     loaded = build_sam(spec, checkpoint=base, device="cpu")
-    if loaded.checkpoint_sha256 != info["base_sha256"]:
+    if loaded.checkpoint_sha256 != info.base_sha256:
         raise CxrsamError(f"base checkpoint SHA-256 {loaded.checkpoint_sha256[:16]}... differs from the one this run "
-                          f"was trained on ({info['base_sha256'][:16]}...); pass the original base checkpoint",
+                          f"was trained on ({info.base_sha256[:16]}...); pass the original base checkpoint",
                           path=loaded.checkpoint_path)
-    settings = LoraSettings(**info["lora"])
+    settings = info.lora
     model = apply_lora(loaded.model, settings)
-    adapter_path = run_dir / ADAPTER_FILE
     try:
         state = load_file(str(adapter_path))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CxrsamError(f"unreadable adapter file ({type(exc).__name__}: {exc})", path=adapter_path) from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CxrsamError(f"unreadable adapter file ({type(exc).__name__}: {first})", path=adapter_path) from None
+    require_finite(state, adapter_path)
     load_adapter_state(model, state, source=adapter_path)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -245,7 +274,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     model.to(device).eval()
     return LoraSam(model=model, spec=loaded.spec, checkpoint_path=loaded.checkpoint_path,
                    checkpoint_sha256=loaded.checkpoint_sha256, device=device, run_dir=run_dir,
-                   adapter_sha256=sha256_file(adapter_path), settings=settings)
+                   adapter_sha256=adapter_sha256, settings=settings)
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from cxrsam.prompts import PromptSet, Prompts
+
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -102,6 +104,15 @@ class SamTransform:
         """``(..., 4)`` xyxy boxes in original pixels -> model-input pixels."""
         boxes = np.asarray(boxes, dtype=np.float64)
         return self.coords(boxes.reshape(*boxes.shape[:-1], 2, 2), size).reshape(boxes.shape)
+
+    def prompts(self, prompts: Prompts) -> Prompts:
+        """Prompt sets of an image in original pixels -> the same sets in model-input pixels (image size (S, S))."""
+        size = prompts.image_size
+        sets = [PromptSet(box=None if s.box is None else self.boxes(s.box, size).astype(np.float32),
+                          points=None if s.points is None else self.coords(s.points, size).astype(np.float32),
+                          labels=s.labels) for s in prompts.sets]
+        return Prompts(sets, (self.img_size, self.img_size), prompts.mode, prompts.components_found,
+                       list(prompts.warnings))
 
     def logits_to_input(self, logits: torch.Tensor) -> torch.Tensor:
         """Low-res logits (..., h', w') -> (..., S, S) over the padded model input (bilinear; differentiable)."""

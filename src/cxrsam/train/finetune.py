@@ -30,22 +30,23 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from torch import nn
 from torch.utils.data import Dataset
 
+from cxrsam.config import DataFields, LoopConfig, resolve_device, settings_error
 from cxrsam.data.dataset import augment, load_case
 from cxrsam.data.layouts import Case
 from cxrsam.errors import CxrsamError
-from cxrsam.prompts import MODES, Prompts, prompts_from_mask
+from cxrsam.prompts import MODES, Prompts, PromptSpec, prompts_from_mask
 from cxrsam.prompts.components import lung_components
 from cxrsam.sam.engine import decode, prompt_batch
 from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, save_adapter, \
     trainable_summary
 from cxrsam.sam.registry import LoadedSam, build_sam
-from cxrsam.sam.transforms import SamTransform
-from cxrsam.train.loop import BEST, LoopConfig, Trainer, load_checkpoint, segmentation_dice, seed_everything
-from cxrsam.train.runs import prepare_run, read_run_config, settings_error
+from cxrsam.runs import BEST, forget, load_checkpoint, read_run_config
+from cxrsam.train.loop import Trainer, segmentation_dice, seed_everything
+from cxrsam.train.runs import prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,10 @@ EMPTY_LOGIT = -20.0
 """Logit of every pixel of an image without prompts (no lung found): an empty mask."""
 
 
-class FinetuneConfig(BaseModel):
-    """Everything a LoRA fine-tuning run depends on (written to ``config.yaml``)."""
+class FinetuneConfig(DataFields):
+    """Everything a LoRA fine-tuning run depends on (written to ``config.yaml``); data fields from
+    :class:`~cxrsam.config.DataFields`."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    data: Path = Field(description="Dataset root")
-    layout: str = "auto"
-    classes: list[str] | None = None
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_seed: int = 0
     backend: str = Field("litemedsam", description="SAM registry backend")
     checkpoint: Path | None = Field(None, description="Base checkpoint (None: the backend's default)")
     lora: LoraSettings = LoraSettings()
@@ -70,7 +65,8 @@ class FinetuneConfig(BaseModel):
         "mixed", description="Prompts sampled from the ground truth per lung; mixed draws the kind per image")
     box_jitter: float = Field(0.05, ge=0, description="Training box noise std, fraction of the box side")
     points_per_lung: int = Field(3, ge=1, description="Random interior points per lung (training)")
-    val_prompt: Literal["box", "points", "box+points"] = "box"
+    val_prompts: PromptSpec = Field(PromptSpec(), description="How validation drafts become prompts: the same "
+                                                               "spec as the evaluation, so model selection sees its prompts")
     val_drafts: Path | None = Field(None, description="Validation draft source: a mask folder (by stem) or a "
                                                       "CNN run folder; None = ground truth (oracle prompts)")
     iou_loss_weight: float = Field(0.0, ge=0, description="Weight of the IoU-head MSE term (0: off)")
@@ -86,6 +82,8 @@ def make_config(**options: Any) -> FinetuneConfig:
     """Build a config from flat options (loop and LoRA fields may be given flat); invalid -> CxrsamError."""
     loop = {k: options.pop(k) for k in list(options) if k in LoopConfig.model_fields}
     lora = {k: options.pop(k) for k in list(options) if k in LoraSettings.model_fields}
+    if "val_prompt" in options:  # the CLI's --val-prompt sets the mode of the validation prompt spec
+        options["val_prompts"] = {**dict(options.get("val_prompts") or {}), "mode": options.pop("val_prompt")}
     try:
         defaults = FinetuneConfig.model_fields["loop"].default.model_dump()
         return FinetuneConfig(**options, lora=LoraSettings(**lora), loop=LoopConfig(**{**defaults, **loop}))
@@ -182,22 +180,22 @@ class PromptedDataset(Dataset):
     augmentation (:func:`cxrsam.data.dataset.augment`) acts on the resized (h, w) pair before padding.
 
     Item ``i``: ``(image (3, S, S) model input, mask (1, S, S), i, prompts, targets)``. For training
-    (``drafts=None``) prompts are sampled from the (augmented) mask, one set per lung, and ``targets``
-    (P, S, S) are the lungs' components; for validation prompts come from ``drafts[i]`` (bool (S, S), in the
-    model-input frame) without randomness and ``targets`` is the full mask (1, S, S). Randomness is drawn from
+    (``prompts=None``) prompts of kind ``prompt`` are sampled from the (augmented) mask, one set per lung, and
+    ``targets`` (P, S, S) are the lungs' components; for validation ``prompts[i]`` are given (model-input
+    pixels, see :func:`_val_prompts`) and ``targets`` is the full mask (1, S, S). Randomness is drawn from
     ``(seed, epoch, i)``: reproducible and independent of worker order (call :meth:`set_epoch`). Resized pairs
     are kept in memory after first use.
     """
 
-    def __init__(self, cases: Sequence[Case], transform: SamTransform, prompt: str, jitter: float = 0.0,
-                 points_per_lung: int = 3, drafts: Sequence[np.ndarray] | None = None, augment: bool = False,
+    def __init__(self, cases: Sequence[Case], transform: SamTransform, prompt: str = "box", jitter: float = 0.0,
+                 points_per_lung: int = 3, prompts: Sequence[Prompts] | None = None, augment: bool = False,
                  seed: int = 0):
         self.cases = list(cases)
         self.transform = transform
         self.prompt = prompt
         self.jitter = jitter
         self.points_per_lung = points_per_lung
-        self.drafts = drafts
+        self.prompts = prompts
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -223,9 +221,8 @@ class PromptedDataset(Dataset):
         model_input = self.transform.finish(torch.from_numpy(np.ascontiguousarray(image)))
         truth = self.transform.pad_mask(mask)
         full = torch.from_numpy(truth.astype(np.float32))[None]
-        if self.drafts is not None:
-            prompts = prompts_from_mask(self.drafts[index], mode=self.prompt, points_per_lung=self.points_per_lung)
-            return model_input, full, index, prompts, full
+        if self.prompts is not None:
+            return model_input, full, index, self.prompts[index], full
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
         mode = str(rng.choice(MODES)) if self.prompt == "mixed" else self.prompt
         prompts = prompts_from_mask(truth, mode=mode, points_per_lung=self.points_per_lung, strategy="random",
@@ -273,21 +270,19 @@ def segmentation_loss(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], targ
     return loss + iou_weight * torch.nn.functional.mse_loss(predicted, inter / union)
 
 
-def _val_drafts(config: FinetuneConfig, cases: Sequence[Case], transform: SamTransform) -> list[np.ndarray]:
-    """Draft masks bool (S, S) of the validation cases from the configured source, in the model-input frame."""
-    from cxrsam.sam.zeroshot import drafts_from_path
+def _val_prompts(config: FinetuneConfig, cases: Sequence[Case], transform: SamTransform) -> list[Prompts]:
+    """Validation prompts in model-input pixels: ``config.val_prompts`` applied to each case's draft (from
+    ``config.val_drafts``, else its ground truth) at the image's own size, then mapped by the transform, exactly
+    as inference prompts that image."""
+    from cxrsam.baselines.drafts import drafts_from_path
 
-    source = config.val_drafts
-    draft_of = None if source is None else drafts_from_path(source)
-    drafts = []
+    draft_of = None if config.val_drafts is None else drafts_from_path(config.val_drafts)
+    prompts = []
     for case in cases:
         xray, truth = load_case(case)
-        try:
-            draft = truth if draft_of is None else draft_of(xray)
-        except KeyError:
-            raise CxrsamError(f"no validation draft for {xray.path.stem}", path=source) from None
-        drafts.append(transform.mask(draft))
-    return drafts
+        draft = truth if draft_of is None else draft_of(xray)
+        prompts.append(transform.prompts(config.val_prompts.prompts(draft, xray.path.stem)))
+    return prompts
 
 
 def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
@@ -311,7 +306,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
 
     loop = config.loop
     seed_everything(loop.seed, loop.deterministic)
-    loaded = build_sam(config.backend, checkpoint=config.checkpoint, device=state.device)
+    loaded = build_sam(config.backend, checkpoint=config.checkpoint, device=resolve_device(config.loop.device))
     model = apply_lora(loaded.model, config.lora)
     summary = trainable_summary(model)
     log.info("trainable parameters: %d of %d (%.2f %%; LoRA %d, opened %d)", summary["trainable"], summary["total"],
@@ -326,8 +321,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     val_cases = splits["val"][:config.max_val_cases]
     train_data = PromptedDataset(train_cases, transform, config.train_prompt, config.box_jitter,
                                  config.points_per_lung, augment=config.augment, seed=loop.seed)
-    val_data = PromptedDataset(val_cases, transform, config.val_prompt, points_per_lung=config.points_per_lung,
-                               drafts=_val_drafts(config, val_cases, transform))
+    val_data = PromptedDataset(val_cases, transform, prompts=_val_prompts(config, val_cases, transform))
 
     def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
         images, _, _, prompts, targets = batch
@@ -349,6 +343,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     if state.is_main_process:
         best = load_checkpoint(run_dir / BEST)["model"]
         save_adapter(run_dir, model, loaded, config.lora, state=best)
+        forget(run_dir / BEST)  # the adapter file holds the best epoch's weights: keep them once
         log.info("best val Dice %.4f at epoch %d; adapters in %s", result.best_dice, result.best_epoch, run_dir)
         if result.best_epoch == 0:
             log.warning("no epoch validated better than the untouched %s: the saved adapters are the identity "

@@ -17,7 +17,8 @@ Run directory written by the main process:
 
 ``last.pt``
     ``{"model", "optimizer", "scheduler", "epoch" (completed), "step", "best_dice", "best_epoch",
-    "bad_epochs", "finished", "history", "rng", "loop"}``, rewritten atomically after every epoch.
+    "bad_epochs", "finished", "history", "rng", "loop"}``, rewritten atomically after every epoch and removed
+    when the run finishes (unless ``keep_resume_state``).
 ``best.pt``
     ``{"model", "epoch", "metrics"}`` of the epoch with the highest ``val_dice``.
 ``metrics.csv``, ``curves.png``
@@ -31,27 +32,26 @@ bit for bit). A run killed mid-epoch repeats that epoch from its start.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import random
-import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cxrsam.config import LoopConfig, resolve_device
 from cxrsam.errors import CxrsamError
-from cxrsam.files import atomic_path, require_file
+from cxrsam.files import atomic_path
+from cxrsam.runs import BEST, CURVES_PNG, LAST, METRICS_CSV, forget, load_checkpoint, record_checksum, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,52 +60,6 @@ ValidateFn = Callable[[nn.Module], dict[str, float]]
 StateFn = Callable[[nn.Module], dict[str, torch.Tensor]]
 LoadStateFn = Callable[[nn.Module, dict[str, torch.Tensor]], None]
 
-LAST = "last.pt"
-BEST = "best.pt"
-METRICS_CSV = "metrics.csv"
-CURVES_PNG = "curves.png"
-
-
-class LoopConfig(BaseModel):
-    """Optimisation and bookkeeping settings of :class:`Trainer` (model-independent)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(30, ge=1, description="Maximum number of epochs")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (all epochs)")
-    steps_per_epoch: int | None = Field(
-        None, ge=1, description="End an epoch (validate, checkpoint) after this many optimizer steps, each epoch "
-                                "a new shuffle (nnU-Net style); None: one pass over the training data")
-    validate_start: bool = Field(
-        False, description="Validate the untouched model as epoch 0, so the best checkpoint is never worse on "
-                           "validation than the start (for fine-tuning a pretrained model)")
-    batch_size: int = Field(8, ge=1, description="Samples per process and micro-batch")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW")
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps (overrides warmup_fraction)")
-    warmup_fraction: float = Field(0.05, ge=0, le=1, description="Warm-up as a fraction of all optimizer steps")
-    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Cosine decay floor, as a fraction of lr")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None: off)")
-    patience: int | None = Field(10, ge=1, description="Early stopping: epochs without val_dice gain (None: off)")
-    seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, none on CPU "
-                            "(an `accelerate launch --mixed_precision` setting wins)")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    deterministic: bool = Field(True, description="torch.use_deterministic_algorithms (warn only)")
-    progress: bool = Field(True, description="Show a rich progress bar on a terminal")
-
-    @model_validator(mode="after")
-    def _check(self) -> LoopConfig:
-        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("mixed_precision 'fp16' needs a GPU (use 'bf16' or 'no' on CPU)")
-        return self
-
-    def schedule_fields(self) -> dict[str, Any]:
-        """Settings that shape the weights; a resumed run must use the same ones."""
-        runtime = {"patience", "num_workers", "progress", "mixed_precision"}
-        return {k: v for k, v in self.model_dump().items() if k not in runtime}
 
 
 @dataclass
@@ -155,41 +109,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def _defer_sigint() -> Iterator[None]:
-    """Hold Ctrl-C until the block is done (a checkpoint write), then raise KeyboardInterrupt."""
-    try:
-        previous = signal.getsignal(signal.SIGINT)
-        received: list[int] = []
-        signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
-
-
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, renamed onto it only when complete."""
-    path = Path(path)
-    with _defer_sigint(), atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``, on CPU)."""
-    path = require_file(path, "checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated/foreign files
-        raise CxrsamError(f"unreadable checkpoint ({type(exc).__name__})", path=path) from None
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -299,6 +218,7 @@ class Trainer:
         self.state_fn, self.load_state_fn = state_fn, load_state_fn
         self.on_epoch_end = on_epoch_end
         self.accelerator = Accelerator(
+            cpu=resolve_device(config.device).type == "cpu",
             mixed_precision=_resolve_precision(config.mixed_precision),
             gradient_accumulation_steps=config.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
@@ -397,6 +317,7 @@ class Trainer:
                     metrics = {k: v for k, v in row.items() if k.startswith("val_")}
                     save_checkpoint(self.run_dir / BEST, {"model": self.state_fn(self.unwrapped),
                                                          "epoch": done_epoch, "metrics": metrics})
+                    record_checksum(self.run_dir / BEST)
             elif done_epoch > 0:
                 track["bad_epochs"] += 1
             history.append(row)
@@ -464,6 +385,8 @@ class Trainer:
                 if self.on_epoch_end is not None and acc.is_main_process:
                     self.on_epoch_end(epoch, row)
         best_dice, best_epoch, bad_epochs = track["best_dice"], track["best_epoch"], track["bad_epochs"]
+        if finished and not cfg.keep_resume_state and acc.is_main_process:
+            forget(self.run_dir / LAST)  # a finished run holds each weight once
         if stopped_early and acc.is_main_process:
             log.info("early stopping: no val Dice gain for %d epochs", bad_epochs)
         return FitResult(best_dice=best_dice, best_epoch=best_epoch, epochs_done=epoch, steps_done=step,

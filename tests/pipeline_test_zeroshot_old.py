@@ -87,7 +87,8 @@ def test_drafts_from_memory_and_source_errors(engine, phantoms, tmp_path):
 
 def test_drafts_from_a_cnn_run(engine, phantoms, tmp_path):
     from cxrsam.baselines.predict import load_cnn_run
-    from cxrsam.train.cnn import make_config, train_cnn
+    from cxrsam.baselines.config import make_config
+    from cxrsam.train.cnn import train_cnn
 
     config = make_config(arch="unet", data=phantoms, size=64, epochs=1, batch_size=4, split=(0.75, 0.25, 0.0))
     run = train_cnn(config, tmp_path / "cnn")

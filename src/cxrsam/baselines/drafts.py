@@ -1,0 +1,80 @@
+"""Where draft lung masks come from: a trained CNN run, or a folder of mask files (hand-made or another
+model's, named ``<stem>.png`` or ``<stem>_mask.png`` -- so ``cxrsam predict``'s output feeds back in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from cxrsam.baselines.predict import load_cnn_run
+from cxrsam.data.io import XRay, index_masks, read_draft
+from cxrsam.errors import CxrsamError
+from cxrsam.files import sha256_file
+from cxrsam.runs import BEST, CONFIG_YAML
+
+
+class DraftSource(Protocol):
+    """A draft source: ``kind`` names it in outputs; calling it gives the draft lung mask bool (H, W) of an X-ray
+    at its own size, or raises :class:`CxrsamError` naming the image or draft file at fault."""
+
+    kind: str
+
+    def __call__(self, xray: XRay) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class MaskFolderDrafts:
+    """Drafts read from a folder by image stem (:func:`cxrsam.data.io.read_draft`: same aspect ratio, resized to
+    the image; an empty draft is allowed and gives no prompt)."""
+
+    kind = "draft-file"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CxrsamError("draft mask folder not found", path=self.folder)
+        self.files = index_masks(self.folder)
+        if not self.files:
+            raise CxrsamError("no draft masks (image files) in folder", path=self.folder)
+
+    def __call__(self, xray: XRay) -> np.ndarray:
+        path = self.files.get(xray.path.stem)
+        if path is None:
+            raise CxrsamError(f"no draft mask for this image in {self.folder}", path=xray.path)
+        return read_draft(path, xray.size, allow_empty=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "folder": str(self.folder.resolve())}
+
+
+class CnnDrafts:
+    """Drafts predicted by a trained CNN baseline run (:func:`cxrsam.baselines.predict.load_cnn_run`)."""
+
+    kind = "cnn-draft"
+
+    def __init__(self, run_dir: str | Path, device: str | torch.device | None = None, postprocess: bool = True):
+        self.run_dir = Path(run_dir)
+        self.predictor = load_cnn_run(self.run_dir, device=device, postprocess=postprocess)
+
+    def __call__(self, xray: XRay) -> np.ndarray:
+        return np.asarray(self.predictor.predict(xray.pixels)) > 0
+
+    def describe(self) -> dict[str, Any]:
+        config = self.predictor.config
+        return {"kind": self.kind, "run": str(self.run_dir.resolve()), "arch": config.arch, "encoder": config.encoder,
+                "size": config.size, "postprocess": self.predictor.postprocess,
+                "checkpoint_sha256": sha256_file(self.run_dir / BEST)}
+
+
+def is_cnn_run(path: str | Path) -> bool:
+    """Whether ``path`` is a CNN run folder (it holds ``config.yaml``) rather than a folder of masks."""
+    return (Path(path) / CONFIG_YAML).is_file()
+
+
+def drafts_from_path(source: str | Path, device: str | torch.device | None = None) -> DraftSource:
+    """Drafts from a CNN run folder (:class:`CnnDrafts`) or from a folder of mask files (:class:`MaskFolderDrafts`)."""
+    return CnnDrafts(source, device) if is_cnn_run(source) else MaskFolderDrafts(source)

@@ -1,0 +1,131 @@
+"""Segmenting many files: every command that writes masks for a set of images (``predict``, ``zero-shot``,
+``predict-cnn``) and the experiment's stages run :func:`segment_images`.
+
+Rules: every good image is finished; each failure is one line (``<file>: <problem>``) in the report and in
+``<out>/results.csv`` (one row per input: ``image, status, problem, outputs, prompt_sets, warnings``); the output
+folder may not be, or lie inside, an input folder, nor be an input file; two inputs that would share an output
+name both fail (no silent overwrite). Outputs are named by :func:`cxrsam.pipeline.outputs.output_paths`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from cxrsam.data.io import list_images, read_image
+from cxrsam.errors import CxrsamError
+from cxrsam.files import atomic_path
+from cxrsam.pipeline.outputs import OUTPUT_KINDS, OutputFormat, output_format, write_outputs
+from cxrsam.pipeline.segmenter import Segmenter
+
+RESULTS_CSV = "results.csv"
+
+
+@dataclass
+class FolderReport:
+    """What :func:`segment_images` did: output files per image, failures ``(image, one-line message)``, and the
+    per-run CSV."""
+
+    written: dict[Path, dict[str, Path]] = field(default_factory=dict)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    results: Path | None = None
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files from ``paths``: files as given (their type is checked by content when read), folders by
+    :func:`cxrsam.data.io.list_images`. A missing path or a folder without images raises."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            images = list_images(path)
+            if not images:
+                raise CxrsamError("no images in this folder (png, jpg, tif, bmp, dcm, ...)", path=path)
+            found += images
+        elif path.exists():
+            found.append(path)
+        else:
+            raise CxrsamError("file or folder not found", path=path)
+    return list(dict.fromkeys(found))
+
+
+def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
+    """``out_dir`` if writing there cannot touch an input: not an input file, not an input's folder or a folder
+    inside it, not an existing file; else :class:`CxrsamError` (checked before any work)."""
+    out_dir = Path(out_dir)
+    resolved = out_dir.resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CxrsamError("--out exists and is not a folder", path=out_dir)
+    for item in map(Path, inputs):
+        source = item.resolve()
+        folder = source if item.is_dir() else source.parent
+        if resolved == source or resolved == folder or folder in resolved.parents:
+            raise CxrsamError(f"--out must not be an input folder or lie inside one ({item}): outputs would mix "
+                              "with, or overwrite, the inputs", path=out_dir)
+    return out_dir
+
+
+def _clashes(images: Sequence[Path]) -> dict[Path, str]:
+    """Images whose stem another input shares (their outputs would overwrite each other) -> message."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in images:
+        by_stem.setdefault(path.stem, []).append(path)
+    return {path: "another input has the same name (" + ", ".join(str(o) for o in group if o != path) +
+            "); its outputs would overwrite these: rename one"
+            for group in by_stem.values() if len(group) > 1 for path in group}
+
+
+def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | Path,
+                   box: Sequence[float] | None = None, format: OutputFormat | str = OutputFormat.PNG,
+                   kinds: Sequence[str] = OUTPUT_KINDS, inputs: Sequence[str | Path] = (),
+                   progress: bool = True) -> FolderReport:
+    """Segment every image and write its outputs to ``out_dir``; see the module docstring for the rules.
+
+    Args:
+        segmenter: draft source, prompt spec and SAM model.
+        images: image files (e.g. from :func:`collect_images`).
+        out_dir: output folder (created).
+        box: one hand-given box ``x0, y0, x1, y1`` for every image instead of draft prompts.
+        format: mask file format; its optional dependency is checked before any work.
+        kinds: which files to write per image (a subset of :data:`OUTPUT_KINDS`).
+        inputs: the paths the user gave (files or folders), which ``out_dir`` must stay out of; default:
+            the images and, when drafts come from a folder, that folder.
+        progress: show a progress bar with images per second.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    format = output_format(format)
+    guarded = [*(inputs or images), *([segmenter.drafter.folder] if hasattr(segmenter.drafter, "folder") else [])]
+    out_dir = check_output_folder(out_dir, guarded)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = FolderReport()
+    clashes = _clashes(images)
+    rows = []
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("segment", total=len(images), rate="")
+        started = time.perf_counter()
+        for done, path in enumerate(images, start=1):
+            row = {"image": str(path), "status": "ok", "problem": "", "outputs": "", "prompt_sets": 0, "warnings": ""}
+            try:
+                if path in clashes:
+                    raise CxrsamError(clashes[path], path=path)
+                seg = segmenter.segment(read_image(path), box=box)
+                written = write_outputs(seg, out_dir, path.stem, format, kinds)
+                report.written[path] = written
+                row.update(outputs=";".join(p.name for p in written.values()), prompt_sets=len(seg.prompts.sets),
+                           warnings="; ".join(seg.warnings))
+            except CxrsamError as exc:
+                message = str(exc) if exc.path is not None else f"{path}: {exc}"
+                report.failed.append((path, message))
+                row.update(status="failed", problem=message)
+            rows.append(row)
+            bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - started):.2f} img/s")
+    report.results = out_dir / RESULTS_CSV
+    with atomic_path(report.results) as tmp:
+        pd.DataFrame(rows, columns=list(rows[0]) if rows else None).to_csv(tmp, index=False)
+    return report

@@ -1,0 +1,215 @@
+"""One image through the pipeline: draft (CNN run, mask file, or none) -> prompts (a :class:`PromptSpec`, or a
+hand-given box/points) -> SAM (a LoRA run or a pretrained backend; or none, when the CNN's draft is the answer).
+
+One :class:`Segmenter` serves ``cxrsam predict``, ``cxrsam zero-shot``, ``cxrsam predict-cnn``, the web app and the
+experiment's stages; its :class:`~cxrsam.sam.engine.SamEngine` caches image embeddings, so refining a mask with
+new clicks on the same image only runs the prompt encoder and mask decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrsam.baselines.drafts import DraftSource, drafts_from_path
+from cxrsam.config import resolve_device
+from cxrsam.data.io import XRay
+from cxrsam.errors import CxrsamError
+from cxrsam.pipeline.outputs import Segmentation
+from cxrsam.prompts import Prompts, PromptSet, PromptSpec
+from cxrsam.prompts.boxes import clip_box
+from cxrsam.sam.engine import SamEngine
+from cxrsam.sam.registry import LoadedSam
+
+
+def parse_box(text: str) -> np.ndarray:
+    """``"x0,y0,x1,y1"`` (pixels of the original image) -> (4,) float32; raises on malformed text."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]:
+        raise CxrsamError(f"--box must be x0,y0,x1,y1 in pixels with x0 < x1 and y0 < y1, got {text!r}")
+    return np.array(values, dtype=np.float32)
+
+
+def validate_box(box: Sequence[float] | np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    """A hand-given box (4,) ``x0, y0, x1, y1`` for an image of ``size=(H, W)``: clipped to the image when it
+    overlaps it only partly (with a warning), refused (:class:`CxrsamError`) when malformed or entirely outside."""
+    values = np.asarray(box, dtype=np.float64).reshape(-1)
+    h, w = size
+    if values.size != 4 or not np.isfinite(values).all() or values[2] <= values[0] or values[3] <= values[1]:
+        raise CxrsamError(f"a box must be x0,y0,x1,y1 with x0 < x1 and y0 < y1, got {values.tolist()}")
+    x0, y0, x1, y1 = values
+    if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+        raise CxrsamError(f"the box {values.tolist()} lies entirely outside the {w}x{h} image")
+    clipped = clip_box(values, size)
+    warnings = [] if np.allclose(clipped, values) else [f"box clipped to the {w}x{h} image"]
+    return clipped, warnings
+
+
+def validate_points(points: Sequence[Sequence[float]] | np.ndarray | None, labels: Sequence[int] | np.ndarray | None,
+                    size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Hand-given points (N, 2) xy inside an image of ``size=(H, W)`` and labels (N,) in {0, 1}
+    (default 1) as arrays, or None without points; raises :class:`CxrsamError` otherwise."""
+    if points is None or len(points) == 0:
+        return None
+    pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    labs = np.ones(len(pts), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(labs) != len(pts) or not np.isin(labs, (0, 1)).all():
+        raise CxrsamError("point labels must be 0 (background) or 1 (lung), one per point")
+    h, w = size
+    if (pts[:, 0] < 0).any() or (pts[:, 0] > w - 1).any() or (pts[:, 1] < 0).any() or (pts[:, 1] > h - 1).any():
+        raise CxrsamError(f"points must lie inside the {w}x{h} image")
+    return pts, labs
+
+
+def add_points(prompts: Prompts, points: np.ndarray, labels: np.ndarray) -> Prompts:
+    """Draft prompts with hand-given points added: each point joins the set whose box contains it
+    (else the set whose box or points centre is nearest), so a click refines the lung it is on."""
+    sets = [PromptSet(s.box, s.points, s.labels) for s in prompts.sets]
+
+    def centre(s: PromptSet) -> np.ndarray:
+        return (s.box[:2] + s.box[2:]) / 2 if s.box is not None else s.points.mean(axis=0)
+
+    for point, label in zip(points, labels):
+        inside = [i for i, s in enumerate(sets) if s.box is not None
+                  and s.box[0] <= point[0] <= s.box[2] and s.box[1] <= point[1] <= s.box[3]]
+        target = inside[0] if inside else int(np.argmin([np.linalg.norm(centre(s) - point) for s in sets]))
+        s = sets[target]
+        s.points = point[None] if s.points is None else np.concatenate([s.points, point[None]])
+        s.labels = np.array([label]) if s.labels is None else np.concatenate([s.labels, [label]])
+    mode = "box+points" if any(s.box is not None for s in sets) else "points"
+    return Prompts(sets, prompts.image_size, mode, prompts.components_found, list(prompts.warnings))
+
+
+class Segmenter:
+    """Draft -> prompts -> SAM for one image at a time.
+
+    Args:
+        sam: the SAM model: a :class:`~cxrsam.sam.registry.LoadedSam` (pretrained, or a LoRA run from
+            :func:`cxrsam.sam.lora.load_run`), or None when the draft itself is the result (CNN baseline).
+        drafter: a :class:`~cxrsam.baselines.drafts.DraftSource` giving draft masks, or None (prompts are then
+            given per image: a box, points, or a draft).
+        spec: how drafts become prompts (:class:`~cxrsam.prompts.PromptSpec`).
+        models: identities recorded in every result (default: :func:`describe_models`).
+        cache_dir: on-disk embedding cache of the engine (None: memory only).
+        memory_items: image embeddings kept in memory (LiteMedSAM embeddings take 4 MiB each).
+        batch_size: images per encoder call (None: the engine's default for the device).
+    """
+
+    def __init__(self, sam: LoadedSam | None, drafter: DraftSource | None = None, spec: PromptSpec | None = None,
+                 models: dict[str, Any] | None = None, cache_dir: str | Path | None = None, memory_items: int = 32,
+                 batch_size: int | None = None):
+        if sam is None and drafter is None:
+            raise CxrsamError("nothing to segment with: give a SAM model, a draft source, or both")
+        self.sam = sam
+        self.drafter = drafter
+        self.spec = spec or PromptSpec()
+        self.engine = None if sam is None else SamEngine(sam, cache_dir=cache_dir, memory_items=memory_items,
+                                                         batch_size=batch_size)
+        self.models = models if models is not None else describe_models(sam, drafter)
+
+    @classmethod
+    def from_engine(cls, engine: SamEngine, drafter: DraftSource | None = None, spec: PromptSpec | None = None
+                    ) -> Segmenter:
+        """A segmenter around an existing engine (sharing its embedding caches, e.g. across experiment stages)."""
+        segmenter = cls(engine.loaded, drafter, spec)
+        segmenter.engine = engine
+        return segmenter
+
+    def draft(self, xray: XRay) -> np.ndarray | None:
+        """The draft lung mask bool (H, W) for ``xray`` from the draft source, or None without one."""
+        return None if self.drafter is None else self.drafter(xray)
+
+    def segment(self, xray: XRay, box: Sequence[float] | np.ndarray | None = None,
+                points: Sequence[Sequence[float]] | np.ndarray | None = None,
+                labels: Sequence[int] | np.ndarray | None = None, draft: np.ndarray | None = None,
+                draft_source: str | None = None) -> Segmentation:
+        """Segment the lungs of one X-ray.
+
+        Prompt rules: a hand-given ``box`` (x0, y0, x1, y1 in original pixels; refused when outside the image)
+        replaces draft prompts and forms one prompt set with the given ``points``; without a box the prompts come
+        from ``draft`` (named ``draft_source`` in the record; or the draft source's draft when ``draft`` is None)
+        by :attr:`spec`, and ``points``
+        (x, y; ``labels`` 1 = lung, 0 = background, default 1) are added to the lung they fall on; with neither
+        a box nor a usable draft, the points alone form one prompt set. Without a SAM model the draft is the mask.
+
+        Raises :class:`CxrsamError` naming the image when there is nothing to prompt SAM with.
+        """
+        size = xray.size
+        clicks = validate_points(points, labels, size)
+        warnings: list[str] = []
+        source = draft_source or (self.drafter.kind if self.drafter is not None else "draft-file")
+        if box is None and draft is None and self.drafter is not None:
+            draft = self.draft(xray)
+        if self.engine is None:  # the CNN baseline: its draft is the result
+            return Segmentation(xray=xray, mask=np.asarray(draft, dtype=bool), draft=draft,
+                                prompts=Prompts([], size, "none", 0), source="cnn", models=self.models)
+        spec = None
+        if box is not None:
+            box_arr, warnings = validate_box(box, size)
+            prompt = PromptSet(box=box_arr.astype(np.float32))
+            if clicks is not None:
+                prompt.points, prompt.labels = clicks
+            prompts = Prompts([prompt], size, "box" if clicks is None else "box+points", 0)
+            source = "box"
+        else:
+            spec = self.spec if draft is not None else None
+            prompts = None if draft is None else self.spec.prompts(draft, xray.path.stem)
+            warnings += [] if prompts is None else prompts.warnings
+            if prompts is not None and not prompts.empty:
+                if clicks is not None:
+                    prompts, source = add_points(prompts, *clicks), f"{source}+clicks"
+            elif clicks is not None:
+                prompts, source = Prompts([PromptSet(points=clicks[0], labels=clicks[1])], size, "points", 0), "points"
+            elif prompts is None:
+                raise CxrsamError("no prompt for SAM: give a CNN run (--drafts-from), draft masks (--drafts) "
+                                  "or a box (--box x0,y0,x1,y1)", path=xray.path)
+        if prompts.empty:
+            raise CxrsamError(f"no lung found to prompt SAM with ({'; '.join(warnings) or 'empty draft'})",
+                              path=xray.path)
+        mask = np.asarray(self.engine.segment(xray, prompts, multimask=self.spec.multimask), dtype=bool)
+        if not mask.any():
+            warnings.append("SAM returned an empty mask")
+        return Segmentation(xray=xray, mask=mask, draft=draft, prompts=prompts, source=source, models=self.models,
+                            warnings=warnings, spec=spec)
+
+
+def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | None = None,
+                    backend: str | None = "litemedsam", checkpoint: str | Path | None = None,
+                    spec: PromptSpec | None = None, device: str | torch.device | None = None,
+                    cache_dir: str | Path | None = None, batch_size: int | None = None) -> Segmenter:
+    """A :class:`Segmenter` from folders on disk: ``run`` = LoRA run (else the pretrained ``backend`` and
+    ``checkpoint``; ``backend=None`` and no run: no SAM, the CNN's drafts are the result), ``drafts_from`` = a CNN
+    run or a folder of draft masks (else prompts must be given per image)."""
+    device = resolve_device(device)
+    drafter = None if drafts_from is None else drafts_from_path(drafts_from, device=device)
+    if run is not None:
+        from cxrsam.sam.lora import load_run
+
+        sam = load_run(run, device=device, checkpoint=checkpoint)
+    elif backend is not None:
+        from cxrsam.sam.registry import build_sam
+
+        sam = build_sam(backend, checkpoint, device=device)
+    else:
+        sam = None
+    return Segmenter(sam, drafter, spec=spec, models=describe_models(sam, drafter, run=run), cache_dir=cache_dir,
+                     batch_size=batch_size)
+
+
+def describe_models(sam: LoadedSam | None, drafter: DraftSource | None = None, run: str | Path | None = None
+                    ) -> dict[str, Any]:
+    """Identities and versions recorded in every result JSON."""
+    import cxrsam
+
+    sam_info = None if sam is None else {
+        "kind": "lora" if run is not None else "pretrained", "model_id": sam.model_id, "backend": sam.spec.name,
+        "run": None if run is None else str(Path(run).resolve())}
+    return {"sam": sam_info, "drafts": None if drafter is None else drafter.describe(),
+            "versions": {"cxrsam": cxrsam.__version__, "torch": torch.__version__}}
