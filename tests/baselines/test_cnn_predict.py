@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cxrsam.baselines.models import ARCHITECTURES, build_cnn
-from cxrsam.baselines.predict import load_cnn_run, predict_folder
+from cxrsam.baselines.predict import load_cnn_run
 from cxrsam.data.io import read_image, read_mask
 from cxrsam.errors import CxrsamError
 
@@ -45,7 +45,7 @@ def test_build_cnn_rejects_unknown_names():
         build_cnn("unet", "resnet9")
 
 
-def test_predict_folder_writes_masks_at_original_size_with_same_stems(trained_run, phantoms, tmp_path):
+def test_predict_cnn_writes_masks_at_original_size_and_lists_the_bad_file(trained_run, phantoms, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     sizes = {"wide": (80, 120), "tall": (130, 70), "same": (96, 96)}
@@ -53,12 +53,15 @@ def test_predict_folder_writes_masks_at_original_size_with_same_stems(trained_ru
     for stem, (h, w) in sizes.items():
         Image.fromarray((np.resize(source, (h, w)) * 255).astype(np.uint8)).save(images / f"{stem}.png")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    report = predict_folder(trained_run, images, tmp_path / "masks", progress=False)
-    assert sorted(p.stem for p in report.written) == sorted(sizes)
-    assert [(p.name, "not an image" in msg) for p, msg in report.failed] == [("broken.png", True)]
+    res = run_cli("predict-cnn", "--run", str(trained_run), "--images", str(images), "--out", str(tmp_path / "masks"))
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "broken.png" in errors[0] and "not an image" in errors[0]
+    assert "1 of 4 image(s) failed" in errors[1]
     for stem, size in sizes.items():
-        raw = np.asarray(Image.open(tmp_path / "masks" / f"{stem}.png"))
+        raw = np.asarray(Image.open(tmp_path / "masks" / f"{stem}_mask.png"))
         assert raw.shape == size and set(np.unique(raw)) <= {0, 255}
+    assert not (tmp_path / "masks" / "broken_mask.png").exists()
 
 
 def test_predictor_api_matches_ground_truth_roughly_and_postprocess_is_optional(trained_run, phantoms):
@@ -86,22 +89,31 @@ def test_load_cnn_run_errors_name_the_folder(tmp_path, trained_run):
     broken.mkdir()
     (broken / "config.yaml").write_text((trained_run / "config.yaml").read_text())
     (broken / "best.pt").write_bytes(b"truncated")
-    with pytest.raises(CxrsamError, match="unreadable checkpoint") as info:
+    with pytest.raises(CxrsamError, match="no SHA-256 recorded") as info:
         load_cnn_run(broken)
-    assert str(broken) in str(info.value)
+    assert str(broken / "best.pt") in str(info.value)
+    (broken / "checksums.json").write_text((trained_run / "checksums.json").read_text())
+    with pytest.raises(CxrsamError, match="altered after training"):
+        load_cnn_run(broken)
+    from cxrsam.runs import record_checksum
+
+    record_checksum(broken / "best.pt")  # a damaged file whose checksum matches: still one line
+    with pytest.raises(CxrsamError, match="unreadable checkpoint"):
+        load_cnn_run(broken)
 
 
 def test_cli_errors_are_one_line(tmp_path, trained_run):
     missing = run_cli("predict-cnn", "--run", str(tmp_path / "nope"), "--images", str(tmp_path), "--out",
-                      str(tmp_path / "o"))
+                      str(tmp_path.parent / f"{tmp_path.name}-out"))
     assert missing.returncode != 0
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: run folder not found"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = run_cli("predict-cnn", "--run", str(trained_run), "--images", str(empty), "--out", str(tmp_path / "o"))
+    res = run_cli("predict-cnn", "--run", str(trained_run), "--images", str(empty), "--out",
+                  str(tmp_path.parent / f"{tmp_path.name}-out"))
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no images found" in lines[0] and str(empty) in lines[0]
+    assert len(lines) == 1 and "no images in this folder" in lines[0] and str(empty) in lines[0]
     bad_size = run_cli("train-cnn", "--arch", "unet", "--data", str(tmp_path), "--size", "100", "--out",
                        str(tmp_path / "r"))
     assert bad_size.returncode != 0 and "multiple of 32" in bad_size.stderr
@@ -112,8 +124,8 @@ def test_cli_predict_and_eval_on_a_run(trained_run, phantoms, tmp_path):
     res = run_cli("predict-cnn", "--run", str(trained_run), "--images", str(phantoms / "images"), "--out",
                   str(tmp_path / "masks"), "--no-postprocess")
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(
-        p.name for p in (phantoms / "images").iterdir())
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*_mask.png")) == sorted(
+        f"{p.stem}_mask.png" for p in (phantoms / "images").iterdir())
     res = run_cli("eval-cnn", "--run", str(trained_run), "--split", "val", "--out", str(tmp_path / "val.csv"))
     assert res.returncode == 0, res.stderr
     assert "dice" in res.stdout and (tmp_path / "val.csv").is_file()

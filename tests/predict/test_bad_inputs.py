@@ -144,7 +144,7 @@ def test_bad_run_folders_are_refused(cnn_run, lora_run, phantoms, cli, tmp_path)
         (["--run", other_base, "--box", BOX], "differs from the one this run was trained on"),
         (["--run", cnn_run, "--box", BOX], f"{cnn_run}: not a finished LoRA run"),
         (["--drafts-from", lora_run], f"{lora_run}: not a CNN run folder"),
-        (["--drafts-from", broken_cnn], f"{broken_cnn / 'best.pt'}: unreadable checkpoint"),
+        (["--drafts-from", broken_cnn], f"{broken_cnn / 'best.pt'}: SHA-256"),
     ]
     for options, problem in cases:
         res = cli("predict", "--images", phantoms / "images", *options, "--out", tmp_path / "out")

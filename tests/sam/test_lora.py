@@ -11,6 +11,7 @@ from torch import nn
 
 from cxrsam.errors import CxrsamError
 from cxrsam.prompts import PromptSet
+from cxrsam.runs import ADAPTER_FILE, ADAPTER_JSON
 from cxrsam.sam import lora
 from cxrsam.sam.engine import decode, prompt_batch
 from cxrsam.sam.registry import BACKENDS, build_sam
@@ -80,10 +81,10 @@ def test_run_files_hold_only_trained_weights_and_reload_exactly(tiny, tmp_path):
     lora.save_adapter(run, model, tiny, settings)
     from safetensors.torch import load_file
 
-    keys = set(load_file(str(run / lora.ADAPTER_FILE)))
+    keys = set(load_file(str(run / ADAPTER_FILE)))
     assert keys and all(".lora_" in k or k.startswith("mask_decoder.") for k in keys)
-    info = json.loads((run / lora.ADAPTER_JSON).read_text())
-    assert info.base_sha256 == tiny.checkpoint_sha256 and info.trainable["lora"] > 0
+    info = json.loads((run / ADAPTER_JSON).read_text())
+    assert info["base_sha256"] == tiny.checkpoint_sha256 and info["trainable"]["lora"] > 0
     loaded = lora.load_run(run)
     assert loaded.model_id.startswith("lora:") and loaded.model_id != tiny.model_id
     assert torch.equal(box_logits(loaded, image), before)

@@ -88,12 +88,13 @@ def test_prompts_and_targets_are_per_lung_and_reproducible(phantoms):
 def test_adapter_only_run_is_small_and_loads(phantoms, tiny_ckpt, tmp_path):
     run = ft.finetune(tiny_config(phantoms, tiny_ckpt, train_decoder=False), tmp_path / "run")
     names = {p.name for p in run.iterdir()}
-    assert {"config.yaml", "manifest.csv", "metrics.csv", "curves.png", "best.pt", "last.pt",
-            "adapter.safetensors", "adapter.json"} <= names
-    assert not any(p.suffix == ".pth" for p in run.iterdir())
-    weights = sum((run / n).stat().st_size for n in ("adapter.safetensors", "best.pt", "last.pt"))
-    assert weights < tiny_ckpt.stat().st_size / 4
-    assert set(load_checkpoint(run / "best.pt")["model"]) == set(lora.adapter_state(
+    # a finished run holds its weights once: the adapters (no best.pt copy, no resume state)
+    assert names == {"config.yaml", "manifest.csv", "metrics.csv", "curves.png", "adapter.safetensors",
+                     "adapter.json", "checksums.json"}
+    assert (run / "adapter.safetensors").stat().st_size < tiny_ckpt.stat().st_size / 4
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(run / "adapter.safetensors"))) == set(lora.adapter_state(
         lora.apply_lora(build_sam("tiny_sam", checkpoint=tiny_ckpt).model, ft.read_config(run).lora)))
     info = lora.read_adapter_info(run)
     assert info.trainable["opened"] == 0 and info.trainable["trainable"] == info.trainable["lora"] > 0
@@ -104,7 +105,7 @@ def test_adapter_only_run_is_small_and_loads(phantoms, tiny_ckpt, tmp_path):
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(phantoms, tiny_ckpt, tmp_path):
-    config = tiny_config(phantoms, tiny_ckpt, epochs=2, max_train_cases=6, max_val_cases=2)
+    config = tiny_config(phantoms, tiny_ckpt, epochs=2, max_train_cases=6, max_val_cases=2, keep_resume_state=True)
     straight = ft.finetune(config, tmp_path / "straight")
 
     def kill_after_first(epoch, row):
@@ -131,9 +132,17 @@ def test_resume_refusals(phantoms, tiny_ckpt, tmp_path):
     ft.finetune(config, tmp_path / "run")
     with pytest.raises(CxrsamError, match="already holds a training run"):
         ft.finetune(config, tmp_path / "run")
+    with pytest.raises(CxrsamError, match=r"nothing to resume \(the run has finished\)"):
+        ft.finetune(config, tmp_path / "run", resume=True)
+
+    def kill(epoch, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(config, tmp_path / "unfinished", on_epoch_end=kill)
     with pytest.raises(CxrsamError, match="changed settings: lora"):
         ft.finetune(tiny_config(phantoms, tiny_ckpt, epochs=1, max_train_cases=3, max_val_cases=1, rank=2),
-                    tmp_path / "run", resume=True)
+                    tmp_path / "unfinished", resume=True)
 
 
 def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import random
 import signal
@@ -22,7 +24,7 @@ from cxrsam.train.cnn import train_cnn
 
 def tiny_config(data, **overrides):
     options = dict(arch="unet", data=data, size=64, split=(0.75, 0.25, 0.0), epochs=8, batch_size=4, lr=3e-3,
-                   patience=None, progress=False)
+                   patience=None, progress=False, keep_resume_state=True)
     return make_config(**{**options, **overrides})
 
 
@@ -45,24 +47,26 @@ def phantoms64(tmp_path_factory):
 
 def test_tiny_unet_learns_and_writes_run_files(phantoms64, tmp_path):
     # 10 training phantoms at batch 4: two full batches per epoch (the ragged last batch is dropped).
-    run = train_cnn(tiny_config(phantoms64, epochs=12), tmp_path / "run")
+    run = train_cnn(tiny_config(phantoms64, epochs=12, keep_resume_state=False), tmp_path / "run")
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics["epoch"]) == list(range(1, 13))
     assert {"train_loss", "val_dice", "lr", "epoch_s", "train_images_per_s"} <= set(metrics.columns)
     assert metrics["val_dice"].iloc[0] < 0.7
     assert metrics["val_dice"].max() > 0.85
     assert metrics["train_loss"].iloc[-1] < 0.6 * metrics["train_loss"].iloc[0]
-    for name in ("config.yaml", "manifest.csv", "last.pt", "best.pt", "curves.png"):
-        assert (run / name).is_file(), name
+    # a finished run holds its weights once (best.pt, with its SHA-256); the resume state is gone
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "manifest.csv", "metrics.csv", "best.pt", "curves.png",
+                                               "checksums.json"}
+    assert set(json.loads((run / "checksums.json").read_text())) == {"best.pt"}
     best = loop.load_checkpoint(run / "best.pt")
     assert best["epoch"] == int(metrics["epoch"][metrics["val_dice"].idxmax()])
     assert best["metrics"]["val_dice"] == pytest.approx(metrics["val_dice"].max(), abs=1e-5)
-    last = loop.load_checkpoint(run / "last.pt")
-    assert last["finished"] and last["epoch"] == 12
     # the learning rate warmed up and decayed to the cosine floor
     assert metrics["lr"].iloc[-1] == pytest.approx(3e-3 * 0.01, rel=1e-3)
     with pytest.raises(CxrsamError, match="already holds a training run"):
         train_cnn(tiny_config(phantoms64), run)
+    with pytest.raises(CxrsamError, match=r"nothing to resume \(the run has finished\)"):
+        train_cnn(tiny_config(phantoms64, epochs=12, keep_resume_state=False), run, resume=True)
 
 
 def resume_config(data):
@@ -103,7 +107,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(phantoms64, straight_run,
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "cxrsam", "train-cnn", "--arch", "deeplabv3plus", "--data", str(phantoms64),
             "--size", "64", "--split", "0.75,0.25,0", "--epochs", "3", "--batch-size", "4", "--lr", "3e-3",
-            "--out", str(run)]
+            "--set", "loop.keep_resume_state=true", "--out", str(run)]  # --set: the dotted override mechanism
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
