@@ -279,6 +279,8 @@ def _segment_folder(segmenter, inputs: list[Path], out_dir: Path, box: str | Non
     hand_box = parse_box(box) if box is not None else None
     paths = collect_images(inputs)
     report = segment_images(segmenter, paths, out_dir, box=hand_box, format=output_format, inputs=inputs)
+    if len(paths) == 1 and report.failed:  # one image: its own error is the one line
+        raise CxrsamError(report.failed[0][1])
     sam = segmenter.models["sam"]
     out.print(f"wrote {len(report.written)} of {len(paths)} image(s) to {out_dir} "
               f"({'SAM ' + sam['model_id'] if sam else 'CNN drafts'}); per-image results: {report.results}",

@@ -13,7 +13,7 @@ from cxrsam.baselines.predict import load_cnn_run
 from cxrsam.data.io import XRay, index_masks, read_draft
 from cxrsam.errors import CxrsamError
 from cxrsam.files import sha256_file
-from cxrsam.runs import BEST, CONFIG_YAML
+from cxrsam.runs import ADAPTER_JSON, BEST, CHECKSUMS_JSON, CONFIG_YAML
 
 
 class DraftSource(Protocol):
@@ -29,7 +29,7 @@ class DraftSource(Protocol):
 
 class MaskFolderDrafts:
     """Drafts read from a folder by image stem (:func:`cxrsam.data.io.read_draft`: same aspect ratio, resized to
-    the image; an empty draft is allowed and gives no prompt)."""
+    the image; an empty draft is refused, naming the draft file)."""
 
     kind = "draft-file"
 
@@ -45,7 +45,7 @@ class MaskFolderDrafts:
         path = self.files.get(xray.path.stem)
         if path is None:
             raise CxrsamError(f"no draft mask for this image in {self.folder}", path=xray.path)
-        return read_draft(path, xray.size, allow_empty=True)
+        return read_draft(path, xray.size)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "folder": str(self.folder.resolve())}
@@ -70,11 +70,12 @@ class CnnDrafts:
                 "checkpoint_sha256": sha256_file(self.run_dir / BEST)}
 
 
-def is_cnn_run(path: str | Path) -> bool:
-    """Whether ``path`` is a CNN run folder (it holds ``config.yaml``) rather than a folder of masks."""
-    return (Path(path) / CONFIG_YAML).is_file()
+def is_run_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a run folder (it holds a run's config, adapters or checksums) rather than a folder of
+    masks; :class:`CnnDrafts` then says whether it is a CNN run."""
+    return any((Path(path) / name).is_file() for name in (CONFIG_YAML, ADAPTER_JSON, CHECKSUMS_JSON))
 
 
 def drafts_from_path(source: str | Path, device: str | torch.device | None = None) -> DraftSource:
     """Drafts from a CNN run folder (:class:`CnnDrafts`) or from a folder of mask files (:class:`MaskFolderDrafts`)."""
-    return CnnDrafts(source, device) if is_cnn_run(source) else MaskFolderDrafts(source)
+    return CnnDrafts(source, device) if is_run_folder(source) else MaskFolderDrafts(source)

@@ -207,9 +207,8 @@ class Experiment:
             with measure(self.device) as usage:
                 report = segment_images(segmenter, [c.image for c in test], stage_dir / "masks", kinds=("mask", "json"),
                                         progress=False)
-            if report.failed:
-                raise CxrsamError(f"{len(report.failed)} test image(s) failed, first: {report.failed[0][1]}",
-                                  path=report.results)
+            for _, message in report.failed:  # scored as missing (Dice 0) by the evaluation
+                log.warning("%s: %s", name, message)
             return {"dir": str(stage_dir / "masks"), "seconds_per_image": usage.seconds / len(test),
                     "peak_mb": usage.peak_mb}
 

@@ -53,18 +53,19 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
-    """``out_dir`` if writing there cannot touch an input: not an input file, not an input's folder or a folder
-    inside it, not an existing file; else :class:`CxrsamError` (checked before any work)."""
+    """``out_dir`` if writing there cannot touch an input: not an input file, not the folder holding an input file,
+    not an input folder or a folder inside it, not an existing file; else :class:`CxrsamError` (checked before any
+    work)."""
     out_dir = Path(out_dir)
     resolved = out_dir.resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise CxrsamError("--out exists and is not a folder", path=out_dir)
     for item in map(Path, inputs):
         source = item.resolve()
-        folder = source if item.is_dir() else source.parent
-        if resolved == source or resolved == folder or folder in resolved.parents:
-            raise CxrsamError(f"--out must not be an input folder or lie inside one ({item}): outputs would mix "
-                              "with, or overwrite, the inputs", path=out_dir)
+        inside = item.is_dir() and source in resolved.parents
+        if resolved == source or inside or (not item.is_dir() and resolved == source.parent):
+            raise CxrsamError(f"--out must not be an input file or folder, nor lie inside an input folder ({item}): "
+                              "outputs would mix with, or overwrite, the inputs", path=out_dir)
     return out_dir
 
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -54,8 +55,11 @@ def test_folder_with_bad_files_finishes_the_others(phantoms, run_cli, tmp_path):
         assert problem in line
     assert len(lines) == len(expected) + 1 and "5 of 8 image(s) failed" in lines[-1]
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(f"{stem}{suffix}" for stem in ("good", "rgba", "deep16")
-                             for suffix in (".json", "_mask.png", "_overlay.png"))
+    assert written == sorted(["results.csv", *(f"{stem}{suffix}" for stem in ("good", "rgba", "deep16")
+                                               for suffix in (".json", "_mask.png", "_overlay.png"))])
+    results = pd.read_csv(out / "results.csv").set_index("image")
+    assert (results.status == "failed").sum() == 5 and results.loc[str(images / "good.png"), "status"] == "ok"
+    assert expected["huge.png"] in results.loc[str(images / "huge.png"), "problem"]
     assert read_mask(out / "rgba_mask.png").sum() == read_mask(out / "good_mask.png").sum() > 0
     assert "wrote 3 of 8" in res.stdout and not leftovers(tmp_path)
 
@@ -67,7 +71,7 @@ def test_single_bad_image_stops_with_one_line_and_no_output(phantoms, cli, tmp_p
     assert res.returncode == 1
     [line] = error_lines(res.stderr)
     assert line.startswith(f"error: {bad}: ") and ("unreadable image" in line or "not an image" in line)
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.csv"]  # the failure, recorded
 
 
 def test_draft_masks_values_sizes_empty_and_missing(phantoms, cli, tmp_path):

@@ -14,8 +14,8 @@ from cxrsam.data.io import XRay, read_image, read_mask
 from cxrsam.errors import CxrsamError
 from cxrsam.evaluation.metrics import dice_score
 from cxrsam.files import sha256_file
-from cxrsam.predict import (Segmentation, add_points, lung_areas, output_paths, parse_box,
-                            write_outputs)
+from cxrsam.pipeline.outputs import Segmentation, lung_areas, output_paths, write_outputs
+from cxrsam.pipeline.segmenter import add_points, parse_box
 from cxrsam.prompts import Prompts, PromptSet
 
 
@@ -189,5 +189,5 @@ def test_predict_with_cnn_drafts(cnn_run, phantoms, cli, tmp_path):
     record = json.loads((tmp_path / f"{image.stem}.json").read_text())
     assert record["prompt_source"] == "cnn-draft" and record["prompt_mode"] == "box+points"
     assert record["draft_pixels"] == int(draft.sum())
-    assert record["models"]["cnn"]["checkpoint_sha256"] == sha256_file(cnn_run / "best.pt")
-    assert record["models"]["cnn"]["arch"] == "unet"
+    assert record["models"]["drafts"]["checkpoint_sha256"] == sha256_file(cnn_run / "best.pt")
+    assert record["models"]["drafts"]["arch"] == "unet"
