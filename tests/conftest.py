@@ -38,3 +38,11 @@ def phantoms(tmp_path_factory) -> Path:
     from cxrsam.data.synthetic import generate_phantoms
 
     return generate_phantoms(tmp_path_factory.mktemp("phantoms"), n=12, size=96, seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """state_dict of a seeded tiny SAM (:mod:`cxrsam.sam.testing`) saved with torch.save (the official files' format)."""
+    from cxrsam.sam.testing import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny_sam.pth", seed=0)

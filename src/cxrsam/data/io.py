@@ -185,6 +185,8 @@ def write_mask(path: str | Path, mask: np.ndarray) -> Path:
 MASK_SUFFIX = "_mask"
 """Mask files are named ``<image stem>_mask.<ext>`` (what every cxrsam command writes); ``<image stem>.<ext>``
 is read too (ground-truth and draft folders of public datasets)."""
+OVERLAY_SUFFIX = "_overlay"
+"""``<image stem>_overlay.png``: the picture cxrsam writes beside each mask; never read as a mask."""
 
 
 def mask_file_name(stem: str, extension: str = ".png") -> str:
@@ -193,13 +195,16 @@ def mask_file_name(stem: str, extension: str = ".png") -> str:
 
 
 def index_masks(folder: str | Path) -> dict[str, Path]:
-    """Mask files of ``folder`` by the image stem they belong to (``x.png`` and ``x_mask.png`` both -> ``x``).
+    """Mask files of ``folder`` by the image stem they belong to (``x.png`` and ``x_mask.png`` both -> ``x``;
+    ``x_overlay.png`` pictures are skipped).
 
     Two files claiming one image (``x.png`` and ``x_mask.png``, or ``x.png`` and ``x.tif``) raise
     :class:`CxrsamError` naming both, never a silent choice.
     """
     found: dict[str, Path] = {}
     for path in list_images(folder):
+        if path.stem.endswith(OVERLAY_SUFFIX):
+            continue
         stem = path.stem.removesuffix(MASK_SUFFIX)
         if stem in found:
             raise CxrsamError(f"two mask files for image {stem!r}: {found[stem].name} and {path.name} "

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxrsam.data.io import XRay, mask_file_name
+from cxrsam.data.io import OVERLAY_SUFFIX, XRay, mask_file_name
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
 from cxrsam.prompts import Prompts, PromptSpec
@@ -198,7 +198,7 @@ def output_paths(out_dir: str | Path, stem: str, format: OutputFormat | str = Ou
     format = output_format(format)
     out_dir = Path(out_dir)
     names = {"mask": mask_file_name(stem, ".png" if format is OutputFormat.PNG else ".nii.gz"),
-             "overlay": f"{stem}_overlay.png", "json": f"{stem}.json"}
+             "overlay": f"{stem}{OVERLAY_SUFFIX}.png", "json": f"{stem}.json"}
     return {kind: out_dir / names[kind] for kind in kinds}
 
 
