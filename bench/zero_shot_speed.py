@@ -46,6 +46,7 @@ from cxrsam.data.dataset import load_case
 from cxrsam.data.layouts import discover, require_cases
 from cxrsam.data.split import split_cases
 from cxrsam.errors import CxrsamError
+from cxrsam.evaluation.metrics import iou_score
 from cxrsam.profiling import measure
 from cxrsam.prompts import Prompts, prompts_from_mask
 from cxrsam.sam.engine import SamEngine, postprocess, preprocess, prompt_batch
@@ -84,11 +85,6 @@ def load_backend(backend: str, device: str) -> tuple[LoadedSam, str]:
         if backend == "litemedsam":
             raise
         return random_vit(backend, device), "random weights (seed 0): no official checkpoint offline"
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def litemedsam_loop(loaded: LoadedSam, images: Sequence[np.ndarray], prompts: Sequence[Prompts]) -> list[np.ndarray]:
@@ -160,7 +156,7 @@ def throughput(backend: str, images: list[np.ndarray], truths: list[np.ndarray],
                            engine_name: lambda: engine_run(loaded, batch_size, images, prompts)}, repeats)
     n = len(images)
     rates = {name: n / statistics.median(seconds) for name, (seconds, _) in results.items()}
-    ious = [iou(a, b) for a, b in zip(results[plain_name][1], results[engine_name][1])]
+    ious = [iou_score(a, b) for a, b in zip(results[plain_name][1], results[engine_name][1])]
     lines = [f"**{backend}** ({weights}), {n} images, {sum(len(p.sets) for p in prompts)} lung boxes, "
              f"{repeats} interleaved runs each (median):", "",
              "| variant | images/s | runs (s) |", "|---|---|---|"]
