@@ -37,15 +37,14 @@ def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, f
     return float(hd95.item()), float(assd.item())
 
 
-def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing_mm: tuple[float, float] | None = None,
-                         distances: bool = True) -> dict[str, float | str]:
+def segmentation_metrics(pred: np.ndarray, gt: np.ndarray,
+                         spacing_mm: tuple[float, float] | None = None) -> dict[str, float | str]:
     """Dice, IoU, precision, recall, HD95 and ASSD of one binary prediction.
 
     Args:
         pred: predicted mask (H, W), bool or {0, 1}.
         gt: ground-truth mask (H, W), same shape.
         spacing_mm: (row, col) pixel spacing; when given, ``hd95_mm`` and ``assd_mm`` are added.
-        distances: compute HD95/ASSD (skip for speed, e.g. validation during training).
 
     Returns:
         dict with the keys of :data:`METRICS` (distances in pixels), optionally ``hd95_mm`` and
@@ -68,7 +67,7 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing_mm: tuple[flo
     out["precision"] = tp / n_pred if n_pred else math.nan
     out["recall"] = tp / n_gt if n_gt else math.nan
     out["empty_flag"] = "pred_empty" if n_pred == 0 else "gt_empty" if n_gt == 0 else ""
-    if out["empty_flag"] or not distances:
+    if out["empty_flag"]:
         out["hd95"] = out["assd"] = math.nan
         if spacing_mm:
             out["hd95_mm"] = out["assd_mm"] = math.nan
