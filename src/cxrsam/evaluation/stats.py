@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean of ``values`` (N,) (NaNs dropped); ``(nan, nan)`` for no data."""
     x = np.asarray(values, dtype=np.float64)
     x = x[~np.isnan(x)]

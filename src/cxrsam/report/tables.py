@@ -58,7 +58,7 @@ def comparison_table(per_image: pd.DataFrame, methods: list[MethodInfo], referen
             mine = part.set_index("name")["dice"]
             common = mine.index.intersection(ref.index)
             c = paired_comparison(mine[common].to_numpy(), ref[common].to_numpy(), seed=seed)
-            row.update(zip(VS_REFERENCE, (c.mean_diff, c.ci_low, c.ci_high, c.n_better, c.n_worse, c.p)))
+            row.update(zip(VS_REFERENCE, (c.mean_diff, c.ci_low, c.ci_high, c.n_better, c.n_worse, c.p), strict=True))
         else:
             row.update(dict.fromkeys(VS_REFERENCE, math.nan))
         row.update(params_total=info.params_total, params_trainable=info.params_trainable,
@@ -80,6 +80,10 @@ def _ci(row: pd.Series, metric: str, digits: int) -> str:
     return "n/a" if lo != lo else f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _number(value: float, spec: str) -> str:
+    return "n/a" if value != value else format(value, spec)
+
+
 def _count(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{int(n):,}"
 
@@ -95,8 +99,7 @@ def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             str(r["method"]), _pm(r, "dice", 4), _ci(r, "dice", 4), _pm(r, "iou", 4), _pm(r, "precision", 4),
             _pm(r, "recall", 4), _pm(r, "hd95", 2), "ref." if p != p else f"{p:.2g}", _count(r["params_total"]),
             _count(r["params_trainable"]), f"{r['train_seconds']:.0f}",
-            "n/a" if r["infer_seconds_per_image"] != r["infer_seconds_per_image"] else f"{r['infer_seconds_per_image']:.3f}",
-            "n/a" if r["peak_memory_mb"] != r["peak_memory_mb"] else f"{r['peak_memory_mb']:.0f}",
+            _number(r["infer_seconds_per_image"], ".3f"), _number(r["peak_memory_mb"], ".0f"),
         ])
     return header, rows
 
