@@ -16,7 +16,6 @@ replaced.
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
@@ -26,13 +25,13 @@ from cxrsam.data.dataset import load_case
 from cxrsam.data.split import read_manifest
 from cxrsam.evaluation.evaluate import write_csv
 from cxrsam.evaluation.metrics import dice_score
-from cxrsam.evaluation.stats import paired_wilcoxon, summarize
-from cxrsam.files import atomic_write_text
+from cxrsam.evaluation.stats import paired_comparison, summarize
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.lora import load_run, read_adapter_info
 from cxrsam.sam.registry import build_sam
 from cxrsam.sam.zeroshot import dice_by_prompt_variant, drafts_from_cnn
 from cxrsam.train.finetune import read_config
+from results_md import replace_section
 
 SECTION = "## LoRA fine-tuned SAM"
 VARIANTS = {"box": {"mode": "box"}}
@@ -49,7 +48,7 @@ def evaluate(run: Path, cnn_runs: list[Path], limit: int | None) -> pd.DataFrame
         predict = drafts_from_cnn(cnn)
         drafts[f"{cnn.name} boxes"] = [predict(x) for x in xrays]
         rows += [{"stem": x.path.stem, "method": f"{cnn.name} alone", "dice": dice_score(d, t)}
-                 for x, d, t in zip(xrays, drafts[f"{cnn.name} boxes"], truths)]
+                 for x, d, t in zip(xrays, drafts[f"{cnn.name} boxes"], truths, strict=True)]
     info = read_adapter_info(run)
     engines = {f"zero-shot {info['backend']}": SamEngine(build_sam(info["backend"], info["base_checkpoint"])),
                f"LoRA {info['backend']}": SamEngine(load_run(run))}
@@ -77,7 +76,8 @@ def markdown(frame: pd.DataFrame, run: Path, command: str, seconds: float) -> st
              f"Run `{run}`: backend `{config.backend}`, LoRA rank {config.lora.rank} (alpha {config.lora.alpha:g}) on "
              f"{', '.join(config.lora.targets)}, mask decoder {'trained' if config.lora.train_decoder else 'frozen'}; "
              f"{int(metrics.step.iloc[-1])} AdamW steps at batch {config.loop.batch_size} (lr {config.loop.lr:g}, "
-             f"warm-up + cosine) on {f'the first {config.max_train_cases}' if config.max_train_cases else 'all'} training cases, "
+             f"warm-up + cosine) on "
+             f"{f'the first {config.max_train_cases}' if config.max_train_cases else 'all'} training cases, "
              f"{'augmented' if config.augment else 'unaugmented'} images, prompts `{config.train_prompt}` with box "
              f"jitter {config.box_jitter:g}; best epoch by val Dice ({config.val_prompt} prompts from "
              f"{config.val_drafts or 'the ground truth (oracle)'}, {config.max_val_cases or 'all'} val cases): "
@@ -97,21 +97,11 @@ def markdown(frame: pd.DataFrame, run: Path, command: str, seconds: float) -> st
               "differences with its 95 % bootstrap CI):", "",
               "| comparison | mean difference | 95 % CI | images better / worse | p |", "|---|---|---|---|---|"]
     for better, reference in comparisons(frame):
-        diff = (wide[better] - wide[reference]).to_numpy()
-        stats = summarize(diff)
-        lines.append(f"| {better} vs {reference} | {stats['mean']:+.4f} | [{stats['ci_low']:+.4f}, "
-                     f"{stats['ci_high']:+.4f}] | {(diff > 0).sum()} / {(diff < 0).sum()} | "
-                     f"{paired_wilcoxon(wide[better], wide[reference]):.2g} |")
+        c = paired_comparison(wide[better].to_numpy(), wide[reference].to_numpy())
+        lines.append(f"| {better} vs {reference} | {c.mean_diff:+.4f} | [{c.ci_low:+.4f}, {c.ci_high:+.4f}] | "
+                     f"{c.n_better} / {c.n_worse} | {c.p:.2g} |")
     lines += ["", f"Evaluation wall time {seconds / 60:.1f} min on a shared 2-core CPU.", ""]
     return "\n".join(lines)
-
-
-def replace_section(path: Path, section: str) -> None:
-    """Put ``section`` in place of the file's section with the same heading (or append it)."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Results\n\n"
-    pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text.rstrip("\n") + "\n")
 
 
 def main() -> None:
@@ -133,7 +123,7 @@ def main() -> None:
     print(section)
     print(f"per-image CSV: {csv}")
     if args.docs:
-        replace_section(args.docs, section)
+        replace_section(args.docs, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxrsam.evaluation.stats import paired_wilcoxon, summarize
+from cxrsam.evaluation.stats import PairedComparison, paired_comparison
 
 
 def default_pairs(methods: list[str]) -> list[tuple[str, str]]:
@@ -31,13 +31,10 @@ def default_pairs(methods: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def compare(frame: pd.DataFrame, a: str, b: str, metric: str = "dice") -> dict[str, float | int | str]:
-    wide = frame.pivot(index="name", columns="method", values=metric)[[a, b]].dropna()
-    diff = wide[a] - wide[b]
-    stats = summarize(diff)
-    return {"comparison": f"{a} vs {b}", "mean": stats["mean"], "ci_low": stats["ci_low"],
-            "ci_high": stats["ci_high"], "better": int((diff > 0).sum()), "worse": int((diff < 0).sum()),
-            "p": paired_wilcoxon(wide[a], wide[b]), "n": len(wide)}
+def compare(frame: pd.DataFrame, a: str, b: str, metric: str = "dice") -> PairedComparison:
+    """``a`` against ``b`` on the images both were scored on (per-image ``metric``, differences ``a - b``)."""
+    wide = frame.pivot(index="name", columns="method", values=metric)[[a, b]]
+    return paired_comparison(wide[a].to_numpy(), wide[b].to_numpy())
 
 
 def main() -> None:
@@ -48,9 +45,9 @@ def main() -> None:
     print("| comparison (Dice) | mean difference | 95 % CI | images better / worse | p (Wilcoxon) | n |")
     print("|---|---|---|---|---|---|")
     for a, b in default_pairs(list(dict.fromkeys(frame["method"]))):
-        row = compare(frame, a, b)
-        print(f"| {row['comparison']} | {row['mean']:+.4f} | [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] | "
-              f"{row['better']} / {row['worse']} | {row['p']:.2g} | {row['n']} |")
+        c = compare(frame, a, b)
+        print(f"| {a} vs {b} | {c.mean_diff:+.4f} | [{c.ci_low:+.4f}, {c.ci_high:+.4f}] | "
+              f"{c.n_better} / {c.n_worse} | {c.p:.2g} | {c.n} |")
 
 
 if __name__ == "__main__":

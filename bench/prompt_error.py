@@ -32,7 +32,7 @@ def box_errors(draft: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.nda
     drafted, true = prompts_from_mask(draft), prompts_from_mask(truth)
     if len(drafted.sets) != 2 or len(true.sets) != 2:
         return None
-    pixels = np.stack([d.box - t.box for d, t in zip(drafted.sets, true.sets)])
+    pixels = np.stack([d.box - t.box for d, t in zip(drafted.sets, true.sets, strict=True)])
     sides = np.stack([np.tile([t.box[2] - t.box[0] + 1, t.box[3] - t.box[1] + 1], 2) for t in true.sets])
     return pixels, pixels / sides
 

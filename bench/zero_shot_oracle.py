@@ -54,7 +54,8 @@ def markdown(frame: pd.DataFrame, command: str, backend: str, n_images: int, sec
     for (source, variant), row in table.iterrows():
         lines.append(f"| {source} | {variant} | {row['mean']:.4f} ± {row['std']:.4f} | {row['min']:.4f} "
                      f"| {int(row['count'])} |")
-    single = frame[(frame.variant == "box, per lung")].groupby("source")["components"].apply(lambda c: int((c < 2).sum()))
+    per_lung = frame[frame.variant == "box, per lung"]
+    single = per_lung.groupby("source")["components"].apply(lambda c: int((c < 2).sum()))
     lines += ["", "Drafts with fewer than two lung components (then one prompt set covers what was found): "
               + ", ".join(f"{source}: {count}" for source, count in single.items()) + ".",
               "", f"Run time {seconds / 60:.1f} min on {platform.processor() or platform.machine()} "

@@ -46,6 +46,7 @@ from cxrsam.data.dataset import load_case
 from cxrsam.data.layouts import discover, require_cases
 from cxrsam.data.split import split_cases
 from cxrsam.errors import CxrsamError
+from cxrsam.evaluation.metrics import iou_score
 from cxrsam.profiling import measure
 from cxrsam.prompts import Prompts, prompts_from_mask
 from cxrsam.sam.engine import SamEngine, postprocess, preprocess, prompt_batch
@@ -86,16 +87,11 @@ def load_backend(backend: str, device: str) -> tuple[LoadedSam, str]:
         return random_vit(backend, device), "random weights (seed 0): no official checkpoint offline"
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 def litemedsam_loop(loaded: LoadedSam, images: Sequence[np.ndarray], prompts: Sequence[Prompts]) -> list[np.ndarray]:
     """One ``MedSAMLite.forward(image, box)`` per lung, masks merged by union (the package's own usage)."""
     masks = []
     with torch.no_grad():
-        for pixels, prompt in zip(images, prompts):
+        for pixels, prompt in zip(images, prompts, strict=True):
             model_input = preprocess(loaded, [pixels])
             mask = np.zeros(pixels.shape, bool)
             for prompt_set in prompt.sets:
@@ -113,7 +109,7 @@ def sam_predictor_loop(loaded: LoadedSam, images: Sequence[np.ndarray], prompts:
 
     predictor = SamPredictor(loaded.model)
     masks = []
-    for pixels, prompt in zip(images, prompts):
+    for pixels, prompt in zip(images, prompts, strict=True):
         size = pixels.shape
         h, w = predictor.transform.get_preprocess_shape(*size, predictor.transform.target_length)
         image = F.interpolate(torch.from_numpy(pixels)[None, None], (h, w), mode="bilinear", align_corners=False,
@@ -134,7 +130,8 @@ def engine_run(loaded: LoadedSam, batch_size: int | None, images: Sequence[np.nd
     return SamEngine(loaded, batch_size=batch_size).segment_many(images, prompts)
 
 
-def interleaved(variants: dict[str, Callable[[], list[np.ndarray]]], repeats: int) -> dict[str, tuple[list[float], list]]:
+def interleaved(variants: dict[str, Callable[[], list[np.ndarray]]],
+                repeats: int) -> dict[str, tuple[list[float], list]]:
     """Run the variants in turn ``repeats`` times (A, B, A, B); seconds per run and the last masks."""
     out: dict[str, tuple[list[float], list]] = {name: ([], []) for name in variants}
     for _ in range(repeats):
@@ -160,7 +157,7 @@ def throughput(backend: str, images: list[np.ndarray], truths: list[np.ndarray],
                            engine_name: lambda: engine_run(loaded, batch_size, images, prompts)}, repeats)
     n = len(images)
     rates = {name: n / statistics.median(seconds) for name, (seconds, _) in results.items()}
-    ious = [iou(a, b) for a, b in zip(results[plain_name][1], results[engine_name][1])]
+    ious = [iou_score(a, b) for a, b in zip(results[plain_name][1], results[engine_name][1], strict=True)]
     lines = [f"**{backend}** ({weights}), {n} images, {sum(len(p.sets) for p in prompts)} lung boxes, "
              f"{repeats} interleaved runs each (median):", "",
              "| variant | images/s | runs (s) |", "|---|---|---|"]

@@ -23,13 +23,12 @@ class Usage:
 
     seconds: float = 0.0
     peak_mb: float = 0.0
-    device: str = "cpu"
 
 
 @contextlib.contextmanager
 def measure(device: str | torch.device = "cpu", interval: float = 0.02) -> Iterator[Usage]:
-    """Measure the wall time and peak memory of the ``with`` block."""
-    usage = Usage(device=str(device))
+    """Measure the wall time and peak memory of the ``with`` block (RSS sampled every ``interval`` seconds)."""
+    usage = Usage()
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
     stop = threading.Event()
     process = psutil.Process()

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrsam.evaluation.metrics import batch_dice, dice_score, segmentation_metrics
-from cxrsam.evaluation.stats import bootstrap_ci, paired_wilcoxon, summarize
+from cxrsam.evaluation.metrics import batch_dice, batch_iou, dice_score, iou_score, segmentation_metrics
 
 
 def _squares():
@@ -59,6 +58,7 @@ def test_against_monai():
         assert ours["dice"] == pytest.approx(dice.aggregate().item(), abs=1e-6)
         assert ours["hd95"] == pytest.approx(hd.aggregate().item(), abs=1e-5)
         assert ours["dice"] == pytest.approx(dice_score(pred, gt))
+        assert ours["iou"] == pytest.approx(dice.aggregate().item() / (2 - dice.aggregate().item()), abs=1e-6)
 
 
 def test_empty_rules():
@@ -73,22 +73,18 @@ def test_empty_rules():
     assert gt_empty["dice"] == 0.0 and math.isnan(gt_empty["recall"]) and gt_empty["empty_flag"] == "gt_empty"
 
 
-def test_batch_dice_matches_numpy():
+def test_iou_score_hand_computed_and_empty():
     pred, gt = _squares()
-    logits = torch.from_numpy(np.where(pred, 5.0, -5.0)[None, None]).float()
-    assert batch_dice(logits, torch.from_numpy(gt[None, None]).float()).item() == pytest.approx(0.5)
+    assert iou_score(pred, gt) == pytest.approx(50 / 150)  # overlap 50 px, union 150 px
+    assert iou_score(pred.astype(np.uint8), gt) == pytest.approx(50 / 150)
+    empty = np.zeros_like(gt)
+    assert iou_score(empty, empty) == 1.0 and iou_score(empty, gt) == 0.0
 
 
-def test_summary_and_bootstrap():
-    values = np.linspace(0.8, 1.0, 101)
-    s = summarize(values)
-    assert s["mean"] == pytest.approx(0.9) and s["median"] == pytest.approx(0.9) and s["n"] == 101
-    assert s["ci_low"] < 0.9 < s["ci_high"] and s["ci_high"] - s["ci_low"] < 0.03
-    assert bootstrap_ci([np.nan, 0.5]) == (0.5, 0.5)
-
-
-def test_paired_wilcoxon():
-    rng = np.random.default_rng(1)
-    a = rng.normal(0.9, 0.02, 50)
-    assert paired_wilcoxon(a + 0.01, a) < 1e-6
-    assert paired_wilcoxon(a, a) == 1.0
+def test_batch_helpers_match_numpy():
+    pred, gt = _squares()
+    empty = np.zeros_like(gt)
+    logits = torch.from_numpy(np.where(np.stack([pred, empty, empty]), 5.0, -5.0)[:, None]).float()
+    target = torch.from_numpy(np.stack([gt, gt, empty])[:, None]).float()
+    assert batch_dice(logits, target).tolist() == pytest.approx([0.5, 0.0, 1.0])
+    assert batch_iou(logits, target).tolist() == pytest.approx([iou_score(pred, gt), 0.0, 1.0])

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from cxrsam.report import MethodInfo, ReportContent, comparison_table, dice_boxplot, overlay_grid, write_report
+from cxrsam.report.tables import VS_REFERENCE
 
 
 def _per_image() -> pd.DataFrame:
@@ -29,7 +30,10 @@ def test_comparison_table_values():
     assert a["dice_mean"] == pytest.approx(per_image[per_image.method == "A"].dice.mean())
     assert a["dice_ci_low"] < a["dice_mean"] < a["dice_ci_high"]
     assert a["p_vs_reference"] < 1e-5  # B is A + 0.03 on every image
-    assert np.isnan(table.set_index("method").loc["B", "p_vs_reference"])
+    assert a["dice_diff_vs_reference"] == pytest.approx(-0.03)
+    assert a["dice_diff_ci_low"] == pytest.approx(-0.03) and a["dice_diff_ci_high"] == pytest.approx(-0.03)
+    assert (a["images_better"], a["images_worse"]) == (0, 30)
+    assert table.set_index("method").loc["B", list(VS_REFERENCE)].isna().all()
 
 
 def test_report_files(tmp_path):

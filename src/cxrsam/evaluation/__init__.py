@@ -1,6 +1,7 @@
 """Segmentation metrics, statistics and directory evaluation."""
 
-from cxrsam.evaluation.metrics import METRICS, segmentation_metrics
-from cxrsam.evaluation.stats import bootstrap_ci, paired_wilcoxon, summarize
+from cxrsam.evaluation.metrics import METRICS, dice_score, iou_score, segmentation_metrics
+from cxrsam.evaluation.stats import PairedComparison, bootstrap_ci, paired_comparison, summarize
 
-__all__ = ["METRICS", "segmentation_metrics", "bootstrap_ci", "paired_wilcoxon", "summarize"]
+__all__ = ["METRICS", "PairedComparison", "bootstrap_ci", "dice_score", "iou_score", "paired_comparison",
+           "segmentation_metrics", "summarize"]

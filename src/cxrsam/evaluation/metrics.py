@@ -37,15 +37,14 @@ def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, f
     return float(hd95.item()), float(assd.item())
 
 
-def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing_mm: tuple[float, float] | None = None,
-                         distances: bool = True) -> dict[str, float | str]:
+def segmentation_metrics(pred: np.ndarray, gt: np.ndarray,
+                         spacing_mm: tuple[float, float] | None = None) -> dict[str, float | str]:
     """Dice, IoU, precision, recall, HD95 and ASSD of one binary prediction.
 
     Args:
         pred: predicted mask (H, W), bool or {0, 1}.
         gt: ground-truth mask (H, W), same shape.
         spacing_mm: (row, col) pixel spacing; when given, ``hd95_mm`` and ``assd_mm`` are added.
-        distances: compute HD95/ASSD (skip for speed, e.g. validation during training).
 
     Returns:
         dict with the keys of :data:`METRICS` (distances in pixels), optionally ``hd95_mm`` and
@@ -63,12 +62,12 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing_mm: tuple[flo
         if spacing_mm:
             out.update(hd95_mm=0.0, assd_mm=0.0)
         return out
-    out["dice"] = 2 * tp / (n_pred + n_gt)
-    out["iou"] = tp / (n_pred + n_gt - tp)
+    out["dice"] = dice_score(pred, gt)
+    out["iou"] = iou_score(pred, gt)
     out["precision"] = tp / n_pred if n_pred else math.nan
     out["recall"] = tp / n_gt if n_gt else math.nan
     out["empty_flag"] = "pred_empty" if n_pred == 0 else "gt_empty" if n_gt == 0 else ""
-    if out["empty_flag"] or not distances:
+    if out["empty_flag"]:
         out["hd95"] = out["assd"] = math.nan
         if spacing_mm:
             out["hd95_mm"] = out["assd_mm"] = math.nan
@@ -80,10 +79,17 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing_mm: tuple[flo
 
 
 def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two binary masks (both empty -> 1)."""
+    """Dice of two binary masks (H, W), bool or {0, 1} (both empty -> 1)."""
     pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
     total = pred.sum() + gt.sum()
     return 1.0 if total == 0 else float(2 * np.logical_and(pred, gt).sum() / total)
+
+
+def iou_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    """IoU (Jaccard index) of two binary masks (H, W), bool or {0, 1} (both empty -> 1)."""
+    pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
+    union = np.logical_or(pred, gt).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
 
 
 def batch_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
@@ -92,3 +98,11 @@ def batch_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.
     inter = (pred * target).flatten(1).sum(1)
     total = pred.flatten(1).sum(1) + target.flatten(1).sum(1)
     return torch.where(total > 0, 2 * inter / total.clamp_min(1e-8), torch.ones_like(total))
+
+
+def batch_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Per-sample IoU of thresholded logits (B, 1, H, W) against targets (B, 1, H, W) -> (B,) (both empty -> 1)."""
+    pred = (logits > threshold).float()
+    inter = (pred * target).flatten(1).sum(1)
+    union = ((pred + target) > 0).float().flatten(1).sum(1)
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))

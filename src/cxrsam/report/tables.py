@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from cxrsam.evaluation.stats import paired_wilcoxon, summarize
+from cxrsam.evaluation.stats import paired_comparison, summarize
 
 TABLE_METRICS = ("dice", "iou", "precision", "recall", "hd95")
+VS_REFERENCE = ("dice_diff_vs_reference", "dice_diff_ci_low", "dice_diff_ci_high", "images_better", "images_worse",
+                "p_vs_reference")
+"""Columns of the paired per-image Dice comparison with the reference (NaN on the reference's own row)."""
 
 
 @dataclass
@@ -37,8 +40,10 @@ def comparison_table(per_image: pd.DataFrame, methods: list[MethodInfo], referen
                      seed: int = 0) -> pd.DataFrame:
     """Summarise per-image results (columns ``method``, ``name`` + metrics) into one row per method.
 
-    Each metric gets ``<m>_mean``, ``<m>_std``, ``<m>_ci_low``, ``<m>_ci_high``; ``p_vs_reference`` is the
-    paired Wilcoxon p-value of per-image Dice against ``reference`` (images matched by name).
+    Each metric gets ``<m>_mean``, ``<m>_std``, ``<m>_ci_low``, ``<m>_ci_high``. Against ``reference``
+    (images matched by name) the columns :data:`VS_REFERENCE` hold
+    :func:`cxrsam.evaluation.stats.paired_comparison` of per-image Dice: the mean difference (method minus
+    reference) with its 95 % bootstrap CI, the images better / worse and the paired Wilcoxon p-value.
     """
     rows = []
     ref = per_image[per_image["method"] == reference].set_index("name")["dice"] if reference else None
@@ -52,9 +57,10 @@ def comparison_table(per_image: pd.DataFrame, methods: list[MethodInfo], referen
         if ref is not None and info.name != reference:
             mine = part.set_index("name")["dice"]
             common = mine.index.intersection(ref.index)
-            row["p_vs_reference"] = paired_wilcoxon(mine[common].to_numpy(), ref[common].to_numpy())
+            c = paired_comparison(mine[common].to_numpy(), ref[common].to_numpy(), seed=seed)
+            row.update(zip(VS_REFERENCE, (c.mean_diff, c.ci_low, c.ci_high, c.n_better, c.n_worse, c.p), strict=True))
         else:
-            row["p_vs_reference"] = math.nan
+            row.update(dict.fromkeys(VS_REFERENCE, math.nan))
         row.update(params_total=info.params_total, params_trainable=info.params_trainable,
                    train_seconds=info.train_seconds, infer_seconds_per_image=info.infer_seconds_per_image,
                    peak_memory_mb=info.peak_memory_mb)
@@ -74,6 +80,10 @@ def _ci(row: pd.Series, metric: str, digits: int) -> str:
     return "n/a" if lo != lo else f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _number(value: float, spec: str) -> str:
+    return "n/a" if value != value else format(value, spec)
+
+
 def _count(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{int(n):,}"
 
@@ -89,8 +99,7 @@ def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             str(r["method"]), _pm(r, "dice", 4), _ci(r, "dice", 4), _pm(r, "iou", 4), _pm(r, "precision", 4),
             _pm(r, "recall", 4), _pm(r, "hd95", 2), "ref." if p != p else f"{p:.2g}", _count(r["params_total"]),
             _count(r["params_trainable"]), f"{r['train_seconds']:.0f}",
-            "n/a" if r["infer_seconds_per_image"] != r["infer_seconds_per_image"] else f"{r['infer_seconds_per_image']:.3f}",
-            "n/a" if r["peak_memory_mb"] != r["peak_memory_mb"] else f"{r['peak_memory_mb']:.0f}",
+            _number(r["infer_seconds_per_image"], ".3f"), _number(r["peak_memory_mb"], ".0f"),
         ])
     return header, rows
 

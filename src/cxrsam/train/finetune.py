@@ -255,6 +255,8 @@ def segmentation_loss(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], targ
     """
     from monai.losses import DiceCELoss
 
+    from cxrsam.evaluation.metrics import batch_iou
+
     logits = torch.cat([out[0] for out in outputs])[:, None]
     if len(logits) == 0:  # no lung in any image of the batch: nothing to learn from
         return sum(out[0].sum() for out in outputs) * 0.0
@@ -264,10 +266,8 @@ def segmentation_loss(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], targ
     if iou_weight == 0:  # keep the IoU head in the graph: DDP needs a gradient for every trainable weight
         return loss + 0.0 * predicted.sum()
     with torch.no_grad():
-        hard = (logits > 0).float()
-        inter = (hard * target).sum(dim=(1, 2, 3))
-        union = ((hard + target) > 0).float().sum(dim=(1, 2, 3)).clamp_min(1)
-    return loss + iou_weight * torch.nn.functional.mse_loss(predicted, inter / union)
+        real_iou = batch_iou(logits, target)
+    return loss + iou_weight * torch.nn.functional.mse_loss(predicted, real_iou)
 
 
 def _val_prompts(config: FinetuneConfig, cases: Sequence[Case], transform: SamTransform) -> list[Prompts]:
