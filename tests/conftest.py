@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,30 @@ def phantoms(tmp_path_factory) -> Path:
     from cxrsam.data.synthetic import generate_phantoms
 
     return generate_phantoms(tmp_path_factory.mktemp("phantoms"), n=12, size=96, seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def undecodable_dicom() -> Callable[[Path, str], Path]:
+    """``undecodable_dicom(path, syntax)``: a 64x64 DICOM whose pixel data cannot be decoded here: ``jpeg2000``
+    (a JPEG 2000 transfer syntax with a broken codestream) or ``unknown`` (a transfer syntax UID nobody knows)."""
+
+    def make(path: Path, syntax: str = "jpeg2000") -> Path:
+        from pydicom.dataset import FileDataset, FileMetaDataset
+        from pydicom.encaps import encapsulate
+        from pydicom.uid import UID, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = {"jpeg2000": JPEG2000Lossless, "unknown": UID("1.2.3.4.5.6.7")}[syntax]
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "CR", 64, 64, 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(100)])  # a JPEG 2000 start, then nothing
+        ds["PixelData"].VR = "OB"
+        ds.save_as(path, implicit_vr=False, little_endian=True, enforce_file_format=True)
+        return path
+
+    return make

@@ -179,6 +179,19 @@ def test_dicom_window_applied(tmp_path):
     assert (x.pixels[0] == 0).sum() >= 13 and (x.pixels[0] == 1).sum() >= 43
 
 
+@pytest.mark.parametrize("syntax, named", [("jpeg2000", "JPEG 2000 Image Compression (Lossless Only)"),
+                                            ("unknown", "1.2.3.4.5.6.7")])
+def test_undecodable_dicom_is_one_line_naming_the_transfer_syntax(tmp_path, undecodable_dicom, syntax, named,
+                                                                  recwarn):
+    path = undecodable_dicom(tmp_path / "x.dcm", syntax)
+    with pytest.raises(CxrsamError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: unreadable DICOM (transfer syntax {named} cannot be decoded here: ")
+    assert "\n" not in message and message.endswith(")")
+    assert not recwarn.list
+
+
 def test_jsrt_raw(tmp_path):
     from cxrsam.data.dicom import read_jsrt_raw
 
