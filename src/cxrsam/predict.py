@@ -164,10 +164,9 @@ def mask_nifti(mask: np.ndarray, spacing_mm: tuple[float, float] | None) -> byte
     Array axes are (x = column, y = row, z = 1) and the affine scales them by the pixel spacing
     (column mm, row mm, 1) when known, else by 1. Needs the optional dependency ``nibabel``.
     """
-    try:
-        import nibabel as nib
-    except ImportError:
-        raise CxrsamError("--format nifti needs the optional package nibabel (pip install nibabel)") from None
+    check_format("nifti")
+    import nibabel as nib
+
     row_mm, col_mm = spacing_mm if spacing_mm is not None else (1.0, 1.0)
     data = np.ascontiguousarray(np.asarray(mask, dtype=np.uint8).T[:, :, None])
     image = nib.Nifti1Image(data, affine=np.diag([col_mm, row_mm, 1.0, 1.0]))
@@ -175,10 +174,21 @@ def mask_nifti(mask: np.ndarray, spacing_mm: tuple[float, float] | None) -> byte
     return gzip.compress(image.to_bytes(), mtime=0)
 
 
-def output_paths(out_dir: str | Path, stem: str, format: str = "png") -> dict[str, Path]:
-    """The files :func:`write_outputs` writes for ``stem``: ``mask``, ``overlay``, ``json``."""
+def check_format(format: str) -> None:
+    """Refuse, in one line, an unknown output format or one whose optional package is not installed
+    (``nifti`` needs nibabel): called before any image is read, so no work is done in vain."""
     if format not in FORMATS:
         raise CxrsamError(f"unknown output format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "nifti":
+        try:
+            import nibabel  # noqa: F401
+        except ImportError:
+            raise CxrsamError("--format nifti needs the optional package nibabel (pip install nibabel)") from None
+
+
+def output_paths(out_dir: str | Path, stem: str, format: str = "png") -> dict[str, Path]:
+    """The files :func:`write_outputs` writes for ``stem``: ``mask``, ``overlay``, ``json``."""
+    check_format(format)
     out_dir = Path(out_dir)
     mask_name = f"{stem}_mask.png" if format == "png" else f"{stem}_mask.nii.gz"
     return {"mask": out_dir / mask_name, "overlay": out_dir / f"{stem}_overlay.png", "json": out_dir / f"{stem}.json"}
@@ -229,6 +239,27 @@ def validate_points(points: Sequence[Sequence[float]] | np.ndarray | None, label
     if (pts[:, 0] < 0).any() or (pts[:, 0] > w - 1).any() or (pts[:, 1] < 0).any() or (pts[:, 1] > h - 1).any():
         raise CxrsamError(f"points must lie inside the {w}x{h} image")
     return pts, labs
+
+
+def validate_box(box: Sequence[float] | np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, str | None]:
+    """A hand-given box (x0, y0, x1, y1 in pixels, corners in any order) on an image of ``size=(H, W)``:
+    (4,) float32 clipped to the image, and a warning when clipping changed it (else None). A box that is
+    not four finite numbers, or has no area inside the image, raises :class:`CxrsamError`."""
+    values = np.asarray(box, dtype=np.float32).reshape(-1)
+    if values.shape != (4,) or not np.isfinite(values).all():
+        raise CxrsamError(f"a box is four numbers x0,y0,x1,y1, got {np.asarray(box).tolist()}")
+    h, w = size
+    x0, x1 = sorted(values[[0, 2]])
+    y0, y1 = sorted(values[[1, 3]])
+    given = np.array([x0, y0, x1, y1], dtype=np.float32)
+    text = ",".join(f"{v:g}" for v in given)
+    if x1 <= 0 or y1 <= 0 or x0 >= w - 1 or y0 >= h - 1:
+        raise CxrsamError(f"box {text} lies outside the {w}x{h} image")
+    clipped = clip_box(given, size)
+    if np.array_equal(clipped, given):
+        return given, None
+    return clipped, (f"box {text} reaches outside the {w}x{h} image; clipped to "
+                     + ",".join(f"{v:g}" for v in clipped))
 
 
 def add_points(prompts: Prompts, points: np.ndarray, labels: np.ndarray) -> Prompts:
@@ -320,15 +351,20 @@ class Segmenter:
         prompts and forms one prompt set with the given ``points``; without a box the prompts come
         from ``draft`` (or the CNN's draft when ``draft`` is None), per lung, and ``points``
         (x, y; ``labels`` 1 = lung, 0 = background, default 1) are added to the lung they fall on;
-        with neither a box nor a usable draft, the points alone form one prompt set.
+        with neither a box nor a usable draft, the points alone form one prompt set. A box that
+        reaches outside the image is clipped to it, with a warning (:func:`validate_box`).
 
-        Raises :class:`CxrsamError` naming the image when there is nothing to prompt SAM with.
+        Raises :class:`CxrsamError` naming the image when there is nothing to prompt SAM with, and
+        :class:`CxrsamError` when a point or the box lies outside the image.
         """
         size = xray.size
         clicks = validate_points(points, labels, size)
         warnings: list[str] = []
         if box is not None:
-            box_arr = clip_box(np.asarray(box, dtype=np.float32), size)
+            box_arr, clipped = validate_box(box, size)
+            if clipped:
+                log.warning("%s: %s", xray.path, clipped)
+                warnings.append(clipped)
             prompt = PromptSet(box=box_arr)
             if clicks is not None:
                 prompt.points, prompt.labels = clicks
@@ -419,7 +455,7 @@ def predict_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | 
     """
     from rich.progress import track
 
-    output_paths(out_dir, "x", format)  # validates the format before any work
+    check_format(format)
     drafts = _draft_files(Path(drafts_dir)) if drafts_dir is not None else None
     report = PredictReport()
     stems: set[str] = set()
