@@ -1,8 +1,14 @@
-"""Shared fixtures: the real data in ../shared/data (skipped when absent) and small phantom datasets."""
+"""Shared fixtures: the real data in ../shared/data (skipped when absent), small phantom datasets, the CLI
+(in a subprocess or in this process), a tiny CNN run and undecodable DICOM files."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,3 +72,61 @@ def undecodable_dicom() -> Callable[[Path, str], Path]:
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_cli(*args)``: ``python -m cxrsam ARGS`` in a subprocess, exactly as a user runs it."""
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cxrsam", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    return run
+
+
+@pytest.fixture()
+def cli(monkeypatch) -> Callable[..., subprocess.CompletedProcess]:
+    """``cli(*args)``: the same entry point (``cxrsam.cli.main``) in this process, which saves the
+    ~10 s of imports a subprocess costs on a busy CPU; returns code, stdout and stderr like ``run_cli``
+    (log records included: pytest's own log handlers are set aside so that ``main`` installs its handler)."""
+    from cxrsam.cli import main
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess:
+        argv = ["cxrsam", *map(str, args)]
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(logging.root, "handlers", [])
+        monkeypatch.setattr(logging.root, "level", logging.root.level)  # restored after the test
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+        return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def cnn_run(phantoms, tmp_path_factory) -> Path:
+    """A U-Net trained for 2 epochs at 64 px on the phantoms (a real train-cnn run folder)."""
+    from cxrsam.train.cnn import make_config, train_cnn
+
+    config = make_config(arch="unet", data=phantoms, size=64, epochs=2, batch_size=4, split=(0.75, 0.25, 0.0),
+                         lr=3e-3)
+    return train_cnn(config, tmp_path_factory.mktemp("cnn") / "run")
+
+
+@pytest.fixture()
+def deny_write(monkeypatch) -> Callable[[Path], None]:
+    """``deny_write(folder)``: ``os.access`` reports no write permission for ``folder`` for the rest of the test
+    (chmod does not stop root, who runs the tests in many containers)."""
+
+    def deny(folder: Path) -> None:
+        allowed = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: not (Path(path) == folder and mode & os.W_OK)
+                            and allowed(path, mode))
+
+    return deny

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from cxrsam import files
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, remove_stale_temps, require_output_dir, require_output_file
-
-
-def _no_write_in(monkeypatch, folder: Path) -> None:
-    """Make ``folder`` read as unwritable (chmod does not stop root, who runs these tests in CI containers)."""
-    real_access = os.access
-    monkeypatch.setattr(files.os, "access", lambda p, mode: Path(p) != folder and real_access(p, mode))
 
 
 def _refusal(check, path: Path) -> str:
@@ -32,26 +24,26 @@ def test_output_dir_accepts_a_folder_or_a_creatable_path_without_creating_it(tmp
     assert not (tmp_path / "a").exists()
 
 
-def test_output_dir_refuses_a_file_a_file_parent_and_unwritable_folders(tmp_path, monkeypatch):
+def test_output_dir_refuses_a_file_a_file_parent_and_unwritable_folders(tmp_path, deny_write):
     existing = tmp_path / "results.csv"
     existing.write_text("x\n")
     assert "exists and is not a folder" in _refusal(require_output_dir, existing)
     assert f"{existing} is not a folder" in _refusal(require_output_dir, existing / "out")
     locked = tmp_path / "locked"
     locked.mkdir()
-    _no_write_in(monkeypatch, locked)
+    deny_write(locked)
     assert "not writable" in _refusal(require_output_dir, locked)
     assert f"no permission to write in {locked}" in _refusal(require_output_dir, locked / "new" / "out")
 
 
-def test_output_file_accepts_new_or_existing_files_and_refuses_folders_and_unwritable_parents(tmp_path, monkeypatch):
+def test_output_file_accepts_new_or_existing_files_and_refuses_folders_and_unwritable_parents(tmp_path, deny_write):
     existing = tmp_path / "results.csv"
     existing.write_text("x\n")
     assert require_output_file(existing) == existing
     assert require_output_file(tmp_path / "new" / "r.csv") == tmp_path / "new" / "r.csv"
     assert "is a folder" in _refusal(require_output_file, tmp_path)
     assert f"{existing} is not a folder" in _refusal(require_output_file, existing / "r.csv")
-    _no_write_in(monkeypatch, tmp_path)
+    deny_write(tmp_path)
     assert f"no permission to write in {tmp_path}" in _refusal(require_output_file, existing)
     assert f"no permission to write in {tmp_path}" in _refusal(require_output_file, tmp_path / "new" / "r.csv")
 
