@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from cxrsam.errors import CxrsamError
@@ -93,15 +94,24 @@ def evaluate(
     gt: Annotated[Path, typer.Option("--gt", help="Folder of ground-truth masks")],
     results: Annotated[Path, typer.Option("--out", help="Per-image CSV to write")] = Path("results.csv"),
 ) -> None:
-    """Score predicted masks against ground truth (matched by file stem)."""
+    """Score predicted masks against ground truth (matched by file stem; ``x_mask.png`` matches ``x.png``)."""
     from cxrsam.evaluation.evaluate import evaluate_dirs, write_csv
+    from cxrsam.files import require_output_file
 
-    frame, missing = evaluate_dirs(pred, gt)
-    write_csv(frame, results)
-    if missing:
-        console.print(f"[yellow]{len(missing)} missing prediction(s) (scored Dice 0):[/yellow] " + ", ".join(missing))
-    _print_summary(frame, f"{len(frame)} images")
-    out.print(f"per-image results: {results}")
+    require_output_file(results)
+    done = evaluate_dirs(pred, gt)
+    write_csv(done.frame, results)
+    if done.missing:
+        console.print(f"[yellow]{len(done.missing)} missing prediction(s) (scored Dice 0):[/yellow] "
+                      + escape(", ".join(done.missing)))
+    if len(done.frame):
+        _print_summary(done.frame, f"{len(done.frame)} images")
+    out.print(f"per-image results: {escape(str(results))}")
+    for line in done.refused:
+        console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+    if done.refused:
+        raise CxrsamError(f"{len(done.refused)} of {len(done.refused) + len(done.frame)} image(s) not scored "
+                          "(listed above)")
 
 
 def _split_ratios(text: str | None) -> tuple[float, float, float] | None:
