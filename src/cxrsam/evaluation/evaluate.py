@@ -24,11 +24,12 @@ def evaluate_masks(preds: dict[str, np.ndarray | None], gts: dict[str, np.ndarra
     """Per-image metrics: one row per ground-truth name, columns ``name`` + :data:`METRICS` + ``empty_flag``.
 
     A missing prediction (absent or None) scores Dice/IoU/precision/recall 0 and NaN distances, flagged
-    ``"missing"``. When a prediction has another size (of the same aspect ratio: :func:`evaluate_dirs` refuses
-    another one) than its ground truth, the **ground truth is resized to the prediction** (nearest neighbour): predictions are made at the image's own size, and masks of
-    another size (the COVID-19 Radiography Database's 256x256 masks for 299x299 images) are brought to the
-    image the same way for training and for the experiment's evaluation, so every score is computed on
-    the same grid (resizing the prediction down instead costs about 0.02 Dice on that data).
+    ``"missing"``. When a prediction has another size than its ground truth (of the same aspect ratio:
+    :func:`evaluate_dirs` refuses another one), the **ground truth is resized to the prediction** (nearest
+    neighbour): predictions are made at the image's own size, and masks of another size (the COVID-19
+    Radiography Database's 256x256 masks for 299x299 images) are brought to the image the same way for
+    training and for the experiment's evaluation, so every score is computed on the same grid (resizing the
+    prediction down instead costs about 0.02 Dice on that data).
     """
     rows, warned = [], False
     for name in sorted(gts):
