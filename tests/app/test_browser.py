@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrsam.predict import Segmenter
+from cxrsam.pipeline import Segmenter
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",

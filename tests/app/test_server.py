@@ -13,7 +13,7 @@ from PIL import Image
 
 from cxrsam.data.io import read_mask
 from cxrsam.evaluation.metrics import dice_score
-from cxrsam.predict import Segmenter
+from cxrsam.pipeline import Segmenter
 
 
 def decode_mask(data_url: str) -> np.ndarray:

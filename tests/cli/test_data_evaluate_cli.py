@@ -1,4 +1,5 @@
-"""`cxrsam data summary` and `cxrsam evaluate` end to end, in a subprocess like a user runs them."""
+"""`cxrsam data summary` and `cxrsam evaluate` end to end, in a subprocess like a user runs them or in this
+process (``cli``, the same ``main()``)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,63 @@ def test_evaluate_perturbed_masks(phantoms, tmp_path):
         assert got[name] == pytest.approx(dice, abs=1e-5)
     assert got[gt_paths[-1].stem] == 0.0
     assert "missing prediction" in res.stderr and "95% CI" in res.stdout
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_evaluate_refuses_per_image_scores_the_others_and_fails_at_the_end(phantoms, cli, tmp_path):
+    gt_dir, pred_dir, out = phantoms / "masks", tmp_path / "pred", tmp_path / "results.csv"
+    gt_paths = sorted(gt_dir.iterdir())[:4]
+    names = [p.stem for p in gt_paths]
+    for path in gt_paths:
+        write_mask(pred_dir / path.name, read_mask(path))
+    write_mask(pred_dir / gt_paths[0].name, read_mask(gt_paths[0])[:, :48])  # half the width
+    write_mask(pred_dir / f"{names[1]}_mask.png", read_mask(gt_paths[1]))     # a second file named like it
+    res = cli("evaluate", "--pred", pred_dir, "--gt", gt_dir, "--out", out)
+    assert res.returncode == 1
+    lines = error_lines(res.stderr)
+    assert len(lines) == 3 and lines[-1] == "error: 2 of 12 image(s) not scored (listed above)"
+    assert lines[0] == (f"error: {pred_dir / gt_paths[0].name}: prediction is 48x96 but its ground truth "
+                        f"{gt_paths[0]} is 96x96 (another aspect ratio)")
+    assert lines[1].startswith(f"error: {pred_dir / gt_paths[1].name}: has the same name {names[1]!r} as "
+                               f"{pred_dir / (names[1] + '_mask.png')}")
+    frame = pd.read_csv(out)
+    scored = frame.set_index("name")["dice"]
+    assert len(scored) == 10 and (scored[names[2:4]] == 1.0).all() and (scored.drop(names[2:4]) == 0.0).all()
+    assert "8 missing prediction(s)" in res.stderr  # the phantoms without a prediction, scored Dice 0
+
+
+def test_evaluate_checks_out_before_scoring(cli, tmp_path, deny_write):
+    empty_gt = tmp_path / "gt"  # scoring would fail on it: the --out problem must come first
+    empty_gt.mkdir()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep\n")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    deny_write(locked)
+    for out, problem in ((tmp_path, "is a folder"), (a_file / "results.csv", f"{a_file} is not a folder"),
+                         (locked / "results.csv", f"no permission to write in {locked}")):
+        res = cli("evaluate", "--pred", tmp_path, "--gt", empty_gt, "--out", out)
+        assert res.returncode == 1
+        [line] = [line for line in res.stderr.splitlines() if line.strip()]
+        assert line.startswith(f"error: {out}: ") and problem in line
+    assert a_file.read_text() == "keep\n"
+
+
+def test_file_names_that_look_like_console_markup_are_printed_as_they_are(phantoms, cli, tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    lungs = read_mask(sorted((phantoms / "masks").iterdir())[0])
+    for name in ("[red]a", "[nostyle]b", "[bold]c"):  # [nostyle] is no style: rich raises on it
+        write_mask(gt_dir / f"{name}.png", lungs)
+    write_mask(pred_dir / "[red]a.png", lungs)
+    (pred_dir / "[nostyle]b.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    res = cli("evaluate", "--pred", pred_dir, "--gt", gt_dir, "--out", tmp_path / "[i]r.csv")
+    assert res.returncode == 1
+    lines = error_lines(res.stderr)
+    assert len(lines) == 2 and lines[0].startswith(f"error: {pred_dir / '[nostyle]b.png'}: not an image")
+    assert "1 of 3 image(s) not scored" in lines[1]
+    assert "1 missing prediction(s) (scored Dice 0): [bold]c" in res.stderr
+    assert f"per-image results: {tmp_path / '[i]r.csv'}" in res.stdout
+    assert list(pd.read_csv(tmp_path / "[i]r.csv")["name"]) == ["[bold]c", "[red]a"]

@@ -59,6 +59,47 @@ def test_mask_values(tmp_path, values):
     assert mask.dtype == bool and mask.sum() == 12 * 8
 
 
+LUNG = np.zeros((24, 40), bool)
+LUNG[4:20, 5:17] = LUNG[4:20, 23:35] = True
+
+
+def _palette(colours: list[int], transparent: int | None = None):
+    """A P-mode maker: index 1 = lung, index 0 = background, the palette given as flat RGB."""
+
+    def make(path):
+        img = Image.fromarray(LUNG.astype(np.uint8), mode="P")
+        img.putpalette(colours)
+        img.save(path, **({} if transparent is None else {"transparency": transparent}))
+
+    return make
+
+
+def _channels(*planes):
+    return np.dstack([np.where(LUNG, lung, back).astype(np.uint8) for lung, back in planes])
+
+
+@pytest.mark.parametrize("name, suffix, mode, make", [
+    ("1", ".png", "1", lambda p: Image.fromarray(LUNG).save(p)),
+    ("L", ".png", "L", lambda p: Image.fromarray(LUNG.astype(np.uint8) * 255).save(p)),
+    ("LA opaque", ".png", "LA", lambda p: Image.fromarray(_channels((255, 0), (255, 255)), mode="LA").save(p)),
+    ("P", ".png", "P", _palette([0, 0, 0, 255, 255, 255])),
+    ("P red lung, transparent background", ".png", "P", _palette([0, 0, 0, 255, 0, 0], transparent=0)),
+    ("P transparent lung", ".png", "P", _palette([0, 0, 0, 255, 255, 255], transparent=1)),
+    ("RGB red", ".png", "RGB", lambda p: Image.fromarray(_channels((255, 0), (0, 0), (0, 0))).save(p)),
+    ("RGBA opaque", ".png", "RGBA", lambda p: Image.fromarray(_channels((255, 0), (255, 0), (255, 0), (255, 255))).save(p)),
+    ("RGBA transparent lung", ".png", "RGBA", lambda p: Image.fromarray(_channels((0, 0), (200, 0), (0, 0), (0, 255))).save(p)),
+    ("I;16", ".png", "I;16", lambda p: Image.fromarray(LUNG.astype(np.uint16) * 1000).save(p)),
+    ("I", ".tif", "I", lambda p: Image.fromarray(LUNG.astype(np.int32) * 70000).save(p)),
+    ("F", ".tif", "F", lambda p: Image.fromarray(LUNG.astype(np.float32) * 0.5).save(p)),
+])
+def test_mask_lung_comes_from_grey_or_colour_in_every_mode_never_alpha(tmp_path, name, suffix, mode, make):
+    path = tmp_path / f"mask{suffix}"
+    make(path)
+    with Image.open(path) as img:
+        assert img.mode == mode
+    np.testing.assert_array_equal(read_mask(path), LUNG)
+
+
 def test_rgb_mask_and_resize(tmp_path):
     m = np.zeros((32, 32, 3), np.uint8)
     m[:16] = 255
@@ -136,6 +177,19 @@ def test_dicom_window_applied(tmp_path):
     x = read_image(_dicom(tmp_path / "w.dcm", arr, window=(1000, 400)))
     # Values below 800 clip to black, above 1200 to white: most of the ramp saturates.
     assert (x.pixels[0] == 0).sum() >= 13 and (x.pixels[0] == 1).sum() >= 43
+
+
+@pytest.mark.parametrize("syntax, named", [("jpeg2000", "JPEG 2000 Image Compression (Lossless Only)"),
+                                            ("unknown", "1.2.3.4.5.6.7")])
+def test_undecodable_dicom_is_one_line_naming_the_transfer_syntax(tmp_path, undecodable_dicom, syntax, named,
+                                                                  recwarn):
+    path = undecodable_dicom(tmp_path / "x.dcm", syntax)
+    with pytest.raises(CxrsamError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: unreadable DICOM (transfer syntax {named} cannot be decoded here: ")
+    assert "\n" not in message and message.endswith(")")
+    assert not recwarn.list
 
 
 def test_jsrt_raw(tmp_path):

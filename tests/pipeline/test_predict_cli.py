@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ from cxrsam.data.io import XRay, read_image, read_mask
 from cxrsam.errors import CxrsamError
 from cxrsam.evaluation.metrics import dice_score
 from cxrsam.files import sha256_file
-from cxrsam.pipeline.outputs import Segmentation, lung_areas, output_paths, write_outputs
-from cxrsam.pipeline.segmenter import add_points, parse_box
+from cxrsam.pipeline.outputs import Segmentation, lung_areas, output_format, output_paths, write_outputs
+from cxrsam.pipeline.segmenter import add_points, parse_box, validate_box
 from cxrsam.prompts import Prompts, PromptSet
 
 
@@ -57,6 +58,36 @@ def test_parse_box_rules():
     for bad in ("1,2,3", "a,b,c,d", "30,2,1,40"):
         with pytest.raises(CxrsamError, match="--box"):
             parse_box(bad)
+
+
+def test_validate_box_refuses_a_box_outside_the_image_and_clips_one_reaching_out():
+    size = (60, 80)  # H, W
+    box, warning = validate_box([5, 10, 29, 49], size)
+    assert box.tolist() == [5, 10, 29, 49] and warning is None
+    box, warning = validate_box([29, 49, 5, 10], size)  # corners in any order
+    assert box.tolist() == [5, 10, 29, 49] and warning is None
+    box, warning = validate_box([-10, 50, 100, 70], size)
+    assert box.tolist() == [0, 50, 79, 59] and "reaches outside the 80x60 image; clipped to 0,50,79,59" in warning
+    for outside in ([100, 10, 120, 40], [10, -40, 40, -5], [79, 10, 120, 40], [-30, 10, 0, 40]):
+        with pytest.raises(CxrsamError, match="lies outside the 80x60 image"):
+            validate_box(outside, size)
+    for malformed in ([1, 2, 3], [0, 0, float("nan"), 5]):
+        with pytest.raises(CxrsamError, match="four numbers"):
+            validate_box(malformed, size)
+
+
+def test_nifti_without_nibabel_is_refused_before_any_image_is_read(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel now raises ImportError
+    from cxrsam.pipeline import segment_images
+
+    output_format("png")
+    with pytest.raises(CxrsamError, match="unknown output format 'jpeg'"):
+        output_format("jpeg")
+    with pytest.raises(CxrsamError) as info:
+        # an image that does not exist would be reported as failed if any image were looked at
+        segment_images(None, [tmp_path / "absent.png"], tmp_path / "out", box=np.zeros(4), format="nifti")
+    assert str(info.value) == "--format nifti needs the optional package nibabel (pip install 'cxrsam[nifti]')"
+    assert not (tmp_path / "out").exists()
 
 
 def _segmentation(spacing=(0.4, 0.4)) -> Segmentation:

@@ -121,6 +121,22 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(phantoms64, straight_run,
     assert_same_run(straight_run, run)
 
 
+def test_resume_removes_the_temp_file_of_a_killed_checkpoint_write(phantoms64, tmp_path):
+    config = tiny_config(phantoms64, epochs=2)
+
+    def kill_after_first(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cnn(config, tmp_path / "run", on_epoch_end=kill_after_first)
+    stale = tmp_path / "run" / ".last.pt.q7x2k_0a.tmp.pt"  # what a SIGKILL inside save_checkpoint leaves
+    stale.write_bytes((tmp_path / "run" / "last.pt").read_bytes()[:1000])
+    train_cnn(config, tmp_path / "run", resume=True)
+    assert not stale.exists()
+    assert loop.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
 def test_resume_refuses_changed_settings_and_missing_run(phantoms64, tmp_path):
     config = tiny_config(phantoms64, epochs=1)
     run = train_cnn(config, tmp_path / "run")

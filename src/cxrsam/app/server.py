@@ -18,7 +18,7 @@ Endpoints (all JSON unless stated):
     Downloads of the current mask ({0, 255}, original size) and its JSON record.
 
 State returned after upload and each refinement: ``mask`` (PNG data URL or null), ``mask_pixels``,
-``result`` (the JSON record of :func:`cxrsam.predict.result_dict`, or null) and ``message``.
+``result`` (the JSON record of :func:`cxrsam.pipeline.outputs.result_dict`, or null) and ``message``.
 
 Safety: bind to loopback (the CLI's default); request bodies above ``max_upload_mb`` are refused
 with 413 before they are read in full; the file type is decided by decoding the content, never by
@@ -46,7 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cxrsam.data.io import XRay, read_image
 from cxrsam.errors import CxrsamError
-from cxrsam.predict import Segmentation, Segmenter, image_png, mask_png, result_dict, validate_points
+from cxrsam.pipeline.outputs import Segmentation, image_png, mask_png, result_dict
+from cxrsam.pipeline.segmenter import Segmenter, validate_points
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
 MAX_POINTS = 64
@@ -123,7 +124,7 @@ def _data_url(png: bytes) -> str:
 
 
 def create_app(segmenter: Segmenter, max_upload_mb: float = 64.0, max_sessions: int = 16) -> FastAPI:
-    """The FastAPI app around one :class:`~cxrsam.predict.Segmenter`.
+    """The FastAPI app around one :class:`~cxrsam.pipeline.segmenter.Segmenter`.
 
     Args:
         segmenter: SAM (LoRA run or pretrained) and, optionally, the CNN giving automatic drafts.

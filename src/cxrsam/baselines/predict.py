@@ -9,7 +9,6 @@ fills holes.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from cxrsam.config import resolve_device
 from cxrsam.data.dataset import resize_image
 from cxrsam.errors import CxrsamError
 from cxrsam.runs import BEST, MANIFEST_CSV, load_checkpoint, require_finite, verify_checksum
-
-log = logging.getLogger(__name__)
 
 
 class CnnPredictor:

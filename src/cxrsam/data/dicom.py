@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,12 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
+def _first_line(exc: Exception) -> str:
+    """``Type: first line of the message``: pydicom's messages list every decoder plugin on further lines."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].rstrip(':') if lines else 'no message'}"
+
+
 def read_dicom(path: str | Path) -> XRay:
     """Read a single-frame grayscale DICOM radiograph.
 
@@ -34,11 +41,20 @@ def read_dicom(path: str | Path) -> XRay:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(path, force=True)
-        arr = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for broken files
-        raise CxrsamError(f"unreadable DICOM ({type(exc).__name__}: {exc})", path=path) from None
+    with warnings.catch_warnings():  # pydicom warns (several lines) about quirks it recovers from
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception as exc:  # pydicom raises many types for broken files
+            raise CxrsamError(f"unreadable DICOM ({_first_line(exc)})", path=path) from None
+        try:
+            arr = ds.pixel_array
+        except Exception as exc:
+            syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+            if syntax is not None and (not syntax.is_transfer_syntax or syntax.is_compressed):
+                raise CxrsamError(f"unreadable DICOM (transfer syntax {syntax.name} cannot be decoded here: "
+                                  f"{_first_line(exc)})", path=path) from None
+            raise CxrsamError(f"unreadable DICOM ({_first_line(exc)})", path=path) from None
     if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         arr = arr[0]
     if arr.ndim != 2:

@@ -131,22 +131,30 @@ def read_image(path: str | Path) -> XRay:
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a lung mask as a bool array (H, W); any non-zero pixel is lung.
+    """Read a lung mask as a bool array (H, W); any non-zero grey or colour value is lung.
 
-    Accepts {0,1}, {0,255}, multi-valued label maps and RGB masks with equal channels (any
-    channel non-zero counts). With ``size=(H, W)`` the mask is resized by nearest neighbour.
+    Accepts {0,1}, {0,255}, multi-valued label maps and colour masks (any colour channel non-zero
+    counts) in every image mode (1, L, LA, P, RGB, RGBA, I;16, I, F). An alpha channel or palette
+    transparency never decides: an opaque RGBA mask is read from its colours. With ``size=(H, W)``
+    the mask is resized by nearest neighbour.
     """
     path = Path(path)
     require_file(path, "mask file")
     array = _open_pil(path)
-    mask = array.any(axis=2) if array.ndim == 3 else array != 0
+    mask = array[..., :3].any(axis=2) if array.ndim == 3 else array != 0
     if size is not None and mask.shape != tuple(size):
         mask = resize_mask(mask, size)
     return mask
 
 
 ASPECT_TOLERANCE = 0.02
-"""Largest relative aspect-ratio difference between a draft mask and its image that is still resized."""
+"""Largest relative aspect-ratio difference between two masks (or a mask and its image) that is still resized."""
+
+
+def aspect_differs(shape: tuple[int, ...], other: tuple[int, ...]) -> bool:
+    """True when (H, W) ``shape`` and ``other`` differ in aspect ratio by more than :data:`ASPECT_TOLERANCE`."""
+    (h, w), (oh, ow) = shape[:2], other[:2]
+    return abs((w / h) / (ow / oh) - 1) > ASPECT_TOLERANCE
 
 
 def read_draft(path: str | Path, size: tuple[int, int], allow_empty: bool = False) -> np.ndarray:
@@ -159,7 +167,7 @@ def read_draft(path: str | Path, size: tuple[int, int], allow_empty: bool = Fals
     """
     mask = read_mask(path)
     (mh, mw), (h, w) = mask.shape, size
-    if abs((mw / mh) / (w / h) - 1) > ASPECT_TOLERANCE:
+    if aspect_differs(mask.shape, size):
         raise CxrsamError(f"draft mask is {mw}x{mh} but the image is {w}x{h} (different aspect ratio)", path=path)
     if not allow_empty and not mask.any():
         raise CxrsamError("draft mask is empty: no lung to prompt SAM with", path=path)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cxrsam.data.io import list_images, read_mask
+from cxrsam.data.io import aspect_differs, list_images, read_mask
 from cxrsam.errors import CxrsamError
 from cxrsam.evaluation.metrics import METRICS, segmentation_metrics
 from cxrsam.evaluation.stats import summarize
@@ -23,11 +24,12 @@ def evaluate_masks(preds: dict[str, np.ndarray | None], gts: dict[str, np.ndarra
     """Per-image metrics: one row per ground-truth name, columns ``name`` + :data:`METRICS` + ``empty_flag``.
 
     A missing prediction (absent or None) scores Dice/IoU/precision/recall 0 and NaN distances, flagged
-    ``"missing"``. When a prediction has another size than its ground truth, the **ground truth is resized
-    to the prediction** (nearest neighbour): predictions are made at the image's own size, and masks of
-    another size (the COVID-19 Radiography Database's 256x256 masks for 299x299 images) are brought to the
-    image the same way for training and for the experiment's evaluation, so every score is computed on
-    the same grid (resizing the prediction down instead costs about 0.02 Dice on that data).
+    ``"missing"``. When a prediction has another size than its ground truth (of the same aspect ratio:
+    :func:`evaluate_dirs` refuses another one), the **ground truth is resized to the prediction** (nearest
+    neighbour): predictions are made at the image's own size, and masks of another size (the COVID-19
+    Radiography Database's 256x256 masks for 299x299 images) are brought to the image the same way for
+    training and for the experiment's evaluation, so every score is computed on the same grid (resizing the
+    prediction down instead costs about 0.02 Dice on that data).
     """
     rows, warned = [], False
     for name in sorted(gts):
@@ -51,16 +53,65 @@ def evaluate_masks(preds: dict[str, np.ndarray | None], gts: dict[str, np.ndarra
     return frame[cols] if len(frame) else pd.DataFrame(columns=["name", *METRICS, "empty_flag"])
 
 
-def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """Match masks by file stem and score them; returns (per-image table, names missing a prediction)."""
-    gt_files = {p.stem.removesuffix("_mask"): p for p in list_images(gt_dir)}
-    if not gt_files:
+@dataclass
+class FolderEvaluation:
+    """What :func:`evaluate_dirs` did.
+
+    Attributes:
+        frame: per-image metrics (:func:`evaluate_masks`) of every ground truth that was scored.
+        missing: names without a prediction (scored Dice 0, flagged ``missing``).
+        refused: one line per name that was not scored, naming the file(s) at fault: two files with
+            the same name, a prediction of another aspect ratio than its ground truth, an unreadable mask.
+    """
+
+    frame: pd.DataFrame
+    missing: list[str]
+    refused: list[str]
+
+
+def _masks_by_name(folder: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Mask files of ``folder`` by name (stem without ``_mask``), and the names that two or more files share
+    (``x.png`` and ``x_mask.png``, ``x.png`` and ``x.tif``) with a line naming those files."""
+    groups: dict[str, list[Path]] = {}
+    for path in list_images(folder):
+        groups.setdefault(path.stem.removesuffix("_mask"), []).append(path)
+    unique = {name: paths[0] for name, paths in groups.items() if len(paths) == 1}
+    shared = {name: str(CxrsamError(f"has the same name {name!r} as {', '.join(map(str, paths[1:]))}; "
+                                    "rename or remove one of them", path=paths[0]))
+              for name, paths in groups.items() if len(paths) > 1}
+    return unique, shared
+
+
+def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path) -> FolderEvaluation:
+    """Match masks by name (file stem, ``_mask`` removed) and score them.
+
+    A prediction of another size but the same aspect ratio (within :data:`~cxrsam.data.io.ASPECT_TOLERANCE`)
+    is scored with its ground truth resized to it (:func:`evaluate_masks`); another aspect ratio, a name that
+    two files share (in either folder) or an unreadable mask is refused for that name, and the others are
+    scored.
+    """
+    gt_files, refused = _masks_by_name(gt_dir)
+    if not gt_files and not refused:
         raise CxrsamError("no ground-truth masks found", path=gt_dir)
-    pred_files = {p.stem.removesuffix("_mask"): p for p in list_images(pred_dir)}
-    gts = {name: read_mask(path) for name, path in gt_files.items()}
-    preds = {name: read_mask(pred_files[name]) for name in gts if name in pred_files}
+    pred_files, pred_shared = _masks_by_name(pred_dir)
+    refused.update({name: line for name, line in pred_shared.items() if name in gt_files})
+    gts, preds = {}, {}
+    for name, gt_path in gt_files.items():
+        if name in refused:
+            continue
+        try:
+            gt = read_mask(gt_path)
+            if name in pred_files:
+                pred = read_mask(pred_files[name])
+                if aspect_differs(pred.shape, gt.shape):
+                    raise CxrsamError(f"prediction is {pred.shape[1]}x{pred.shape[0]} but its ground truth {gt_path} "
+                                      f"is {gt.shape[1]}x{gt.shape[0]} (another aspect ratio)", path=pred_files[name])
+                preds[name] = pred
+            gts[name] = gt
+        except CxrsamError as exc:
+            refused[name] = str(exc)
     missing = sorted(set(gts) - set(preds))
-    return evaluate_masks(preds, gts), missing
+    return FolderEvaluation(evaluate_masks(preds, gts), missing, [refused[name] for name in sorted(refused)])
 
 
 def summary_table(frame: pd.DataFrame, metrics: tuple[str, ...] = METRICS, seed: int = 0) -> pd.DataFrame:

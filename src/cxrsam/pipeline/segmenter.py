@@ -37,19 +37,25 @@ def parse_box(text: str) -> np.ndarray:
     return np.array(values, dtype=np.float32)
 
 
-def validate_box(box: Sequence[float] | np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
-    """A hand-given box (4,) ``x0, y0, x1, y1`` for an image of ``size=(H, W)``: clipped to the image when it
-    overlaps it only partly (with a warning), refused (:class:`CxrsamError`) when malformed or entirely outside."""
-    values = np.asarray(box, dtype=np.float64).reshape(-1)
+def validate_box(box: Sequence[float] | np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, str | None]:
+    """A hand-given box (x0, y0, x1, y1 in pixels, corners in any order) on an image of ``size=(H, W)``:
+    (4,) float32 clipped to the image, and a warning when clipping changed it (else None). A box that is
+    not four finite numbers, or has no area inside the image, raises :class:`CxrsamError`."""
+    values = np.asarray(box, dtype=np.float32).reshape(-1)
+    if values.shape != (4,) or not np.isfinite(values).all():
+        raise CxrsamError(f"a box is four numbers x0,y0,x1,y1, got {np.asarray(box).tolist()}")
     h, w = size
-    if values.size != 4 or not np.isfinite(values).all() or values[2] <= values[0] or values[3] <= values[1]:
-        raise CxrsamError(f"a box must be x0,y0,x1,y1 with x0 < x1 and y0 < y1, got {values.tolist()}")
-    x0, y0, x1, y1 = values
-    if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
-        raise CxrsamError(f"the box {values.tolist()} lies entirely outside the {w}x{h} image")
-    clipped = clip_box(values, size)
-    warnings = [] if np.allclose(clipped, values) else [f"box clipped to the {w}x{h} image"]
-    return clipped, warnings
+    x0, x1 = sorted(values[[0, 2]])
+    y0, y1 = sorted(values[[1, 3]])
+    given = np.array([x0, y0, x1, y1], dtype=np.float32)
+    text = ",".join(f"{v:g}" for v in given)
+    if x1 <= 0 or y1 <= 0 or x0 >= w - 1 or y0 >= h - 1:
+        raise CxrsamError(f"box {text} lies outside the {w}x{h} image")
+    clipped = clip_box(given, size)
+    if np.array_equal(clipped, given):
+        return given, None
+    return clipped, (f"box {text} reaches outside the {w}x{h} image; clipped to "
+                     + ",".join(f"{v:g}" for v in clipped))
 
 
 def validate_points(points: Sequence[Sequence[float]] | np.ndarray | None, labels: Sequence[int] | np.ndarray | None,
@@ -152,8 +158,9 @@ class Segmenter:
                                 prompts=Prompts([], size, "none", 0), source="cnn", models=self.models)
         spec = None
         if box is not None:
-            box_arr, warnings = validate_box(box, size)
-            prompt = PromptSet(box=box_arr.astype(np.float32))
+            box_arr, warning = validate_box(box, size)
+            warnings += [warning] if warning else []
+            prompt = PromptSet(box=box_arr)
             if clicks is not None:
                 prompt.points, prompt.labels = clicks
             prompts = Prompts([prompt], size, "box" if clicks is None else "box+points", 0)

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxrsam.config import LoopConfig, resolve_device
 from cxrsam.errors import CxrsamError
-from cxrsam.files import atomic_path
+from cxrsam.files import atomic_path, remove_stale_temps
 from cxrsam.runs import BEST, CURVES_PNG, LAST, METRICS_CSV, forget, load_checkpoint, record_checksum, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,8 @@ class Trainer:
         """Train until ``epochs``/``max_steps`` or early stopping; with ``resume`` continue ``last.pt``."""
         cfg, acc = self.config, self.accelerator
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:  # temporary files of a write killed in an earlier start (e.g. a half last.pt)
+            remove_stale_temps(self.run_dir)
         epoch, step, best_dice, best_epoch, bad_epochs = 0, 0, -math.inf, -1, 0
         history: list[dict[str, float]] = []
         finished = False
