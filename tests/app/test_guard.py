@@ -48,6 +48,16 @@ def test_host_header_must_be_an_allowed_host(client, host, status):
         assert "is not served" in res.json()["detail"]
 
 
+def test_missing_or_repeated_host_header_refused():
+    from cxrsam.app.server import LOOPBACK_HOSTS, RequestGuard, allowed_host_set
+
+    guard = RequestGuard(None, allowed_host_set(LOOPBACK_HOSTS))
+    for hosts in ([], [b"localhost", b"localhost"], [b"localhost", b"evil.example"]):
+        refusal = guard.refusal({"type": "http", "method": "GET", "headers": [(b"host", h) for h in hosts]})
+        assert refusal is not None and refusal.status_code == 400, hosts
+    assert guard.refusal({"type": "http", "method": "GET", "headers": [(b"host", b"localhost")]}) is None
+
+
 def test_foreign_host_refused_before_any_work(client, phantom_256):
     """Refused before the body is read: an oversized body gets 400 (not 413) and nothing is uploaded."""
     res = client.post("/api/images", headers={"Host": "rebound.example:8000", "Content-Length": str(1 << 30)},
