@@ -136,7 +136,8 @@ def read_image_bytes(data: bytes, name: str | Path, max_pixels: int = MAX_PIXELS
     PNG/JPEG/TIFF/BMP/GIF, decided by content only.
 
     ``name`` only names the image (errors, ``XRay.path``). The same checks as :func:`read_image`
-    apply, with ``max_pixels`` (at most :data:`MAX_PIXELS`) checked from the header before decoding.
+    apply, with ``max_pixels`` (the app passes a budget below :data:`MAX_PIXELS`) checked from the
+    header before decoding.
     """
     from cxrsam.data.dicom import has_dicom_magic, read_dicom
 
