@@ -398,20 +398,25 @@ def app_command(
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; other hosts expose the app)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MiB")] = 64.0,
+    allow_host: Annotated[Optional[list[str]], typer.Option(
+        "--allow-host", help="Also serve this host[:port] (Host header, Origin of uploads and clicks; no port: "
+                             "any port), e.g. the name the app is reached by; repeatable")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Local web page: upload a CXR, see the lung mask, refine it with clicks or a box, download mask and JSON."""
     import uvicorn
 
-    from cxrsam.app.server import create_app
+    from cxrsam.app.server import create_app, served_hosts
     from cxrsam.pipeline import build_segmenter
 
+    allowed = served_hosts(host, port, allow_host or [])
     segmenter = build_segmenter(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
                                 spec=_prompt_spec(prompt, "per_lung", 3, "distance", None, 0.0, False, 0), device=device)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] binding to {escape(host)} exposes the app to other machines")
     out.print(escape(f"cxrsam app on http://{host}:{port}/ (Ctrl+C to stop)"))
-    uvicorn.run(create_app(segmenter, max_upload_mb=max_upload_mb), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(segmenter, max_upload_mb=max_upload_mb, allowed_hosts=allowed), host=host, port=port,
+                log_level="warning")
 
 
 weights_app = typer.Typer(help="Official segment_anything checkpoints (vit_b, vit_l, vit_h).", no_args_is_help=True)

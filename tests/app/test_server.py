@@ -28,9 +28,10 @@ def manual_client(litemedsam):
 
 
 def create(sam, drafter=None, **limits):
+    """The app around ``sam``, serving TestClient's host (``testserver``)."""
     from cxrsam.app.server import create_app
 
-    return create_app(Segmenter(sam, drafter=drafter), **limits)
+    return create_app(Segmenter(sam, drafter=drafter), allowed_hosts=["testserver"], **limits)
 
 
 def test_real_image_box_then_background_click_then_downloads(manual_client, shared_data, lung_point):
@@ -107,3 +108,39 @@ def test_refused_uploads_and_requests(manual_client, phantom_256):
         assert manual_client.post(f"/api/images/{ids[2]}/segment", json=bad).status_code == 422, bad
     assert manual_client.post("/api/images/..%2F..%2Fetc/segment", json={}).status_code in (404, 422)
     assert manual_client.get("/api/images/" + "0" * 32 + "/mask.png").status_code == 404
+
+
+def test_uploads_stay_in_memory(litemedsam, monkeypatch):
+    """A 1.2 MB upload (over Starlette's 1 MiB spool size) is parsed and decoded without a temporary file."""
+    import tempfile
+
+    def no_temp_files(*args, **kwargs):
+        raise AssertionError("the upload went to a temporary file")
+
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp", "TemporaryDirectory"):
+        monkeypatch.setattr(tempfile, name, no_temp_files)
+    noise = (np.random.default_rng(0).random((1100, 1100)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) > 1.1 * 2**20
+    client = TestClient(create(litemedsam, max_upload_mb=4))
+    body = client.post("/api/images", files={"file": ("noise.png", buffer.getvalue())}).json()
+    assert (body["width"], body["height"]) == (1100, 1100)
+
+
+def test_sessions_and_cached_embeddings_capped_at_max_sessions(tiny_sam, phantom_256):
+    from cxrsam.app.server import create_app
+
+    segmenter = Segmenter(tiny_sam)
+    client = TestClient(create_app(segmenter, max_sessions=2, allowed_hosts=["testserver"]))
+    pixels = np.asarray(Image.open(phantom_256[0]))
+    ids = []
+    for k in range(4):  # four different images
+        buffer = io.BytesIO()
+        Image.fromarray(np.rot90(pixels, k).copy()).save(buffer, format="PNG")
+        ids.append(client.post("/api/images", files={"file": (f"r{k}.png", buffer.getvalue())}).json()["id"])
+    assert segmenter.engine.memory_items == 2 and len(segmenter.engine._memory) == 2
+    assert [client.get(f"/api/images/{i}/result.json").status_code for i in ids] == [404, 404, 404, 404]
+    assert client.post(f"/api/images/{ids[0]}/segment", json={}).status_code == 404  # dropped
+    assert client.post(f"/api/images/{ids[3]}/segment", json={"box": [0, 0, 255, 255]}).status_code == 200
+    assert client.get("/api/info").json()["max_pixels"] == 25_000_000

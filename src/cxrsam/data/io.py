@@ -6,9 +6,11 @@ Every reader returns plain numpy arrays with documented shapes and raises
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -45,10 +47,13 @@ class XRay:
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
 
 
-def _check_shape(shape: tuple[int, ...], path: Path) -> None:
+def _check_shape(shape: tuple[int, ...], path: Path, max_pixels: int = MAX_PIXELS, frames: int = 1) -> None:
+    """Refuse an image of ``shape`` (H, W, ...) with more than ``max_pixels`` pixels in all ``frames``
+    or a side under :data:`MIN_SIDE`; called on the header's size, before the pixels are decoded."""
     h, w = shape[:2]
-    if h * w > MAX_PIXELS:
-        raise CxrsamError(f"image too large ({w}x{h} pixels, limit {MAX_PIXELS:,})", path=path)
+    if h * w * frames > max_pixels:
+        counted = f"{w}x{h} pixels" + (f" x {frames} frames" if frames != 1 else "")
+        raise CxrsamError(f"image too large ({counted}, limit {max_pixels:,})", path=path)
     if min(h, w) < MIN_SIDE:
         raise CxrsamError(f"image too small ({w}x{h} pixels, need at least {MIN_SIDE} per side)", path=path)
 
@@ -82,12 +87,14 @@ def normalize_intensity(array: np.ndarray, bit_depth: int | None = None) -> np.n
     return (array - lo) / (hi - lo)
 
 
-def _open_pil(path: Path) -> np.ndarray:
+def _open_pil(path: Path, source: BinaryIO | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode the image file ``path`` (or its content ``source``; ``path`` then only names it) to an
+    array, refusing it from its header size (see :func:`_check_shape`) before the pixels are decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                _check_shape((img.height, img.width), path)
+            with Image.open(path if source is None else source) as img:
+                _check_shape((img.height, img.width), path, max_pixels)
                 img.load()
                 if img.mode == "P":
                     img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -104,7 +111,7 @@ def _open_pil(path: Path) -> np.ndarray:
         raise CxrsamError("not an image (content is not a known image format)", path=path) from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise CxrsamError("image too large (decompression-bomb limit)", path=path) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # PIL raises many types for broken files
         raise CxrsamError(f"unreadable image ({exc})", path=path) from None
 
 
@@ -121,11 +128,36 @@ def read_image(path: str | Path) -> XRay:
         return read_dicom(path)
     if path.suffix.lower() == ".img":
         return read_jsrt_raw(path)
-    array = _open_pil(path)
+    return _pil_xray(path)
+
+
+def read_image_bytes(data: bytes, name: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
+    """Read a CXR held in memory (an upload): DICOM when ``data`` carries the DICOM magic, else
+    PNG/JPEG/TIFF/BMP/GIF, decided by content only.
+
+    ``name`` only names the image (errors, ``XRay.path``). The same checks as :func:`read_image`
+    apply, with ``max_pixels`` (the app passes a budget below :data:`MAX_PIXELS`) checked from the
+    header before decoding.
+    """
+    from cxrsam.data.dicom import has_dicom_magic, read_dicom
+
+    name = Path(name)
+    if not data:
+        raise CxrsamError("empty image file (0 bytes)", path=name)
+    if has_dicom_magic(data):
+        return read_dicom(name, source=io.BytesIO(data), max_pixels=max_pixels)
+    return _pil_xray(name, io.BytesIO(data), max_pixels)
+
+
+def _pil_xray(path: Path, source: BinaryIO | None = None, max_pixels: int = MAX_PIXELS) -> XRay:
+    """An :class:`XRay` from a PIL-readable image (arguments as :func:`_open_pil`)."""
+    array = _open_pil(path, source, max_pixels)
     try:
         gray = _to_gray(array)
     except ValueError as exc:
         raise CxrsamError(f"unsupported image ({exc})", path=path) from None
+    if gray.dtype.kind == "f" and not np.isfinite(gray).all():
+        raise CxrsamError("unsupported image (NaN or infinite pixel values)", path=path)
     bit_depth = 8 if array.dtype == np.uint8 else 16
     return XRay(pixels=normalize_intensity(gray, bit_depth), path=path, bit_depth=bit_depth)
 
