@@ -158,9 +158,10 @@ def test_cli_allow_list_is_loopback_at_the_port_plus_allow_host(monkeypatch, lit
     import uvicorn
 
     import cxrsam.cli
+    import cxrsam.pipeline
 
     served = {}
-    monkeypatch.setattr(cxrsam.cli, "_segmenter", lambda *args: Segmenter(litemedsam))
+    monkeypatch.setattr(cxrsam.pipeline, "build_segmenter", lambda **options: Segmenter(litemedsam))
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
     result = CliRunner().invoke(cxrsam.cli.app, ["app", "--port", "8765", "--allow-host", "cxr.lan"])
     assert result.exit_code == 0, result.output
@@ -169,6 +170,6 @@ def test_cli_allow_list_is_loopback_at_the_port_plus_allow_host(monkeypatch, lit
     for host, status in [("localhost:8765", 200), ("127.0.0.1:8765", 200), ("[::1]:8765", 200),
                          ("localhost:8000", 400), ("cxr.lan:8080", 200), ("other.lan:8765", 400)]:
         assert client.get("/api/info", headers={"Host": host}).status_code == status, host
-    monkeypatch.setattr(cxrsam.cli, "_segmenter", lambda *args: pytest.fail("models loaded before the check"))
+    monkeypatch.setattr(cxrsam.pipeline, "build_segmenter", lambda **options: pytest.fail("models loaded before the check"))
     result = CliRunner().invoke(cxrsam.cli.app, ["app", "--allow-host", "cxr.lan/x"])
     assert isinstance(result.exception, CxrsamError) and "'cxr.lan/x' is not host[:port]" in str(result.exception)
