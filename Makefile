@@ -19,4 +19,5 @@ demo: install
 	$(BIN)/cxrsam demo
 
 test: install-dev
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q

@@ -16,12 +16,12 @@ import time
 
 import torch
 
+from cxrsam.baselines.config import make_config
 from cxrsam.baselines.models import ARCHITECTURES, build_cnn
 from cxrsam.baselines.predict import CnnPredictor
 from cxrsam.data.dataset import SegmentationDataset, load_case
 from cxrsam.data.layouts import discover, require_cases
 from cxrsam.data.split import split_cases
-from cxrsam.baselines.config import make_config
 
 
 def _sync(device: torch.device) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxrsam.baselines.drafts import CnnDrafts
 from cxrsam.data.dataset import load_case
 from cxrsam.data.split import read_manifest
 from cxrsam.evaluation.evaluate import write_csv
@@ -29,7 +30,7 @@ from cxrsam.evaluation.stats import paired_comparison, summarize
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.lora import load_run, read_adapter_info
 from cxrsam.sam.registry import build_sam
-from cxrsam.sam.zeroshot import dice_by_prompt_variant, drafts_from_cnn
+from cxrsam.sam.zeroshot import dice_by_prompt_variant
 from cxrsam.train.finetune import read_config
 from results_md import replace_section
 
@@ -45,13 +46,13 @@ def evaluate(run: Path, cnn_runs: list[Path], limit: int | None) -> pd.DataFrame
     drafts = {"oracle boxes": truths}
     rows = []
     for cnn in cnn_runs:
-        predict = drafts_from_cnn(cnn)
+        predict = CnnDrafts(cnn)
         drafts[f"{cnn.name} boxes"] = [predict(x) for x in xrays]
         rows += [{"stem": x.path.stem, "method": f"{cnn.name} alone", "dice": dice_score(d, t)}
                  for x, d, t in zip(xrays, drafts[f"{cnn.name} boxes"], truths, strict=True)]
     info = read_adapter_info(run)
-    engines = {f"zero-shot {info['backend']}": SamEngine(build_sam(info["backend"], info["base_checkpoint"])),
-               f"LoRA {info['backend']}": SamEngine(load_run(run))}
+    engines = {f"zero-shot {info.backend}": SamEngine(build_sam(info.backend, info.base_checkpoint)),
+               f"LoRA {info.backend}": SamEngine(load_run(run))}
     for name, engine in engines.items():
         frame = dice_by_prompt_variant(engine, xrays, truths, drafts, VARIANTS)
         rows += [{"stem": r.stem, "method": f"{name} with {r.source}", "dice": r.dice} for r in frame.itertuples()]

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrsam.baselines.drafts import drafts_from_path
 from cxrsam.data.dataset import load_case, resize_mask_square
 from cxrsam.data.layouts import discover, require_cases
 from cxrsam.data.split import split_cases
 from cxrsam.prompts.prompts import prompts_from_mask
-from cxrsam.sam.zeroshot import drafts_from_path
 
 COORDS = ("x0", "y0", "x1", "y1")
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from cxrsam.baselines.drafts import CnnDrafts
 from cxrsam.data.dataset import load_case
 from cxrsam.data.layouts import discover, require_cases
 from cxrsam.data.split import split_cases
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.registry import build_sam
-from cxrsam.sam.zeroshot import dice_by_prompt_variant, drafts_from_cnn
+from cxrsam.sam.zeroshot import dice_by_prompt_variant
 from results_md import replace_section
 
 ORACLE_VARIANTS = {
@@ -80,7 +81,7 @@ def main() -> None:
     xrays, truths = [x for x, _ in pairs], [m for _, m in pairs]
     drafts = {"ground truth": truths}
     for run in args.cnn_run:
-        predictor = drafts_from_cnn(run)
+        predictor = CnnDrafts(run)
         drafts[f"CNN `{run.name}`"] = [predictor(x) for x in xrays]
     engine = SamEngine(build_sam(args.backend, args.checkpoint), memory_items=8)
     only = {source: CNN_VARIANTS for source in drafts if source != "ground truth"}

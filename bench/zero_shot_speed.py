@@ -49,7 +49,7 @@ from cxrsam.errors import CxrsamError
 from cxrsam.evaluation.metrics import iou_score
 from cxrsam.profiling import measure
 from cxrsam.prompts import Prompts, prompts_from_mask
-from cxrsam.sam.engine import SamEngine, postprocess, preprocess, prompt_batch
+from cxrsam.sam.engine import SamEngine, prompt_batch
 from cxrsam.sam.registry import LoadedSam, build_sam, get_backend
 
 SECTIONS = ("throughput", "reprompt", "scaling")
@@ -92,12 +92,12 @@ def litemedsam_loop(loaded: LoadedSam, images: Sequence[np.ndarray], prompts: Se
     masks = []
     with torch.no_grad():
         for pixels, prompt in zip(images, prompts, strict=True):
-            model_input = preprocess(loaded, [pixels])
+            model_input = loaded.spec.transform.images([pixels], loaded.device)
             mask = np.zeros(pixels.shape, bool)
             for prompt_set in prompt.sets:
                 box = prompt_batch(loaded.spec, [prompt_set], pixels.shape, loaded.device).boxes[0]
                 low_res = loaded.model(model_input, box)
-                mask |= (postprocess(low_res[0, 0], loaded.spec, pixels.shape) > 0).cpu().numpy()
+                mask |= (loaded.spec.transform.logits_to_image(low_res[0, 0], pixels.shape) > 0).cpu().numpy()
             masks.append(mask)
     return masks
 

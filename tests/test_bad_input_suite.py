@@ -247,7 +247,7 @@ CASES: dict[str, tuple[Callable, tuple]] = {
 
 def _table() -> list:
     rows = []
-    for case, (make, commands) in CASES.items():
+    for case, (_make, commands) in CASES.items():
         for command in commands:
             if isinstance(command, str):
                 rows.append(pytest.param(case, command, id=f"{case} | {command}"))

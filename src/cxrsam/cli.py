@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,22 +23,22 @@ console = Console(stderr=True, soft_wrap=True)  # soft wrap: a long path stays o
 out = Console(soft_wrap=True)
 
 LayoutOpt = Annotated[str, typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")]
-ClassesOpt = Annotated[Optional[list[str]], typer.Option("--classes", help="COVID-19 layout: class folders to use")]
+ClassesOpt = Annotated[list[str] | None, typer.Option("--classes", help="COVID-19 layout: class folders to use")]
 ImagesOpt = Annotated[list[Path], typer.Option("--images", help="Image files or folders (PNG/JPEG/TIFF/DICOM)")]
-MoreImagesArg = Annotated[Optional[list[Path]], typer.Argument(
+MoreImagesArg = Annotated[list[Path] | None, typer.Argument(
     help="More image files or folders (so `--images a.png b/` works)", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("--out", help="Folder for <stem>_mask.png, <stem>_overlay.png, <stem>.json and "
                                                     "results.csv (not an input folder)")]
-DraftsFromOpt = Annotated[Optional[Path], typer.Option(
+DraftsFromOpt = Annotated[Path | None, typer.Option(
     "--drafts-from", help="CNN run folder (train-cnn) whose draft masks give the prompts")]
-DraftsOpt = Annotated[Optional[Path], typer.Option(
+DraftsOpt = Annotated[Path | None, typer.Option(
     "--drafts", help="Folder of draft masks <stem>.png or <stem>_mask.png (e.g. another run's output)")]
-BoxOpt = Annotated[Optional[str], typer.Option("--box", help="One box x0,y0,x1,y1 (pixels) used for every image")]
+BoxOpt = Annotated[str | None, typer.Option("--box", help="One box x0,y0,x1,y1 (pixels) used for every image")]
 PromptOpt = Annotated[str, typer.Option("--prompt", help="Prompts from drafts: box | points | box+points")]
 BoxModeOpt = Annotated[str, typer.Option("--box-mode", help="per_lung (masks merged) | enclosing")]
 PointsOpt = Annotated[int, typer.Option("--points-per-lung", help="Positive points per lung")]
 StrategyOpt = Annotated[str, typer.Option(help="Point placement: distance | kmeans | random")]
-NegativesOpt = Annotated[Optional[list[str]], typer.Option(
+NegativesOpt = Annotated[list[str] | None, typer.Option(
     "--negative", help="Negative points: mediastinum and/or outside (repeat the option)")]
 MarginOpt = Annotated[float, typer.Option(help="Pixels added to each box side")]
 MultimaskOpt = Annotated[bool, typer.Option(help="Keep the best of SAM's 3 candidates by predicted IoU")]
@@ -46,8 +46,8 @@ SeedOpt = Annotated[int, typer.Option(help="Prompt seed (kmeans/random points)")
 BackendOpt = Annotated[str, typer.Option(help="SAM backend without --run: litemedsam | vit_b | vit_l | vit_h")]
 FormatOpt = Annotated[str, typer.Option("--format", help="Mask file format: png | nifti (.nii.gz, needs nibabel)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: a GPU when present)")]
-CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="On-disk embedding cache")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1,
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="On-disk embedding cache")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1,
                                                  help="Images per encoder call [default: 1 on CPU, 4 on GPU]")]
 
 
@@ -169,36 +169,36 @@ def _run_options(given: dict, out_dir: Path, resume: bool, read_config, config_f
     return {**flat, **given}
 
 
-ConfigOpt = Annotated[Optional[Path], typer.Option(
+ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="YAML of settings (a run's config.yaml format); options given here win")]
-SetOpt = Annotated[Optional[list[str]], typer.Option(
+SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Dotted override KEY=VALUE, e.g. --set loop.lr=1e-3 (repeat)")]
 
 
 @app.command("train-cnn")
 def train_cnn_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder to create (or continue with --resume)")],
-    arch: Annotated[Optional[str], typer.Option(help="unet | deeplabv3plus")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Dataset root")] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")] = None,
+    arch: Annotated[str | None, typer.Option(help="unet | deeplabv3plus")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset root")] = None,
+    layout: Annotated[str | None, typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")] = None,
     classes: ClassesOpt = None,
-    split: Annotated[Optional[str], typer.Option(help="train,val,test ratios [default: 0.8,0.1,0.1]")] = None,
-    split_seed: Annotated[Optional[int], typer.Option(help="Split seed [default: 0]")] = None,
-    encoder: Annotated[Optional[str], typer.Option(help="smp encoder [default: resnet18]")] = None,
-    encoder_weights: Annotated[Optional[str], typer.Option(help="e.g. imagenet (needs internet) [default: none]")] = None,
-    in_channels: Annotated[Optional[int], typer.Option(help="1, or 3 (grey replicated) [default: 1]")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Model input side, multiple of 32 [default: 256]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs [default: 30]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process [default: 8]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate [default: 1e-3]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [default: 1e-4]")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs [default: 10]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Training seed [default: 0]")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="auto | no | bf16 | fp16 [default: auto]")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [default: 1]")] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0]")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
+    split: Annotated[str | None, typer.Option(help="train,val,test ratios [default: 0.8,0.1,0.1]")] = None,
+    split_seed: Annotated[int | None, typer.Option(help="Split seed [default: 0]")] = None,
+    encoder: Annotated[str | None, typer.Option(help="smp encoder [default: resnet18]")] = None,
+    encoder_weights: Annotated[str | None, typer.Option(help="e.g. imagenet (needs internet) [default: none]")] = None,
+    in_channels: Annotated[int | None, typer.Option(help="1, or 3 (grey replicated) [default: 1]")] = None,
+    size: Annotated[int | None, typer.Option(help="Model input side, multiple of 32 [default: 256]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs [default: 30]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size per process [default: 8]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate [default: 1e-3]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay [default: 1e-4]")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early stopping patience in epochs [default: 10]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Training seed [default: 0]")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="auto | no | bf16 | fp16 [default: auto]")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps [default: 1]")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers [default: 0]")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
     config_file: ConfigOpt = None,
     sets: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --out from its last.pt")] = False,
@@ -242,9 +242,9 @@ def predict_cnn_command(
 def eval_cnn_command(
     run: Annotated[Path, typer.Option("--run", help="Run folder written by train-cnn")],
     split: Annotated[str, typer.Option(help="Part of the run's manifest to score: train | val | test")] = "test",
-    results: Annotated[Optional[Path], typer.Option("--out", help="Per-image CSV [default: RUN/eval-<split>.csv]")] = None,
+    results: Annotated[Path | None, typer.Option("--out", help="Per-image CSV [default: RUN/eval-<split>.csv]")] = None,
     postprocess: Annotated[bool, typer.Option(help="Keep the two largest components and fill holes")] = True,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda [default: cuda if present]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda [default: cuda if present]")] = None,
 ) -> None:
     """Score a CNN run on its own split at each image's original size (Dice, IoU, HD95, ...)."""
     from cxrsam.baselines.predict import evaluate_cnn_run
@@ -332,7 +332,7 @@ def predict_command(
     images: ImagesOpt,
     out_dir: OutOpt,
     more_images: MoreImagesArg = None,
-    run: Annotated[Optional[Path], typer.Option("--run", help="LoRA run folder (default: pretrained SAM backend)")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="LoRA run folder (default: pretrained SAM backend)")] = None,
     drafts_from: DraftsFromOpt = None,
     drafts: DraftsOpt = None,
     box: BoxOpt = None,
@@ -345,7 +345,7 @@ def predict_command(
     multimask: MultimaskOpt = False,
     seed: SeedOpt = 0,
     backend: BackendOpt = "litemedsam",
-    checkpoint: Annotated[Optional[Path], typer.Option(
+    checkpoint: Annotated[Path | None, typer.Option(
         help="SAM checkpoint (without --run: the backend's weights; with --run: the base the run was trained on)")] = None,
     output_format: FormatOpt = "png",
     device: DeviceOpt = "auto",
@@ -375,7 +375,7 @@ def zero_shot_command(
     multimask: MultimaskOpt = False,
     seed: SeedOpt = 0,
     backend: BackendOpt = "litemedsam",
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file [default: the backend's own]")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint file [default: the backend's own]")] = None,
     output_format: FormatOpt = "png",
     device: DeviceOpt = "auto",
     cache_dir: CacheOpt = None,
@@ -389,16 +389,16 @@ def zero_shot_command(
 
 @app.command("app")
 def app_command(
-    run: Annotated[Optional[Path], typer.Option("--run", help="LoRA run folder (default: pretrained SAM backend)")] = None,
-    drafts_from: Annotated[Optional[Path], typer.Option(
+    run: Annotated[Path | None, typer.Option("--run", help="LoRA run folder (default: pretrained SAM backend)")] = None,
+    drafts_from: Annotated[Path | None, typer.Option(
         "--drafts-from", help="CNN run folder: automatic mask on upload (without it, drag a box first)")] = None,
     prompt: PromptOpt = "box",
     backend: BackendOpt = "litemedsam",
-    checkpoint: Annotated[Optional[Path], typer.Option(help="SAM checkpoint (see predict --help)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="SAM checkpoint (see predict --help)")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; other hosts expose the app)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MiB")] = 64.0,
-    allow_host: Annotated[Optional[list[str]], typer.Option(
+    allow_host: Annotated[list[str] | None, typer.Option(
         "--allow-host", help="Also serve this host[:port] (Host header, Origin of uploads and clicks; no port: "
                              "any port), e.g. the name the app is reached by; repeatable")] = None,
     device: DeviceOpt = "auto",
@@ -445,7 +445,7 @@ def weights_list() -> None:
 @weights_app.command("download")
 def weights_download(
     name: Annotated[str, typer.Argument(help="vit_b | vit_l | vit_h")],
-    directory: Annotated[Optional[Path], typer.Option("--dir", help="Target folder [default: $CXRSAM_WEIGHTS "
+    directory: Annotated[Path | None, typer.Option("--dir", help="Target folder [default: $CXRSAM_WEIGHTS "
                                                                     "or ~/.cache/cxrsam/weights]")] = None,
 ) -> None:
     """Download an official SAM checkpoint and verify its published SHA-256."""
@@ -458,48 +458,48 @@ def weights_download(
 @app.command("finetune")
 def finetune_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder to create (or continue with --resume)")],
-    data: Annotated[Optional[Path], typer.Option(help="Dataset root")] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset root")] = None,
+    layout: Annotated[str | None, typer.Option("--layout", help="covid19 | montgomery | shenzhen | jsrt | folder | auto")] = None,
     classes: ClassesOpt = None,
-    split: Annotated[Optional[str], typer.Option(help="train,val,test ratios [default: 0.8,0.1,0.1]")] = None,
-    split_seed: Annotated[Optional[int], typer.Option(help="Split seed [default: 0]")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="SAM backend: litemedsam | vit_b | vit_l | vit_h [default: litemedsam]")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Base checkpoint [default: the backend's own]")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank [default: 8]")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (scale alpha/rank) [default: 8]")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout [default: 0]")] = None,
-    targets: Annotated[Optional[list[str]], typer.Option(
+    split: Annotated[str | None, typer.Option(help="train,val,test ratios [default: 0.8,0.1,0.1]")] = None,
+    split_seed: Annotated[int | None, typer.Option(help="Split seed [default: 0]")] = None,
+    backend: Annotated[str | None, typer.Option(help="SAM backend: litemedsam | vit_b | vit_l | vit_h [default: litemedsam]")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Base checkpoint [default: the backend's own]")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank [default: 8]")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scale alpha/rank) [default: 8]")] = None,
+    dropout: Annotated[float | None, typer.Option(help="LoRA dropout [default: 0]")] = None,
+    targets: Annotated[list[str] | None, typer.Option(
         "--target", help="Layers with adapters: qkv, proj, mlp, decoder_attn (repeat) [default: qkv]")] = None,
     freeze_decoder: Annotated[bool, typer.Option("--freeze-decoder", help="Train the adapters only (mask decoder frozen)")] = False,
-    train_prompt: Annotated[Optional[str], typer.Option(help="Training prompts: box | points | box+points | mixed [default: mixed]")] = None,
-    box_jitter: Annotated[Optional[float], typer.Option(help="Box noise std, fraction of the box side [default: 0.05]")] = None,
-    points_per_lung: Annotated[Optional[int], typer.Option(help="Points per lung [default: 3]")] = None,
-    val_prompt: Annotated[Optional[str], typer.Option(help="Validation prompts: box | points | box+points [default: box]")] = None,
-    val_drafts: Annotated[Optional[Path], typer.Option(
+    train_prompt: Annotated[str | None, typer.Option(help="Training prompts: box | points | box+points | mixed [default: mixed]")] = None,
+    box_jitter: Annotated[float | None, typer.Option(help="Box noise std, fraction of the box side [default: 0.05]")] = None,
+    points_per_lung: Annotated[int | None, typer.Option(help="Points per lung [default: 3]")] = None,
+    val_prompt: Annotated[str | None, typer.Option(help="Validation prompts: box | points | box+points [default: box]")] = None,
+    val_drafts: Annotated[Path | None, typer.Option(
         help="Validation drafts: mask folder or CNN run folder [default: ground truth (oracle)]")] = None,
-    iou_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the IoU-head MSE loss [default: 0]")] = None,
-    augment: Annotated[Optional[bool], typer.Option(
+    iou_loss_weight: Annotated[float | None, typer.Option(help="Weight of the IoU-head MSE loss [default: 0]")] = None,
+    augment: Annotated[bool | None, typer.Option(
         "--augment/--no-augment", help="Random rotation, scale, shift, brightness and gamma of training images [default: on]")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute encoder blocks in backward [default: off]")] = None,
-    max_train_cases: Annotated[Optional[int], typer.Option(help="Use only the first N training cases")] = None,
-    max_val_cases: Annotated[Optional[int], typer.Option(help="Validate on the first N validation cases")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs [default: 20]")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps")] = None,
-    steps_per_epoch: Annotated[Optional[int], typer.Option(
+    max_train_cases: Annotated[int | None, typer.Option(help="Use only the first N training cases")] = None,
+    max_val_cases: Annotated[int | None, typer.Option(help="Validate on the first N validation cases")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs [default: 20]")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(
         help="Validate and checkpoint every N optimizer steps (each epoch a new shuffle) [default: one data pass]")] = None,
-    validate_start: Annotated[Optional[bool], typer.Option(
+    validate_start: Annotated[bool | None, typer.Option(
         "--validate-start/--no-validate-start",
         help="Validate the untouched model as epoch 0 (best checkpoint never worse than SAM itself) [default: on]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per process and step [default: 4]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate [default: 2e-4]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [default: 1e-4]")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs [default: 5]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Training seed [default: 0]")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="auto | no | bf16 | fp16 [default: auto]")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [default: 1]")] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per process and step [default: 4]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate [default: 2e-4]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay [default: 1e-4]")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early stopping patience in epochs [default: 5]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Training seed [default: 0]")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="auto | no | bf16 | fp16 [default: auto]")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps [default: 1]")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers [default: 0]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
     config_file: ConfigOpt = None,
     sets: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --out from its last.pt")] = False,
@@ -527,9 +527,9 @@ def finetune_command(
 @app.command("export")
 def export_command(
     run: Annotated[Path, typer.Option("--run", help="LoRA run folder written by finetune")],
-    merged: Annotated[Optional[Path], typer.Option("--merged", help="Plain checkpoint (.pth) with the LoRA merged in")] = None,
-    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="ONNX file of the merged encoder + decoder")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Base checkpoint the run was trained on [default: recorded path]")] = None,
+    merged: Annotated[Path | None, typer.Option("--merged", help="Plain checkpoint (.pth) with the LoRA merged in")] = None,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file of the merged encoder + decoder")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Base checkpoint the run was trained on [default: recorded path]")] = None,
 ) -> None:
     """Merge a LoRA run into its base: a checkpoint in the backend's own format (loads without peft), and/or ONNX."""
     from cxrsam.sam.lora import export_merged, export_onnx
@@ -546,7 +546,7 @@ def export_command(
 def experiment_command(
     config: Annotated[Path, typer.Argument(help="Experiment YAML (see configs/)")],
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder; re-running skips finished stages")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="Override data.root")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Override data.root")] = None,
 ) -> None:
     """The paper's comparison in one command: split, CNNs, drafts, zero-shot SAM, LoRA-SAM, evaluation, report."""
     from cxrsam.experiment import load_config
@@ -557,7 +557,7 @@ def experiment_command(
 
 @app.command("demo")
 def demo_command(
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: generated phantoms)")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset folder (default: generated phantoms)")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder")] = Path("runs/demo"),
 ) -> None:
     """The whole pipeline at small scale on the embedded default (phantoms + pretrained LiteMedSAM)."""

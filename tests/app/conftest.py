@@ -19,7 +19,7 @@ from PIL import Image
 from cxrsam.data.io import read_mask
 
 BOMB_SIDE = 7000
-"""Side of the image bombs (pixels): 49 MP, just under cxrsam.data.io.MAX_PIXELS, over the app's limit."""
+"""Side of the image bombs (pixels): 49 MP, just under cxrsam.data.xray.MAX_PIXELS, over the app's limit."""
 DICOM_BOMB_SIDE = 12000
 
 

@@ -84,8 +84,8 @@ def test_predict_output_feeds_zero_shot_drafts_and_finetune_validation(cli, tiny
     assert sorted(source.files) == sorted(p.stem for p in list_images(images))
     second = cli("zero-shot", "--images", images, "--drafts", tmp_path / "round1", "--out", tmp_path / "round2")
     assert second.returncode == 0, second.stderr
-    from cxrsam.train.finetune import _val_prompts, make_config
     from cxrsam.data.layouts import Case
+    from cxrsam.train.finetune import _val_prompts, make_config
 
     cases = [Case(p.stem, p, [drafts / p.name], ["both"], "folder") for p in list_images(images)]
     config = make_config(data=tmp_path, backend="tiny_sam", checkpoint=tiny_backend, val_drafts=tmp_path / "round1")

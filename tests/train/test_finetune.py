@@ -11,11 +11,11 @@ import yaml
 from typer.testing import CliRunner
 
 from cxrsam.errors import CxrsamError
+from cxrsam.runs import load_checkpoint
 from cxrsam.sam import lora
 from cxrsam.sam.registry import BACKENDS, build_sam
 from cxrsam.sam.testing import TINY_SIZE, tiny_spec, write_tiny_checkpoint
 from cxrsam.train import finetune as ft
-from cxrsam.runs import load_checkpoint
 
 
 @pytest.fixture

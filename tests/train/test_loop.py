@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import os
 import random
 import signal
@@ -16,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
+from cxrsam.baselines.config import make_config
 from cxrsam.errors import CxrsamError
 from cxrsam.train import loop
-from cxrsam.baselines.config import make_config
 from cxrsam.train.cnn import train_cnn
 
 

@@ -10,7 +10,8 @@ Endpoints (all JSON unless stated):
     Reads the upload into memory, decodes it by content (:func:`cxrsam.data.io.read_image_bytes`),
     encodes it once, and -- with a CNN run -- segments it from the CNN's draft. Returns ``id``, the
     image as a PNG data URL and the state (below).
-``POST /api/images/{id}/segment`` with ``{"box": [x0, y0, x1, y1] | null, "points": [[x, y], ...], "labels": [1|0, ...]}``
+``POST /api/images/{id}/segment``
+    with ``{"box": [x0, y0, x1, y1] | null, "points": [[x, y], ...], "labels": [1|0, ...]}``
     Decodes the prompts against the cached embedding (milliseconds on CPU for LiteMedSAM). Without
     a box, points refine the automatic (draft) prompts; with no prompts at all the automatic mask
     comes back (or none without a CNN run). Boxes need x0 < x1 and y0 < y1; boxes and points must
@@ -72,7 +73,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cxrsam.data.io import MAX_PIXELS, XRay, read_image_bytes
+from cxrsam.data.io import read_image_bytes
+from cxrsam.data.xray import MAX_PIXELS, XRay
 from cxrsam.errors import CxrsamError
 from cxrsam.pipeline.outputs import Segmentation, image_png, mask_png, result_dict
 from cxrsam.pipeline.segmenter import Segmenter, validate_points
@@ -291,7 +293,7 @@ def create_app(segmenter: Segmenter, max_upload_mb: float = 64.0, max_sessions: 
             Its engine's in-memory embedding cache is capped at ``max_sessions``.
         max_upload_mb: largest accepted upload in MiB.
         max_sessions: uploads kept in memory (least recently used dropped).
-        max_pixels: largest accepted image in pixels (at most :data:`cxrsam.data.io.MAX_PIXELS`),
+        max_pixels: largest accepted image in pixels (at most :data:`cxrsam.data.xray.MAX_PIXELS`),
             checked from the file header before decoding.
         allowed_hosts: ``host`` or ``host:port`` entries served (Host header, and Origin of POSTs);
             an entry without a port allows any port.

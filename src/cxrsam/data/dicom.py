@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from cxrsam.data.io import MAX_PIXELS, XRay, _check_shape, normalize_intensity
+from cxrsam.data.xray import MAX_PIXELS, XRay, check_shape, normalize_intensity
 from cxrsam.errors import CxrsamError
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def _check_header(ds: Dataset, path: Path, max_pixels: int) -> int:
         raise CxrsamError(f"unreadable DICOM header ({frames} frames of {bits}-bit samples)", path=path)
     if samples != 1:
         raise CxrsamError(f"unsupported DICOM: expected grayscale, got {samples} samples per pixel", path=path)
-    _check_shape((rows, cols), path, max_pixels, frames)
+    check_shape((rows, cols), path, max_pixels, frames)
     return rows * cols * frames * -(-bits // 8)
 
 

@@ -8,56 +8,18 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cxrsam.data.dicom import has_dicom_magic, is_dicom, read_dicom, read_jsrt_raw
+from cxrsam.data.xray import MAX_PIXELS, XRay, check_shape, normalize_intensity
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, require_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".img", ".gif"}
-MAX_PIXELS = 50_000_000
-"""Largest image accepted (pixels). Real CXR are at most ~4300x4300 (18.5 MP)."""
-MIN_SIDE = 16
-"""Smallest accepted image side (pixels); anything smaller cannot hold a lung."""
-
-
-@dataclass
-class XRay:
-    """A chest X-ray as read from disk.
-
-    Attributes:
-        pixels: float32 array (H, W) in [0, 1]; brighter = more attenuation (bone white).
-        path: the source file.
-        spacing_mm: (row, col) pixel spacing in millimetres, or None when unknown.
-        bit_depth: bits of the stored samples (8, 12, 16).
-    """
-
-    pixels: np.ndarray
-    path: Path
-    spacing_mm: tuple[float, float] | None = None
-    bit_depth: int = 8
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(H, W) in pixels."""
-        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
-
-
-def _check_shape(shape: tuple[int, ...], path: Path, max_pixels: int = MAX_PIXELS, frames: int = 1) -> None:
-    """Refuse an image of ``shape`` (H, W, ...) with more than ``max_pixels`` pixels in all ``frames``
-    or a side under :data:`MIN_SIDE`; called on the header's size, before the pixels are decoded."""
-    h, w = shape[:2]
-    if h * w * frames > max_pixels:
-        counted = f"{w}x{h} pixels" + (f" x {frames} frames" if frames != 1 else "")
-        raise CxrsamError(f"image too large ({counted}, limit {max_pixels:,})", path=path)
-    if min(h, w) < MIN_SIDE:
-        raise CxrsamError(f"image too small ({w}x{h} pixels, need at least {MIN_SIDE} per side)", path=path)
-
-
 def _to_gray(array: np.ndarray) -> np.ndarray:
     """(H, W), (H, W, 3) or (H, W, 4) -> (H, W); RGB by luminance, alpha dropped."""
     if array.ndim == 2:
@@ -72,29 +34,14 @@ def _to_gray(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported array shape {array.shape}")
 
 
-def normalize_intensity(array: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
-    """Map stored samples to float32 [0, 1].
-
-    8-bit data is divided by 255. Deeper data (12/16-bit PNG, TIFF, DICOM, raw) is scaled by
-    its own min/max, because 12-bit values stored in 16-bit containers would otherwise look black.
-    """
-    if array.dtype == np.uint8 or bit_depth == 8:
-        return (array.astype(np.float32) / 255.0).clip(0, 1)
-    array = array.astype(np.float32)
-    lo, hi = float(array.min()), float(array.max())
-    if hi <= lo:
-        return np.zeros_like(array, dtype=np.float32)
-    return (array - lo) / (hi - lo)
-
-
 def _open_pil(path: Path, source: BinaryIO | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode the image file ``path`` (or its content ``source``; ``path`` then only names it) to an
-    array, refusing it from its header size (see :func:`_check_shape`) before the pixels are decoded."""
+    array, refusing it from its header size (see :func:`cxrsam.data.xray.check_shape`) before the pixels are decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path if source is None else source) as img:
-                _check_shape((img.height, img.width), path, max_pixels)
+                check_shape((img.height, img.width), path, max_pixels)
                 img.load()
                 if img.mode == "P":
                     img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -120,8 +67,6 @@ def read_image(path: str | Path) -> XRay:
 
     Returns an :class:`XRay` whose ``pixels`` are float32 (H, W) in [0, 1].
     """
-    from cxrsam.data.dicom import is_dicom, read_dicom, read_jsrt_raw
-
     path = Path(path)
     require_file(path, "image file")
     if path.suffix.lower() in (".dcm", ".dicom") or is_dicom(path):
@@ -139,8 +84,6 @@ def read_image_bytes(data: bytes, name: str | Path, max_pixels: int = MAX_PIXELS
     apply, with ``max_pixels`` (the app passes a budget below :data:`MAX_PIXELS`) checked from the
     header before decoding.
     """
-    from cxrsam.data.dicom import has_dicom_magic, read_dicom
-
     name = Path(name)
     if not data:
         raise CxrsamError("empty image file (0 bytes)", path=name)

@@ -31,14 +31,21 @@ from cxrsam.data.dataset import load_case
 from cxrsam.data.io import mask_file_name, read_image, read_mask, write_mask
 from cxrsam.data.layouts import Case, discover, require_cases
 from cxrsam.data.split import read_manifest, split_cases, write_manifest
+from cxrsam.errors import CxrsamError
 from cxrsam.evaluation.evaluate import evaluate_masks, write_csv
 from cxrsam.experiment.cache import StageCache
 from cxrsam.experiment.config import ExperimentConfig, PromptSection
-from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_write_text, sha256_file
 from cxrsam.profiling import measure
-from cxrsam.report import MethodInfo, ReportContent, comparison_table, dice_boxplot, overlay_grid, training_curves
-from cxrsam.report import write_report
+from cxrsam.report import (
+    MethodInfo,
+    ReportContent,
+    comparison_table,
+    dice_boxplot,
+    overlay_grid,
+    training_curves,
+    write_report,
+)
 from cxrsam.report.tables import table_markdown
 
 log = logging.getLogger(__name__)
@@ -249,7 +256,8 @@ class Experiment:
         for done in cnn_runs.values():
             done["train_seconds"] = _train_seconds(done["run"])
         sources = {*cfg.zero_shot.draft_sources, *(cfg.lora.draft_sources if cfg.lora.enabled else [])}
-        drafts = {s: self._drafts(s, test, cnn_runs.get(s)) for s in [*cfg.cnn.archs, *sorted(sources - set(cfg.cnn.archs))]}
+        order = [*cfg.cnn.archs, *sorted(sources - set(cfg.cnn.archs))]
+        drafts = {s: self._drafts(s, test, cnn_runs.get(s)) for s in order}
 
         for arch in cfg.cnn.archs:
             name = SOURCE_NAMES[arch]

@@ -25,6 +25,7 @@ from cxrsam.files import atomic_path
 from cxrsam.prompts import Prompts, PromptSpec
 from cxrsam.prompts.components import lung_components
 
+
 class OutputFormat(StrEnum):
     """Mask file format: ``png`` ({0, 255}) or ``nifti`` (``.nii.gz``, uint8 {0, 1}; needs nibabel)."""
 

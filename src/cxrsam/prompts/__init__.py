@@ -1,6 +1,6 @@
 """Point and box prompts for SAM derived from a draft lung mask."""
 
-from cxrsam.prompts.prompts import BOX_MODES, MODES, PromptSet, Prompts, prompts_from_mask
+from cxrsam.prompts.prompts import BOX_MODES, MODES, Prompts, PromptSet, prompts_from_mask
 from cxrsam.prompts.spec import BoxMode, NegativeKind, PointStrategy, PromptMode, PromptSpec, image_seed
 
 __all__ = ["BOX_MODES", "MODES", "BoxMode", "NegativeKind", "PointStrategy", "PromptMode", "PromptSet", "PromptSpec",

@@ -8,6 +8,7 @@ use the same prompts.
 from __future__ import annotations
 
 import hashlib
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 

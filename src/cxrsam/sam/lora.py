@@ -326,7 +326,8 @@ class BoxPromptedSam(nn.Module):
 def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Export the run's merged encoder + decoder (box prompts) to ONNX (opset 17, legacy TorchScript exporter).
 
-    Inputs ``image`` (1, 3, S, S), made by the backend's transform (:meth:`cxrsam.sam.transforms.SamTransform.images`), and
+    Inputs ``image`` (1, 3, S, S), made by the backend's transform
+    (:meth:`cxrsam.sam.transforms.SamTransform.images`), and
     ``boxes`` (1, P, 4) in model-input pixels (P dynamic); outputs ``logits`` (1, P, 1, 4h, 4w) and
     ``iou`` (1, P, 1). Needs the optional ``onnx`` package (``pip install 'cxrsam[onnx]'``).
     """

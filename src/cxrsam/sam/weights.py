@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ def download_weights(name: str, directory: str | Path | None = None, timeout_s: 
     hint = f"put {weights.filename} (SHA-256 {weights.sha256}) in {folder}, or pass --checkpoint PATH"
     try:
         response = urllib.request.urlopen(weights.url, timeout=timeout_s)  # noqa: S310 - fixed https URL
-    except (urllib.error.URLError, socket.timeout, OSError) as exc:
+    except (TimeoutError, urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise CxrsamError(f"cannot download {weights.url} ({reason}); offline? {hint}") from None
     digest = hashlib.sha256()
@@ -104,7 +103,7 @@ def download_weights(name: str, directory: str | Path | None = None, timeout_s: 
                     handle.write(block)
                     digest.update(block)
                     bar.advance(task, len(block))
-            except (OSError, socket.timeout) as exc:
+            except (TimeoutError, OSError) as exc:
                 raise CxrsamError(f"download of {weights.url} failed ({exc}); {hint}") from None
         if digest.hexdigest() != weights.sha256:
             raise CxrsamError(f"downloaded file has SHA-256 {digest.hexdigest()}, expected {weights.sha256} "

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cxrsam.baselines.config import CnnTrainConfig
-from cxrsam.train.loop import Trainer, segmentation_dice, seed_everything
+from cxrsam.train.loop import Trainer, seed_everything, segmentation_dice
 from cxrsam.train.runs import prepare_run
 
 

@@ -37,15 +37,14 @@ from torch.utils.data import Dataset
 from cxrsam.config import DataFields, LoopConfig, resolve_device, settings_error
 from cxrsam.data.dataset import augment, load_case
 from cxrsam.data.layouts import Case
-from cxrsam.errors import CxrsamError
 from cxrsam.prompts import MODES, Prompts, PromptSpec, prompts_from_mask
 from cxrsam.prompts.components import lung_components
-from cxrsam.sam.engine import decode, prompt_batch
-from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, save_adapter, \
-    trainable_summary
-from cxrsam.sam.registry import LoadedSam, build_sam
 from cxrsam.runs import BEST, forget, load_checkpoint, read_run_config
-from cxrsam.train.loop import Trainer, segmentation_dice, seed_everything
+from cxrsam.sam.engine import decode, prompt_batch
+from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, save_adapter, trainable_summary
+from cxrsam.sam.registry import LoadedSam, build_sam
+from cxrsam.sam.transforms import SamTransform
+from cxrsam.train.loop import Trainer, seed_everything, segmentation_dice
 from cxrsam.train.runs import prepare_run
 
 log = logging.getLogger(__name__)
@@ -65,8 +64,8 @@ class FinetuneConfig(DataFields):
         "mixed", description="Prompts sampled from the ground truth per lung; mixed draws the kind per image")
     box_jitter: float = Field(0.05, ge=0, description="Training box noise std, fraction of the box side")
     points_per_lung: int = Field(3, ge=1, description="Random interior points per lung (training)")
-    val_prompts: PromptSpec = Field(PromptSpec(), description="How validation drafts become prompts: the same "
-                                                               "spec as the evaluation, so model selection sees its prompts")
+    val_prompts: PromptSpec = Field(PromptSpec(), description="How validation drafts become prompts: the "
+                                    "evaluation's spec, so model selection sees the prompts it is judged on")
     val_drafts: Path | None = Field(None, description="Validation draft source: a mask folder (by stem) or a "
                                                       "CNN run folder; None = ground truth (oracle prompts)")
     iou_loss_weight: float = Field(0.0, ge=0, description="Weight of the IoU-head MSE term (0: off)")

@@ -123,7 +123,8 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Call
     return factor
 
 
-def segmentation_dice(model: nn.Module, dataset: Dataset, logits_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]],
+def segmentation_dice(model: nn.Module, dataset: Dataset,
+                      logits_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]],
                       batch_size: int = 8, collate_fn: Callable | None = None) -> float:
     """Mean per-sample Dice of ``dataset`` (thresholded logits at 0), sharded over processes and gathered.
 
@@ -254,8 +255,14 @@ class Trainer:
 
     def _progress(self):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         console = Console(stderr=True)
         enabled = self.config.progress and self.accelerator.is_main_process and console.is_terminal
@@ -365,7 +372,8 @@ class Trainer:
                     loss_count += 1
                     seen += len(batch[0]) if isinstance(batch, (list, tuple)) else cfg.batch_size
                     best = track["best_dice"] if track["best_epoch"] >= 0 else None
-                    progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / loss_count:.4f}"
+                    info = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / loss_count:.4f}"
+                    progress.update(task, advance=1, info=info
                                     + (f" best Dice {best:.4f}" if best is not None else ""))
                     if (cfg.max_steps and step >= cfg.max_steps) or step - epoch_start_step >= self.steps_per_epoch:
                         break
