@@ -327,8 +327,10 @@ def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts
     _segment_folder(segmenter, images, out_dir, box=box, output_format=output_format)
 
 
+@app.command("zero-shot", help="Zero-shot SAM: `predict` with pretrained SAM (no --run); the same pipeline and outputs.")
 @app.command("predict")
 def predict_command(
+    ctx: typer.Context,
     images: ImagesOpt,
     out_dir: OutOpt,
     more_images: MoreImagesArg = None,
@@ -353,38 +355,11 @@ def predict_command(
     batch_size: BatchOpt = None,
 ) -> None:
     """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained."""
+    if ctx.info_name == "zero-shot" and run is not None:
+        raise CxrsamError("zero-shot uses pretrained SAM: drop --run, or use `cxrsam predict --run`")
     spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
     _segment_command([*images, *(more_images or [])], out_dir, run, drafts_from, drafts, box, spec, backend, checkpoint,
                      output_format, device, cache_dir, batch_size)
-
-
-@app.command("zero-shot")
-def zero_shot_command(
-    images: ImagesOpt,
-    out_dir: OutOpt,
-    more_images: MoreImagesArg = None,
-    drafts_from: DraftsFromOpt = None,
-    drafts: DraftsOpt = None,
-    box: BoxOpt = None,
-    prompt: PromptOpt = "box",
-    box_mode: BoxModeOpt = "per_lung",
-    points_per_lung: PointsOpt = 3,
-    strategy: StrategyOpt = "distance",
-    negatives: NegativesOpt = None,
-    margin: MarginOpt = 0.0,
-    multimask: MultimaskOpt = False,
-    seed: SeedOpt = 0,
-    backend: BackendOpt = "litemedsam",
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint file [default: the backend's own]")] = None,
-    output_format: FormatOpt = "png",
-    device: DeviceOpt = "auto",
-    cache_dir: CacheOpt = None,
-    batch_size: BatchOpt = None,
-) -> None:
-    """Zero-shot SAM (pretrained, no LoRA run): `predict` without --run; the same pipeline and outputs."""
-    spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
-    _segment_command([*images, *(more_images or [])], out_dir, None, drafts_from, drafts, box, spec, backend,
-                     checkpoint, output_format, device, cache_dir, batch_size)
 
 
 @app.command("app")
