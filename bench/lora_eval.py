@@ -27,6 +27,7 @@ from cxrsam.data.split import read_manifest
 from cxrsam.evaluation.evaluate import write_csv
 from cxrsam.evaluation.metrics import dice_score
 from cxrsam.evaluation.stats import paired_comparison, summarize
+from cxrsam.runs import RunFolder
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.lora import load_run, read_adapter_info
 from cxrsam.sam.registry import build_sam
@@ -40,7 +41,7 @@ VARIANTS = {"box": {"mode": "box"}}
 
 def evaluate(run: Path, cnn_runs: list[Path], limit: int | None) -> pd.DataFrame:
     """Per-image Dice, one row per (stem, method); methods ``<model> with <source>`` and ``<cnn> alone``."""
-    cases = read_manifest(run / "manifest.csv")["test"][:limit]
+    cases = read_manifest(RunFolder(run).manifest_file)["test"][:limit]
     pairs = [load_case(case) for case in cases]
     xrays, truths = [x for x, _ in pairs], [m for _, m in pairs]
     drafts = {"oracle boxes": truths}
@@ -71,7 +72,7 @@ def comparisons(frame: pd.DataFrame) -> list[tuple[str, str]]:
 
 def markdown(frame: pd.DataFrame, run: Path, command: str, seconds: float) -> str:
     config = read_config(run)
-    metrics = pd.read_csv(run / "metrics.csv")
+    metrics = RunFolder(run).metrics()
     wide = frame.pivot(index="stem", columns="method", values="dice")
     lines = [SECTION, "",
              f"Run `{run}`: backend `{config.backend}`, LoRA rank {config.lora.rank} (alpha {config.lora.alpha:g}) on "

@@ -19,9 +19,11 @@ import contextlib
 import json
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import yaml
 from pydantic import ValidationError
@@ -39,6 +41,56 @@ BEST = "best.pt"
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_JSON = "adapter.json"
 CHECKSUMS_JSON = "checksums.json"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A training run folder on disk, typed: where each file is and what state the run is in.
+
+    ``kind`` names it in messages (``"CNN"``, ``"fine-tuning"``). The weights themselves are opened by the
+    predictor of the run's kind (:func:`cxrsam.baselines.predict.load_cnn_run`, :func:`cxrsam.sam.lora.load_run`).
+    """
+
+    path: Path
+    kind: str = "training"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_YAML
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.path / MANIFEST_CSV
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_CSV
+
+    @property
+    def resume_file(self) -> Path:
+        return self.path / LAST
+
+    @property
+    def unfinished(self) -> bool:
+        """Whether the run holds resume state (it was started and not finished, or keeps its state on request)."""
+        return self.resume_file.is_file()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has its final weights (``best.pt`` of a CNN run, the adapters of a LoRA run)."""
+        return self.config_file.is_file() and any((self.path / n).is_file() for n in (BEST, ADAPTER_FILE))
+
+    def config(self, model: type[Config]) -> Config:
+        """``config.yaml`` validated into ``model``."""
+        return read_run_config(self.path, model, self.kind)
+
+    def metrics(self) -> pd.DataFrame:
+        """One row per epoch (``epoch, step, train_loss, lr, val_*, epoch_s, ...``); empty before the first epoch."""
+        return pd.read_csv(self.metrics_file) if self.metrics_file.is_file() else pd.DataFrame(columns=["epoch_s"])
+
+    def train_seconds(self) -> float:
+        """Training wall time: the sum of the epochs' times (all sessions of a resumed run)."""
+        return float(self.metrics()["epoch_s"].sum())
 
 
 def read_run_config(run_dir: str | Path, model: type[Config], kind: str) -> Config:

@@ -47,6 +47,7 @@ from cxrsam.report import (
     write_report,
 )
 from cxrsam.report.tables import table_markdown
+from cxrsam.runs import CONFIG_YAML, MANIFEST_CSV, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,6 @@ SOURCE_NAMES = {"unet": "U-Net", "deeplabv3plus": "DeepLabv3+", "oracle": "groun
 
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _train_seconds(run_dir: str | Path) -> float:
-    """Training wall time of a run: the sum of its epochs' times in ``metrics.csv`` (all sessions of a resumed run)."""
-    path = Path(run_dir) / "metrics.csv"
-    return float(pd.read_csv(path)["epoch_s"].sum()) if path.exists() else 0.0
 
 
 @dataclass
@@ -114,8 +109,8 @@ class Experiment:
         def split(stage_dir: Path) -> dict:
             found = discover(root, data.layout, data.classes)
             splits = split_cases(require_cases(found), data.split, data.split_seed)
-            write_manifest(stage_dir / "manifest.csv", splits)
-            return {"manifest": str(stage_dir / "manifest.csv"), **{k: len(v) for k, v in splits.items()}}
+            write_manifest(stage_dir / MANIFEST_CSV, splits)
+            return {"manifest": str(stage_dir / MANIFEST_CSV), **{k: len(v) for k, v in splits.items()}}
 
         done = self.cache.run("split", {"data": data_key, "split": data.split, "seed": data.split_seed}, split)
         splits = read_manifest(done["manifest"])
@@ -142,8 +137,8 @@ class Experiment:
         split_key = split_done["key"]
 
         def train(stage_dir: Path) -> dict:
-            train_cnn(config, stage_dir, resume=(stage_dir / "last.pt").exists())
-            return {"run": str(stage_dir), "train_seconds": _train_seconds(stage_dir)}
+            train_cnn(config, stage_dir, resume=RunFolder(stage_dir).unfinished)
+            return {"run": str(stage_dir), "train_seconds": RunFolder(stage_dir).train_seconds()}
 
         return self.cache.run(f"cnn-{arch}", {"split": split_key, "config": config.model_dump(mode="json")}, train)
 
@@ -234,9 +229,9 @@ class Experiment:
         split_key = split_done["key"]
 
         def train(stage_dir: Path) -> dict:
-            finetune(config, stage_dir, resume=(stage_dir / "last.pt").exists())
+            finetune(config, stage_dir, resume=RunFolder(stage_dir).unfinished)
             info = read_adapter_info(stage_dir)
-            return {"run": str(stage_dir), "train_seconds": _train_seconds(stage_dir),
+            return {"run": str(stage_dir), "train_seconds": RunFolder(stage_dir).train_seconds(),
                     "trainable": info.trainable}
 
         key = {"split": split_key, "config": config.model_dump(mode="json"),
@@ -254,7 +249,7 @@ class Experiment:
 
         cnn_runs = {arch: self._train_cnn(arch, root, split_done) for arch in cfg.cnn.archs}
         for done in cnn_runs.values():
-            done["train_seconds"] = _train_seconds(done["run"])
+            done["train_seconds"] = RunFolder(done["run"]).train_seconds()
         sources = {*cfg.zero_shot.draft_sources, *(cfg.lora.draft_sources if cfg.lora.enabled else [])}
         order = [*cfg.cnn.archs, *sorted(sources - set(cfg.cnn.archs))]
         drafts = {s: self._drafts(s, test, cnn_runs.get(s)) for s in order}
@@ -264,7 +259,7 @@ class Experiment:
             self._add(name, drafts[arch]["dir"], params_total=drafts[arch]["params"],
                       params_trainable=drafts[arch]["params"], train_seconds=cnn_runs[arch]["train_seconds"],
                       seconds=drafts[arch]["seconds_per_image"], peak=drafts[arch]["peak_mb"])
-            self.curves[name] = Path(cnn_runs[arch]["run"]) / "metrics.csv"
+            self.curves[name] = RunFolder(Path(cnn_runs[arch]["run"])).metrics_file
 
         if cfg.zero_shot.prompts and cfg.zero_shot.draft_sources:
             embedded = self._embed(test)
@@ -282,8 +277,8 @@ class Experiment:
         reference = None
         if cfg.lora.enabled:
             tuned = self._finetune(root, split_done, cnn_runs)
-            tuned["train_seconds"] = _train_seconds(tuned["run"])
-            self.curves["LoRA-SAM"] = Path(tuned["run"]) / "metrics.csv"
+            tuned["train_seconds"] = RunFolder(tuned["run"]).train_seconds()
+            self.curves["LoRA-SAM"] = RunFolder(Path(tuned["run"])).metrics_file
             lora_engine = _LazyLoraEngine(tuned["run"], self.device, cfg.sam.batch_size)
             lora_embedded = self._embed(test, "lora-embed", {"lora": tuned["key"]}, lora_engine)
             for source in cfg.lora.draft_sources:
@@ -330,8 +325,8 @@ class Experiment:
         write_csv(per_image, eval_dir / "per_image.csv")
         write_csv(table, eval_dir / "table.csv")
         atomic_write_text(eval_dir / "table.md", table_markdown(table) + "\n")
-        write_manifest(self.out_dir / "manifest.csv", {**splits, "test": test})
-        atomic_write_text(self.out_dir / "config.yaml", self.config_text)
+        write_manifest(self.out_dir / MANIFEST_CSV, {**splits, "test": test})
+        atomic_write_text(self.out_dir / CONFIG_YAML, self.config_text)
 
         names = [m.name for m in self.methods]
         fig_dir = self.out_dir / "figures"
@@ -350,7 +345,7 @@ class Experiment:
                  "train time of a SAM method include the draft CNN it depends on. Peak memory: process RSS on CPU "
                  "(includes everything loaded before), CUDA allocator peak on GPU."]
         md, page = write_report(ReportContent(self.config.name, table, reference, figures, self.config_text,
-                                              self.out_dir / "manifest.csv", notes), self.out_dir)
+                                              self.out_dir / MANIFEST_CSV, notes), self.out_dir)
         return ExperimentResult(self.out_dir, table, per_image, md, page, reference, self.cache.ran, self.cache.skipped)
 
 
@@ -391,8 +386,3 @@ def _versions() -> str:
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, config_text: str | None = None) -> ExperimentResult:
     """Run every stage of ``config`` into ``out_dir`` (re-runs skip finished stages)."""
     return Experiment(config, out_dir, config_text).run()
-
-
-def summary_rows(result: ExperimentResult) -> list[dict[str, Any]]:
-    """Compact rows (method, Dice mean/CI, p) for printing."""
-    return result.table[["method", "dice_mean", "dice_ci_low", "dice_ci_high", "p_vs_reference"]].to_dict("records")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cxrsam.config import DataFields
 from cxrsam.errors import CxrsamError
-from cxrsam.runs import ADAPTER_FILE, BEST, CONFIG_YAML, LAST, MANIFEST_CSV, read_run_config, write_run_config
+from cxrsam.runs import CONFIG_YAML, LAST, MANIFEST_CSV, RunFolder, read_run_config, write_run_config
 
 
 def prepare_run(config: DataFields, run_dir: str | Path, resume: bool, kind: str) -> dict[str, list]:
@@ -24,9 +24,10 @@ def prepare_run(config: DataFields, run_dir: str | Path, resume: bool, kind: str
     from cxrsam.data.split import read_manifest, split_cases, write_manifest
 
     run_dir = Path(run_dir)
-    finished = (run_dir / CONFIG_YAML).is_file() and any((run_dir / n).is_file() for n in (BEST, ADAPTER_FILE))
+    folder = RunFolder(run_dir, kind)
+    finished = folder.finished
     if resume:
-        if not (run_dir / LAST).is_file():
+        if not folder.unfinished:
             why = "the run has finished" if finished else f"no {LAST}"
             raise CxrsamError(f"nothing to resume ({why})", path=run_dir)
         saved = read_run_config(run_dir, type(config), kind).model_dump(exclude={"loop"})
@@ -36,7 +37,7 @@ def prepare_run(config: DataFields, run_dir: str | Path, resume: bool, kind: str
                 f"{k} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed), path=run_dir / CONFIG_YAML)
         splits = read_manifest(run_dir / MANIFEST_CSV)
     else:
-        if (run_dir / LAST).exists() or finished:
+        if folder.unfinished or finished:
             raise CxrsamError("folder already holds a training run; add --resume to continue an unfinished one or "
                               "choose another --out", path=run_dir)
         if config.manifest is not None:
