@@ -153,7 +153,7 @@ def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path):
     result = runner.invoke(app, ["finetune", "--data", str(phantoms), "--backend", "tiny_sam", "--checkpoint",
                                  str(tiny_ckpt), "--rank", "2", "--target", "qkv", "--target", "proj",
                                  "--freeze-decoder", "--no-augment", "--epochs", "1", "--max-train-cases", "3", "--max-val-cases",
-                                 "2", "--batch-size", "3", "--out", str(run)])
+                                 "2", "--batch-size", "3", "--set", "loop.keep_resume_state=true", "--out", str(run)])
     assert result.exit_code == 0, result.output
     settings = ft.read_config(run).lora
     assert settings.rank == 2 and settings.targets == ["qkv", "proj"] and not settings.train_decoder
@@ -177,6 +177,17 @@ def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path):
     assert isinstance(result.exception, CxrsamError) and "nothing to export" in str(result.exception)
     result = runner.invoke(app, ["finetune", "--out", str(tmp_path / "x")])
     assert isinstance(result.exception, CxrsamError) and "--data is required" in str(result.exception)
+    # settings as data: a run's config.yaml is a valid --config; --set and options override it, in that order
+    result = runner.invoke(app, ["finetune", "--config", str(run / "config.yaml"), "--set", "lora.rank=3",
+                                 "--set", "loop.epochs=1", "--max-val-cases", "1", "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    again = ft.read_config(tmp_path / "again")
+    assert again.lora.rank == 3 and again.max_val_cases == 1 and again.lora.targets == ["qkv", "proj"]
+    assert (tmp_path / "again" / "last.pt").exists()  # loop.keep_resume_state: true came from the file
+    for bad, problem in ((["--set", "lora.rank"], "not KEY=VALUE"), (["--set", "lora.rank=0"], "lora.rank")):
+        result = runner.invoke(app, ["finetune", "--config", str(run / "config.yaml"), *bad, "--out",
+                                     str(tmp_path / "bad")])
+        assert isinstance(result.exception, CxrsamError) and problem in str(result.exception)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(phantoms, tiny_ckpt):

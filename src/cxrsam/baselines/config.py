@@ -50,7 +50,7 @@ def make_config(**options: Any) -> CnnTrainConfig:
     loop_keys = set(LoopConfig.model_fields)
     loop = {k: options.pop(k) for k in list(options) if k in loop_keys}
     try:
-        return CnnTrainConfig(**options, loop=LoopConfig(**loop))
+        return CnnTrainConfig.model_validate({**options, "loop": loop})
     except ValidationError as exc:
         raise settings_error(exc) from None
 

@@ -85,7 +85,7 @@ def make_config(**options: Any) -> FinetuneConfig:
         options["val_prompts"] = {**dict(options.get("val_prompts") or {}), "mode": options.pop("val_prompt")}
     try:
         defaults = FinetuneConfig.model_fields["loop"].default.model_dump()
-        return FinetuneConfig(**options, lora=LoraSettings(**lora), loop=LoopConfig(**{**defaults, **loop}))
+        return FinetuneConfig.model_validate({**options, "lora": lora, "loop": {**defaults, **loop}})
     except ValidationError as exc:
         raise settings_error(exc) from None
 
@@ -339,7 +339,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
                       load_state_fn=lambda net, weights: load_adapter_state(net.sam, weights),
                       collate_fn=collate_prompted, on_epoch_end=on_epoch_end)
     result = trainer.fit(resume=resume)
-    if state.is_main_process:
+    if state.is_main_process and (run_dir / BEST).is_file():  # else: a finished run resumed, adapters written
         best = load_checkpoint(run_dir / BEST)["model"]
         save_adapter(run_dir, model, loaded, config.lora, state=best)
         forget(run_dir / BEST)  # the adapter file holds the best epoch's weights: keep them once
