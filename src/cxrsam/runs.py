@@ -54,6 +54,9 @@ class RunFolder:
     path: Path
     kind: str = "training"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
     @property
     def config_file(self) -> Path:
         return self.path / CONFIG_YAML

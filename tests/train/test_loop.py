@@ -219,7 +219,8 @@ def test_validate_start_keeps_the_untouched_model_when_training_only_hurts(tmp_p
         return {"val_dice": dice}
 
     config = loop.LoopConfig(epochs=3, steps_per_epoch=1, batch_size=2, lr=20.0, warmup_steps=0, patience=None,
-                             max_grad_norm=None, weight_decay=0.0, validate_start=True, progress=False)
+                             max_grad_norm=None, weight_decay=0.0, validate_start=True, progress=False,
+                             keep_resume_state=True)
     result = loop.Trainer(config, tmp_path / "run", model, data, lambda net, batch: net(batch[0]).mean(),
                           validate).fit()
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
