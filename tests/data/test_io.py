@@ -236,3 +236,27 @@ def _png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((128, 128)) * 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_index_masks_reads_both_names_skips_overlays_and_refuses_two_candidates(tmp_path):
+    from cxrsam.data.io import index_masks
+
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    write_mask(tmp_path / "a.png", mask)
+    write_mask(tmp_path / "b_mask.png", mask)
+    write_mask(tmp_path / "b_overlay.png", mask)
+    assert {k: p.name for k, p in index_masks(tmp_path).items()} == {"a": "a.png", "b": "b_mask.png"}
+    write_mask(tmp_path / "a_mask.png", mask)
+    with pytest.raises(CxrsamError, match="two mask files for image 'a': a.png and a_mask.png"):
+        index_masks(tmp_path)
+
+
+def test_a_malformed_split_manifest_is_one_line(tmp_path):
+    from cxrsam.data.split import read_manifest
+
+    bad = tmp_path / "manifest.csv"
+    bad.write_text("name,part\nx,train\n")
+    with pytest.raises(CxrsamError, match="not a split manifest") as info:
+        read_manifest(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
