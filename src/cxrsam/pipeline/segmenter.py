@@ -141,9 +141,9 @@ class Segmenter:
         Prompt rules: a hand-given ``box`` (x0, y0, x1, y1 in original pixels; refused when outside the image)
         replaces draft prompts and forms one prompt set with the given ``points``; without a box the prompts come
         from ``draft`` (named ``draft_source`` in the record; or the draft source's draft when ``draft`` is None)
-        by :attr:`spec`, and ``points``
-        (x, y; ``labels`` 1 = lung, 0 = background, default 1) are added to the lung they fall on; with neither
-        a box nor a usable draft, the points alone form one prompt set. Without a SAM model the draft is the mask.
+        by :attr:`spec`, and ``points`` (x, y; ``labels`` 1 = lung, 0 = background, default 1) are added to the
+        lung they fall on; with neither a box nor a usable draft, the points alone form one prompt set. Without a
+        SAM model the draft is the mask.
 
         Raises :class:`CxrsamError` naming the image when there is nothing to prompt SAM with.
         """
@@ -154,6 +154,8 @@ class Segmenter:
         if box is None and draft is None and self.drafter is not None:
             draft = self.draft(xray)
         if self.engine is None:  # the CNN baseline: its draft is the result
+            if draft is None:
+                raise CxrsamError("no draft: a segmenter without SAM needs a draft source", path=xray.path)
             return Segmentation(xray=xray, mask=np.asarray(draft, dtype=bool), draft=draft,
                                 prompts=Prompts([], size, "none", 0), source="cnn", models=self.models)
         spec = None
