@@ -22,6 +22,7 @@ from cxrsam.baselines.predict import CnnPredictor
 from cxrsam.data.dataset import SegmentationDataset, load_case
 from cxrsam.data.layouts import discover, require_cases
 from cxrsam.data.split import split_cases
+from cxrsam.train.cnn import cnn_step
 
 
 def _sync(device: torch.device) -> None:
@@ -31,19 +32,17 @@ def _sync(device: torch.device) -> None:
 
 def train_images_per_s(arch: str, encoder: str, dataset: SegmentationDataset, batch_size: int, steps: int,
                        device: torch.device, warmup: int = 2) -> float:
-    from monai.losses import DiceCELoss
-
     model = build_cnn(arch, encoder).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = DiceCELoss(sigmoid=True)
+    step_fn = cnn_step(in_channels=1)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True))
     started = 0.0
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             started = time.perf_counter()
-        images, masks, _ = next(loader)
-        loss = loss_fn(model(images.to(device)), masks.to(device))
+        images, masks, indices = next(loader)
+        loss = step_fn(model, (images.to(device), masks.to(device), indices))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

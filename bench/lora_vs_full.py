@@ -34,7 +34,7 @@ def measure(variant: str, backend: str, batch_size: int, steps: int, device: str
     from cxrsam.prompts.components import lung_components
     from cxrsam.sam.lora import LoraSettings, apply_lora, trainable_summary
     from cxrsam.sam.registry import build_sam
-    from cxrsam.train.finetune import SamTrainee, segmentation_loss
+    from cxrsam.train.finetune import SamTrainee, finetune_step
 
     torch.manual_seed(0)
     loaded = build_sam(backend, device=device)
@@ -50,8 +50,9 @@ def measure(variant: str, backend: str, batch_size: int, steps: int, device: str
     mask[size // 8: 7 * size // 8, 9 * size // 16: 7 * size // 8] = True
     prompts = [prompts_from_mask(mask)] * batch_size
     targets = [torch.from_numpy(np.stack(lung_components(mask)[0]).astype(np.float32)).to(device)] * batch_size
-    images = torch.rand(batch_size, 1, size, size, device=device)
+    images = loaded.spec.transform.images(list(torch.rand(batch_size, size, size)), device)  # model input
     trainee = SamTrainee(loaded).train()
+    step_fn = finetune_step()
     optimizer = torch.optim.AdamW([p for p in loaded.model.parameters() if p.requires_grad], lr=1e-5)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -60,7 +61,7 @@ def measure(variant: str, backend: str, batch_size: int, steps: int, device: str
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         started = time.perf_counter()
-        loss = segmentation_loss(trainee(images, prompts), targets)
+        loss = step_fn(trainee, (images, None, None, prompts, targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -10,9 +10,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from cxrsam.baselines.config import CnnTrainConfig
-from cxrsam.train.loop import Trainer, seed_everything, segmentation_dice
+from cxrsam.train.loop import StepFn, Trainer, seed_everything, segmentation_dice
 from cxrsam.train.runs import prepare_run
+
+
+def cnn_step(in_channels: int) -> StepFn:
+    """The CNN training step's loss, ``(model, (images (B, 1, S, S), masks (B, 1, S, S), _)) -> scalar``:
+    Dice + BCE (MONAI ``DiceCELoss``) of the logits. Used by :func:`train_cnn` and ``bench/cnn_speed.py``."""
+    from monai.losses import DiceCELoss
+
+    from cxrsam.baselines.models import to_model_input
+
+    loss_fn = DiceCELoss(sigmoid=True)
+
+    def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
+        images, masks, _ = batch
+        return loss_fn(net(to_model_input(images, in_channels)), masks)
+
+    return step_fn
 
 
 def train_cnn(config: CnnTrainConfig, out_dir: str | Path, resume: bool = False,
@@ -24,8 +43,6 @@ def train_cnn(config: CnnTrainConfig, out_dir: str | Path, resume: bool = False,
     Without ``resume`` an ``out_dir`` that already holds ``last.pt`` is refused. ``on_epoch_end`` is
     passed to :class:`~cxrsam.train.loop.Trainer`.
     """
-    from monai.losses import DiceCELoss
-
     from cxrsam.baselines.models import build_cnn, to_model_input
     from cxrsam.data.dataset import SegmentationDataset
 
@@ -37,11 +54,7 @@ def train_cnn(config: CnnTrainConfig, out_dir: str | Path, resume: bool = False,
     model = build_cnn(config.arch, config.encoder, config.in_channels, config.encoder_weights)
     train_data = SegmentationDataset(splits["train"], config.size, augment=True, seed=loop.seed)
     val_data = SegmentationDataset(splits["val"], config.size, augment=False)
-    loss_fn = DiceCELoss(sigmoid=True)
-
-    def step_fn(net, batch):
-        images, masks, _ = batch
-        return loss_fn(net(to_model_input(images, config.in_channels)), masks)
+    step_fn = cnn_step(config.in_channels)
 
     def logits_fn(net, batch):
         images, masks, _ = batch

@@ -44,7 +44,7 @@ from cxrsam.sam.engine import decode, prompt_batch
 from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, save_adapter, trainable_summary
 from cxrsam.sam.registry import LoadedSam, build_sam
 from cxrsam.sam.transforms import SamTransform
-from cxrsam.train.loop import Trainer, seed_everything, segmentation_dice
+from cxrsam.train.loop import StepFn, Trainer, seed_everything, segmentation_dice
 from cxrsam.train.runs import prepare_run
 
 log = logging.getLogger(__name__)
@@ -269,6 +269,17 @@ def segmentation_loss(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], targ
     return loss + iou_weight * torch.nn.functional.mse_loss(predicted, real_iou)
 
 
+def finetune_step(iou_weight: float = 0.0) -> StepFn:
+    """The fine-tuning step's loss, ``(SamTrainee, (images, masks, indices, prompts, targets)) -> scalar``
+    (:func:`segmentation_loss`); used by :func:`finetune` and ``bench/lora_vs_full.py``."""
+
+    def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
+        images, _, _, prompts, targets = batch
+        return segmentation_loss(net(images, prompts), targets, iou_weight)
+
+    return step_fn
+
+
 def _val_prompts(config: FinetuneConfig, cases: Sequence[Case], transform: SamTransform) -> list[Prompts]:
     """Validation prompts in model-input pixels: ``config.val_prompts`` applied to each case's draft (from
     ``config.val_drafts``, else its ground truth) at the image's own size, then mapped by the transform, exactly
@@ -322,9 +333,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
                                  config.points_per_lung, augment=config.augment, seed=loop.seed)
     val_data = PromptedDataset(val_cases, transform, prompts=_val_prompts(config, val_cases, transform))
 
-    def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
-        images, _, _, prompts, targets = batch
-        return segmentation_loss(net(images, prompts), targets, config.iou_loss_weight)
+    step_fn = finetune_step(config.iou_loss_weight)
 
     def logits_fn(net: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks, _, prompts, _ = batch
