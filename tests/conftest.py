@@ -139,3 +139,16 @@ def deny_write(monkeypatch) -> Callable[[Path], None]:
                             and allowed(path, mode))
 
     return deny
+
+
+@pytest.fixture(scope="session")
+def folder_digest() -> Callable[[Path], dict[str, str]]:
+    """``folder_digest(folder)``: SHA-256 of every file under ``folder`` by relative path, to prove that a command
+    left its inputs as they were."""
+    import hashlib
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+    return digest

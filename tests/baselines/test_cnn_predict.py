@@ -21,12 +21,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained_run(phantoms, tmp_path_factory):
-    """A 2-epoch U-Net on the 96 px phantoms, trained through the CLI."""
+def trained_run(phantoms, tmp_path_factory, folder_digest):
+    """A 2-epoch U-Net on the 96 px phantoms, trained through the CLI (which must leave the data as it was)."""
     run = tmp_path_factory.mktemp("cnn") / "run"
+    before = folder_digest(phantoms)
     res = run_cli("train-cnn", "--arch", "unet", "--data", str(phantoms), "--size", "64", "--epochs", "2",
                   "--batch-size", "4", "--split", "0.75,0.25,0", "--out", str(run))
     assert res.returncode == 0, res.stderr
+    assert folder_digest(phantoms) == before
     return run
 
 

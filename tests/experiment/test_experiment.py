@@ -99,3 +99,12 @@ def test_bad_configs(tmp_path):
         load_config(tmp_path / "typo.yaml")
     with pytest.raises(CxrsamError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_the_study_never_writes_into_its_data(phantoms, tmp_path, folder_digest):
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(MINI))
+    config = load_config(tmp_path / "mini.yaml", {"data.root": str(phantoms)})
+    before = folder_digest(phantoms)
+    with pytest.raises(CxrsamError, match="must not be an input"):
+        run_experiment(config, phantoms / "study")
+    assert folder_digest(phantoms) == before and not (phantoms / "study").exists()

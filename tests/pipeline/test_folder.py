@@ -3,7 +3,6 @@ same failures, outputs that feed back in as drafts, inputs never touched, and th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,12 +18,6 @@ from cxrsam.pipeline import Segmenter, segment_images
 from cxrsam.prompts import PromptSpec
 from cxrsam.sam.registry import BACKENDS, build_sam
 from cxrsam.sam.testing import tiny_spec
-
-
-def folder_digest(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder`` by relative path (to prove a command changed nothing there)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture()
@@ -48,7 +41,8 @@ def inputs(phantoms, tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("prompt", ["box", "points"])
-def test_zero_shot_and_predict_give_identical_masks_and_fail_alike(cli, tiny_backend, inputs, tmp_path, prompt):
+def test_zero_shot_and_predict_give_identical_masks_and_fail_alike(cli, tiny_backend, inputs, tmp_path, prompt,
+                                                                  folder_digest):
     images, drafts = inputs
     before = {**folder_digest(images), **{f"d/{k}": v for k, v in folder_digest(drafts).items()}}
     common = ["--images", images, "--drafts", drafts, "--backend", "tiny_sam", "--checkpoint", tiny_backend,
@@ -93,7 +87,7 @@ def test_predict_output_feeds_zero_shot_drafts_and_finetune_validation(cli, tiny
     assert len(prompts) == len(cases) and all(p.image_size == (64, 64) for p in prompts)
 
 
-def test_outputs_never_go_into_an_input_folder_or_over_an_input(cli, tiny_backend, inputs, tmp_path):
+def test_outputs_never_go_into_an_input_folder_or_over_an_input(cli, tiny_backend, inputs, tmp_path, folder_digest):
     images, drafts = inputs
     before = folder_digest(tmp_path)
     common = ["--backend", "tiny_sam", "--checkpoint", tiny_backend]

@@ -145,9 +145,10 @@ def test_resume_refusals(phantoms, tiny_ckpt, tmp_path):
                     tmp_path / "unfinished", resume=True)
 
 
-def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path):
+def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path, folder_digest):
     from cxrsam.cli import app
 
+    data_before = folder_digest(phantoms)
     runner = CliRunner()
     run = tmp_path / "run"
     result = runner.invoke(app, ["finetune", "--data", str(phantoms), "--backend", "tiny_sam", "--checkpoint",
@@ -177,6 +178,7 @@ def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path):
     assert isinstance(result.exception, CxrsamError) and "nothing to export" in str(result.exception)
     result = runner.invoke(app, ["finetune", "--out", str(tmp_path / "x")])
     assert isinstance(result.exception, CxrsamError) and "--data is required" in str(result.exception)
+    assert folder_digest(phantoms) == data_before  # training, predicting and exporting left the data as it was
     # settings as data: a run's config.yaml is a valid --config; --set and options override it, in that order
     result = runner.invoke(app, ["finetune", "--config", str(run / "config.yaml"), "--set", "lora.rank=3",
                                  "--set", "loop.epochs=1", "--max-val-cases", "1", "--out", str(tmp_path / "again")])

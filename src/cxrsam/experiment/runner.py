@@ -36,6 +36,7 @@ from cxrsam.evaluation.evaluate import evaluate_masks, write_csv
 from cxrsam.experiment.cache import StageCache
 from cxrsam.experiment.config import ExperimentConfig, PromptSection
 from cxrsam.files import atomic_write_text, sha256_file
+from cxrsam.pipeline.folder import check_output_folder
 from cxrsam.profiling import measure
 from cxrsam.report import (
     MethodInfo,
@@ -91,6 +92,9 @@ class Experiment:
         data = self.config.data
         if data.root is not None:
             root = data.root.expanduser().resolve()
+            if not root.is_dir():
+                raise CxrsamError("dataset folder not found", path=root)
+            check_output_folder(self.out_dir, [root])  # the study never writes into its data
             return root, self.cache.run("data", {"root": str(root), "layout": data.layout, "classes": data.classes},
                                         lambda d: {"root": str(root)})
 
