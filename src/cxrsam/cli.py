@@ -47,6 +47,9 @@ BackendOpt = Annotated[str, typer.Option(help="SAM backend without --run: liteme
 FormatOpt = Annotated[str, typer.Option("--format", help="Mask file format: png | nifti (.nii.gz, needs nibabel)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: a GPU when present)")]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="On-disk embedding cache")]
+RuntimeOpt = Annotated[str, typer.Option(
+    "--runtime", help="What runs SAM: torch | onnx (ONNX Runtime on the CPU; exported, checked and cached on first "
+                      "use) | auto (onnx on the CPU when onnxruntime is installed, else torch)")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1,
                                                  help="Images per encoder call [default: 1 on CPU, 4 on GPU]")]
 
@@ -307,7 +310,8 @@ def _segment_folder(segmenter, inputs: list[Path], out_dir: Path, box: str | Non
 
 def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts_from: Path | None,
                      drafts: Path | None, box: str | None, spec, backend: str, checkpoint: Path | None,
-                     output_format: str, device: str, cache_dir: Path | None, batch_size: int | None) -> None:
+                     output_format: str, device: str, cache_dir: Path | None, batch_size: int | None,
+                     runtime: str) -> None:
     """What `predict` and `zero-shot` share: one draft source, one prompt spec, one SAM, one folder pipeline."""
     from cxrsam.pipeline import build_segmenter
 
@@ -323,7 +327,7 @@ def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts
         raise CxrsamError("draft mask folder not found", path=drafts)
     _check_outputs(out_dir, [*images, *([drafts] if drafts else [])], output_format)
     segmenter = build_segmenter(run=run, drafts_from=drafts_from or drafts, backend=backend, checkpoint=checkpoint,
-                                spec=spec, device=device, cache_dir=cache_dir, batch_size=batch_size)
+                                spec=spec, device=device, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime)
     _segment_folder(segmenter, images, out_dir, box=box, output_format=output_format)
 
 
@@ -353,13 +357,14 @@ def predict_command(
     device: DeviceOpt = "auto",
     cache_dir: CacheOpt = None,
     batch_size: BatchOpt = None,
+    runtime: RuntimeOpt = "torch",
 ) -> None:
     """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained."""
     if ctx.info_name == "zero-shot" and run is not None:
         raise CxrsamError("zero-shot uses pretrained SAM: drop --run, or use `cxrsam predict --run`")
     spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
     _segment_command([*images, *(more_images or [])], out_dir, run, drafts_from, drafts, box, spec, backend, checkpoint,
-                     output_format, device, cache_dir, batch_size)
+                     output_format, device, cache_dir, batch_size, runtime)
 
 
 @app.command("app")
@@ -377,6 +382,7 @@ def app_command(
         "--allow-host", help="Also serve this host[:port] (Host header, Origin of uploads and clicks; no port: "
                              "any port), e.g. the name the app is reached by; repeatable")] = None,
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = "torch",
 ) -> None:
     """Local web page: upload a CXR, see the lung mask, refine it with clicks or a box, download mask and JSON."""
     import uvicorn
@@ -386,7 +392,8 @@ def app_command(
 
     allowed = served_hosts(host, port, allow_host or [])
     segmenter = build_segmenter(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
-                                spec=_prompt_spec(prompt, "per_lung", 3, "distance", None, 0.0, False, 0), device=device)
+                                spec=_prompt_spec(prompt, "per_lung", 3, "distance", None, 0.0, False, 0), device=device,
+                                runtime=runtime)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] binding to {escape(host)} exposes the app to other machines")
     out.print(escape(f"cxrsam app on http://{host}:{port}/ (Ctrl+C to stop)"))
@@ -503,18 +510,19 @@ def finetune_command(
 def export_command(
     run: Annotated[Path, typer.Option("--run", help="LoRA run folder written by finetune")],
     merged: Annotated[Path | None, typer.Option("--merged", help="Plain checkpoint (.pth) with the LoRA merged in")] = None,
-    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file of the merged encoder + decoder")] = None,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="Folder for the merged model's ONNX encoder.onnx, decoder.onnx and check.json (checked against PyTorch)")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Base checkpoint the run was trained on [default: recorded path]")] = None,
 ) -> None:
     """Merge a LoRA run into its base: a checkpoint in the backend's own format (loads without peft), and/or ONNX."""
-    from cxrsam.sam.lora import export_merged, export_onnx
+    from cxrsam.sam.lora import export_merged
+    from cxrsam.sam.onnx_runtime import export_onnx
 
     if merged is None and onnx is None:
-        raise CxrsamError("nothing to export: give --merged OUT.pth and/or --onnx OUT.onnx")
+        raise CxrsamError("nothing to export: give --merged OUT.pth and/or --onnx OUT_DIR")
     if merged is not None:
         out.print(f"merged checkpoint: {escape(str(export_merged(run, merged, checkpoint=checkpoint)))}")
     if onnx is not None:
-        out.print(f"ONNX model: {escape(str(export_onnx(run, onnx, checkpoint=checkpoint)))}")
+        out.print(f"ONNX encoder and decoder: {escape(str(export_onnx(run, onnx, checkpoint=checkpoint)))}")
 
 
 @app.command("experiment")

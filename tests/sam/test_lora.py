@@ -146,20 +146,26 @@ def test_litemedsam_adapters_skip_conv_stage_keep_bn_and_attention_cache(tmp_pat
     assert (box_logits(merged, image) - adapted_logits).abs().max() < 1e-4
 
 
-def test_onnx_export_runs_and_matches(tiny, tmp_path):
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+def test_onnx_export_matches_the_adapted_model(tiny, tmp_path):
+    import onnxruntime as ort
+
+    from cxrsam.sam.onnx_runtime import export_onnx, point_tensors
+
     settings = lora.LoraSettings(rank=4)
     model = lora.apply_lora(tiny.model, settings)
     randomize_adapters(model)
     lora.save_adapter(tmp_path / "run", model, tiny, settings)
-    path = lora.export_onnx(tmp_path / "run", tmp_path / "model.onnx")
+    folder = export_onnx(tmp_path / "run", tmp_path / "onnx")
     image = np.random.default_rng(3).random((TINY_SIZE, TINY_SIZE)).astype(np.float32)
-    loaded = lora.load_run(tmp_path / "run")
-    x = loaded.spec.transform.images([image])
-    boxes = torch.tensor([[[5.0, 5.0, 30.0, 60.0], [34.0, 5.0, 60.0, 60.0], [10.0, 10.0, 50.0, 50.0]]])
-    with torch.no_grad():
-        expected = lora.BoxPromptedSam(loaded.model)(x, boxes)[0].numpy()
-    got = ort.InferenceSession(str(path)).run(None, {"image": x.numpy(), "boxes": boxes.numpy()})[0]
-    assert got.shape == expected.shape == (1, 3, 1, 32, 32)
+    loaded = lora.load_run(tmp_path / "run")  # peft layers, not merged
+    expected = box_logits(loaded, image)[0].numpy()
+    x = loaded.spec.transform.images([image]).numpy()
+    embedding = ort.InferenceSession(str(folder / "encoder.onnx")).run(None, {"image": x})[0]
+    size = loaded.spec.img_size
+    sets = [PromptSet(box=np.array([0.1, 0.1, 0.45, 0.9], np.float32) * size),
+            PromptSet(box=np.array([0.55, 0.1, 0.9, 0.9], np.float32) * size)]
+    coords, labels = point_tensors(prompt_batch(loaded.spec, sets, (size, size)))
+    got = ort.InferenceSession(str(folder / "decoder.onnx")).run(
+        None, {"embedding": embedding, "coords": coords, "labels": labels})[0][:, :1]
+    assert got.shape == expected.shape == (2, 1, 32, 32)
     assert np.abs(got - expected).max() < 1e-4

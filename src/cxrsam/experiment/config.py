@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cxrsam.config import SplitFields, load_yaml
 from cxrsam.prompts import BoxMode, NegativeKind, PointStrategy, PromptMode, PromptSpec
+from cxrsam.sam.onnx_runtime import Runtime
 
 DraftSource = str
 """A CNN architecture name (``unet``, ``deeplabv3plus``) or ``oracle`` (ground-truth masks as drafts)."""
@@ -48,6 +49,8 @@ class SamSection(_Section):
     backend: str = "litemedsam"
     checkpoint: Path | None = None
     batch_size: int | None = Field(None, ge=1, description="Images per encoder call (None: 1 on CPU, 4 on GPU)")
+    runtime: Runtime = Field(Runtime.TORCH, description="What runs SAM: torch | onnx | auto (default torch, so "
+                                                        "timings stay comparable with earlier runs)")
 
 
 class PromptSection(_Section):

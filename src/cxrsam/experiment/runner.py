@@ -49,6 +49,7 @@ from cxrsam.report import (
 )
 from cxrsam.report.tables import table_markdown
 from cxrsam.runs import CONFIG_YAML, MANIFEST_CSV, RunFolder
+from cxrsam.sam.onnx_runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +176,12 @@ class Experiment:
     def engine(self):
         """The shared zero-shot engine (pretrained SAM, embeddings cached on disk under ``<out>/embeddings``)."""
         if self._engine is None:
-            from cxrsam.sam.engine import SamEngine
+            from cxrsam.sam.onnx_runtime import make_engine
             from cxrsam.sam.registry import build_sam
 
             sam = self.config.sam
-            self._engine = SamEngine(build_sam(sam.backend, sam.checkpoint, self.device),
-                                     cache_dir=self.out_dir / "embeddings", batch_size=sam.batch_size)
+            self._engine = make_engine(build_sam(sam.backend, sam.checkpoint, self.device), sam.runtime,
+                                       cache_dir=self.out_dir / "embeddings", batch_size=sam.batch_size)
         return self._engine
 
     def _embed(self, test: list[Case], name: str = "embed", key: dict | None = None, engine_factory=None) -> dict:
@@ -199,6 +200,8 @@ class Experiment:
         if key is None:
             checkpoint = None if sam.checkpoint is None else sha256_file(sam.checkpoint)
             key = {"backend": sam.backend, "checkpoint": checkpoint}
+        runtime = resolve_runtime(sam.runtime, self.device)  # torch keeps the keys of earlier runs
+        key = key if runtime is Runtime.TORCH else {**key, "runtime": str(runtime)}
         return self.cache.run(name, {**key, "test": [c.case_id for c in test]}, embed)
 
     def _segment(self, name: str, key: dict, test: list[Case], prompt: str, drafts: dict, section: PromptSection,
@@ -283,7 +286,7 @@ class Experiment:
             tuned = self._finetune(root, split_done, cnn_runs)
             tuned["train_seconds"] = RunFolder(tuned["run"]).train_seconds()
             self.curves["LoRA-SAM"] = RunFolder(Path(tuned["run"])).metrics_file
-            lora_engine = _LazyLoraEngine(tuned["run"], self.device, cfg.sam.batch_size)
+            lora_engine = _LazyLoraEngine(tuned["run"], self.device, cfg.sam.batch_size, cfg.sam.runtime)
             lora_embedded = self._embed(test, "lora-embed", {"lora": tuned["key"]}, lora_engine)
             for source in cfg.lora.draft_sources:
                 for prompt in cfg.lora.prompts:
@@ -356,16 +359,17 @@ class Experiment:
 class _LazyLoraEngine:
     """Builds the LoRA-adapted engine on first use (so a fully cached re-run never loads it)."""
 
-    def __init__(self, run_dir: str, device: str, batch_size: int):
-        self.run_dir, self.device, self.batch_size = run_dir, device, batch_size
+    def __init__(self, run_dir: str, device: str, batch_size: int, runtime: str = "torch"):
+        self.run_dir, self.device, self.batch_size, self.runtime = run_dir, device, batch_size, runtime
         self._engine = None
 
     def __call__(self):
         if self._engine is None:
-            from cxrsam.sam.engine import SamEngine
             from cxrsam.sam.lora import load_run
+            from cxrsam.sam.onnx_runtime import make_engine
 
-            self._engine = SamEngine(load_run(self.run_dir, device=self.device), batch_size=self.batch_size)
+            self._engine = make_engine(load_run(self.run_dir, device=self.device), self.runtime,
+                                       batch_size=self.batch_size)
         return self._engine
 
 

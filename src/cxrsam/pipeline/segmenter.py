@@ -23,6 +23,7 @@ from cxrsam.pipeline.outputs import Segmentation
 from cxrsam.prompts import Prompts, PromptSet, PromptSpec
 from cxrsam.prompts.boxes import clip_box
 from cxrsam.sam.engine import SamEngine
+from cxrsam.sam.onnx_runtime import make_engine
 from cxrsam.sam.registry import LoadedSam
 
 
@@ -106,19 +107,20 @@ class Segmenter:
         cache_dir: on-disk embedding cache of the engine (None: memory only).
         memory_items: image embeddings kept in memory (LiteMedSAM embeddings take 4 MiB each).
         batch_size: images per encoder call (None: the engine's default for the device).
+        runtime: what runs SAM: ``torch``, ``onnx`` or ``auto`` (:func:`~cxrsam.sam.onnx_runtime.resolve_runtime`).
     """
 
     def __init__(self, sam: LoadedSam | None, drafter: DraftSource | None = None, spec: PromptSpec | None = None,
                  models: dict[str, Any] | None = None, cache_dir: str | Path | None = None, memory_items: int = 32,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, runtime: str = "torch"):
         if sam is None and drafter is None:
             raise CxrsamError("nothing to segment with: give a SAM model, a draft source, or both")
         self.sam = sam
         self.drafter = drafter
         self.spec = spec or PromptSpec()
-        self.engine = None if sam is None else SamEngine(sam, cache_dir=cache_dir, memory_items=memory_items,
-                                                         batch_size=batch_size)
-        self.models = models if models is not None else describe_models(sam, drafter)
+        self.engine = None if sam is None else make_engine(sam, runtime, cache_dir=cache_dir,
+                                                           memory_items=memory_items, batch_size=batch_size)
+        self.models = models if models is not None else describe_models(sam, drafter, engine=self.engine)
 
     @classmethod
     def from_engine(cls, engine: SamEngine, drafter: DraftSource | None = None, spec: PromptSpec | None = None
@@ -126,6 +128,7 @@ class Segmenter:
         """A segmenter around an existing engine (sharing its embedding caches, e.g. across experiment stages)."""
         segmenter = cls(engine.loaded, drafter, spec)
         segmenter.engine = engine
+        segmenter.models = describe_models(engine.loaded, drafter, engine=engine)
         return segmenter
 
     def draft(self, xray: XRay) -> np.ndarray | None:
@@ -192,10 +195,11 @@ class Segmenter:
 def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | None = None,
                     backend: str | None = "litemedsam", checkpoint: str | Path | None = None,
                     spec: PromptSpec | None = None, device: str | torch.device | None = None,
-                    cache_dir: str | Path | None = None, batch_size: int | None = None) -> Segmenter:
+                    cache_dir: str | Path | None = None, batch_size: int | None = None, runtime: str = "torch"
+                    ) -> Segmenter:
     """A :class:`Segmenter` from folders on disk: ``run`` = LoRA run (else the pretrained ``backend`` and
     ``checkpoint``; ``backend=None`` and no run: no SAM, the CNN's drafts are the result), ``drafts_from`` = a CNN
-    run or a folder of draft masks (else prompts must be given per image)."""
+    run or a folder of draft masks (else prompts must be given per image); ``runtime`` runs SAM."""
     device = resolve_device(device)
     drafter = None if drafts_from is None else drafts_from_path(drafts_from, device=device)
     if run is not None:
@@ -208,17 +212,19 @@ def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | Non
         sam = build_sam(backend, checkpoint, device=device)
     else:
         sam = None
-    return Segmenter(sam, drafter, spec=spec, models=describe_models(sam, drafter, run=run), cache_dir=cache_dir,
-                     batch_size=batch_size)
+    segmenter = Segmenter(sam, drafter, spec=spec, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime)
+    segmenter.models = describe_models(sam, drafter, run=run, engine=segmenter.engine)
+    return segmenter
 
 
-def describe_models(sam: LoadedSam | None, drafter: DraftSource | None = None, run: str | Path | None = None
-                    ) -> dict[str, Any]:
-    """Identities and versions recorded in every result JSON."""
+def describe_models(sam: LoadedSam | None, drafter: DraftSource | None = None, run: str | Path | None = None,
+                    engine: SamEngine | None = None) -> dict[str, Any]:
+    """Identities and versions recorded in every result JSON (``runtime``: what ran SAM, from ``engine``)."""
     import cxrsam
 
     sam_info = None if sam is None else {
         "kind": "lora" if run is not None else "pretrained", "model_id": sam.model_id, "backend": sam.spec.name,
-        "run": None if run is None else str(Path(run).resolve())}
+        "run": None if run is None else str(Path(run).resolve()),
+        "runtime": engine.runtime if engine is not None else "torch"}
     return {"sam": sam_info, "drafts": None if drafter is None else drafter.describe(),
             "versions": {"cxrsam": cxrsam.__version__, "torch": torch.__version__}}

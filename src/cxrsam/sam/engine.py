@@ -148,6 +148,9 @@ class SamEngine:
         threshold: logit threshold of the final masks (0 = probability 0.5).
     """
 
+    runtime = "torch"
+    """What runs the model (a subclass: ``onnx``)."""
+
     def __init__(self, loaded: LoadedSam, cache_dir: str | Path | None = None, model_id: str | None = None,
                  batch_size: int | None = None, memory_items: int = 256, threshold: float = 0.0):
         self.loaded = loaded
@@ -194,6 +197,16 @@ class SamEngine:
             with atomic_path(self.cache_dir / f"{key}.pt") as tmp:
                 torch.save({"key": key, "model_id": self.model_id, "embedding": embedding}, tmp)
 
+    def _encode(self, model_input: torch.Tensor) -> torch.Tensor:
+        """Embeddings (B, C, h, w) of model input (B, 3, S, S); the one encoder call (a runtime overrides it)."""
+        return encode(self.loaded.model, model_input)
+
+    def _decode(self, embedding: torch.Tensor, batch: PromptBatch, multimask: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (1, P, M, h', w'), iou (1, P, M)) of one image's embedding (1, C, h, w) and a prompt group
+        (B = 1); the one decoder call (a runtime overrides it)."""
+        return decode(self.loaded.model, embedding, batch, multimask)
+
     def embed(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
         """Embeddings (C, h, w) on CPU of ``images``, encoding only those not cached."""
         pixels = [_pixels(image) for image in images]
@@ -214,7 +227,7 @@ class SamEngine:
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
             model_input = self.loaded.spec.transform.images([pixels[i] for i in chunk], self.loaded.device)
-            embeddings = encode(self.loaded.model, model_input).cpu()
+            embeddings = self._encode(model_input).cpu()
             self.images_encoded += len(chunk)
             for i, embedding in zip(chunk, embeddings):
                 found[keys[i]] = embedding
@@ -237,7 +250,7 @@ class SamEngine:
         with torch.inference_mode():
             for indices in groups.values():
                 batch = prompt_batch(spec, [prompts.sets[i] for i in indices], size, device)
-                logits, iou = decode(self.loaded.model, embedding[None].to(device), batch, multimask)
+                logits, iou = self._decode(embedding[None].to(device), batch, multimask)
                 chosen = select_best(logits, iou) if multimask else logits[:, :, 0]
                 out[indices] = spec.transform.logits_to_image(chosen[0], size).float().cpu()
         return out

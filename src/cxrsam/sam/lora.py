@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -306,49 +305,4 @@ def export_merged(run_dir: str | Path, out: str | Path, checkpoint: str | Path |
     with atomic_path(out) as tmp:
         torch.save({k: v.contiguous() for k, v in merged.state_dict().items()}, tmp)
     log.info("merged %s into %s (%s) -> %s", run_dir, lora.spec.name, lora.checkpoint_path.name, out)
-    return out
-
-
-class BoxPromptedSam(nn.Module):
-    """A SAM as one graph for ONNX: ``(image (1, 3, S, S) preprocessed, boxes (1, P, 4) model pixels) ->
-    (low-res logits (1, P, 1, 4h, 4w), predicted IoU (1, P, 1))`` through :func:`cxrsam.sam.engine.decode`."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from cxrsam.sam.engine import PromptBatch, decode
-
-        return decode(self.model, self.model.image_encoder(image), PromptBatch(boxes=boxes))
-
-
-def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Export the run's merged encoder + decoder (box prompts) to ONNX (opset 17, legacy TorchScript exporter).
-
-    Inputs ``image`` (1, 3, S, S), made by the backend's transform
-    (:meth:`cxrsam.sam.transforms.SamTransform.images`), and
-    ``boxes`` (1, P, 4) in model-input pixels (P dynamic); outputs ``logits`` (1, P, 1, 4h, 4w) and
-    ``iou`` (1, P, 1). Needs the optional ``onnx`` package (``pip install 'cxrsam[onnx]'``).
-    """
-    try:
-        import onnx  # noqa: F401 - torch's exporter needs it
-    except ImportError:
-        raise CxrsamError("ONNX export needs the onnx package: pip install 'cxrsam[onnx]'") from None
-    lora = load_run(run_dir, device="cpu", checkpoint=checkpoint)
-    graph = BoxPromptedSam(merge(lora.model)).eval()
-    size = lora.spec.img_size
-    image = torch.zeros(1, 3, size, size)
-    boxes = torch.tensor([[[0.1 * size, 0.1 * size, 0.45 * size, 0.9 * size],
-                           [0.55 * size, 0.1 * size, 0.9 * size, 0.9 * size]]])
-    out = Path(out)
-    try:
-        with atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notes on SAM's constants
-            torch.onnx.export(graph, (image, boxes), str(tmp), dynamo=False, opset_version=17,
-                              input_names=["image", "boxes"], output_names=["logits", "iou"],
-                              dynamic_axes={"boxes": {1: "prompts"}, "logits": {1: "prompts"}, "iou": {1: "prompts"}})
-    except Exception as exc:  # the exporter raises many types for unsupported operators
-        raise CxrsamError(f"backend {lora.spec.name} could not be exported to ONNX "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path=out) from None
     return out
