@@ -384,7 +384,7 @@ def app_command(
         "--allow-host", help="Also serve this host[:port] (Host header, Origin of uploads and clicks; no port: "
                              "any port), e.g. the name the app is reached by; repeatable")] = None,
     device: DeviceOpt = "auto",
-    uncertainty_samples: UncertaintyOpt = 8,
+    uncertainty_samples: UncertaintyOpt = 4,
 ) -> None:
     """Local web page: upload a CXR, see the lung mask, refine it with clicks or a box, download mask and JSON."""
     import uvicorn
