@@ -35,26 +35,30 @@ def test_lung_measurements_boxes_and_sizes_in_px_and_mm():
     assert bare["mm2"] is None and bare["height_mm"] is None and bare["height_px"] == 60
 
 
+STRICT = QualityThresholds(min_draft_dice=0.9, min_lung_ratio=0.45, max_border_contact=0.02, max_uncertainty=0.15)
+"""Every rule on (the defaults turn off the ones that added nothing on validation)."""
+
+
 def test_good_mask_is_ok_and_each_rule_fires_with_its_reason():
     good = two_lungs()
-    quality = assess(quality_signals(good, draft=good, predicted_iou=[0.95, 0.93], uncertainty=0.01))
+    quality = assess(quality_signals(good, draft=good, predicted_iou=[0.95, 0.93], uncertainty=0.01), STRICT)
     assert quality.status is QualityStatus.OK and quality.reasons == []
 
     one_lung = good.copy()
     one_lung[:, 50:] = False  # the image-right lung dropped
-    quality = assess(quality_signals(one_lung, draft=good, predicted_iou=[0.95]))
+    quality = assess(quality_signals(one_lung, draft=good, predicted_iou=[0.95]), STRICT)
     assert quality.status is QualityStatus.REVIEW
     assert Flag.LUNG_COUNT in quality.flags and Flag.DRAFT_DISAGREEMENT in quality.flags
     assert "1 lung component(s), expected 2" in quality.to_json()["reasons"][1]["message"]
 
     small = np.zeros_like(good)
     small[40:60, 10:40] = small[40:60, 60:70] = True
-    flags = assess(quality_signals(small, predicted_iou=[0.5, 0.9], uncertainty=0.4)).flags
+    flags = assess(quality_signals(small, predicted_iou=[0.5, 0.9], uncertainty=0.4), STRICT).flags
     assert flags == [Flag.LOW_PREDICTED_IOU, Flag.AREA_OUT_OF_RANGE, Flag.LUNG_RATIO, Flag.UNCERTAIN]
 
     edge = good.copy()
     edge[0:90, 0:40] = True  # the image-left lung runs along the left and top edges
-    assert Flag.TOUCHES_BORDER in assess(quality_signals(edge)).flags
+    assert Flag.TOUCHES_BORDER in assess(quality_signals(edge)).flags  # default thresholds
     assert border_contact(good) == 0.0
     with pytest.raises(ValueError):
         QualityThresholds(min_area_fraction=0.5, max_area_fraction=0.4)
