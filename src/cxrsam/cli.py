@@ -44,7 +44,11 @@ MarginOpt = Annotated[float, typer.Option(help="Pixels added to each box side")]
 MultimaskOpt = Annotated[bool, typer.Option(help="Keep the best of SAM's 3 candidates by predicted IoU")]
 SeedOpt = Annotated[int, typer.Option(help="Prompt seed (kmeans/random points)")]
 BackendOpt = Annotated[str, typer.Option(help="SAM backend without --run: litemedsam | vit_b | vit_l | vit_h")]
-FormatOpt = Annotated[str, typer.Option("--format", help="Mask file format: png | nifti (.nii.gz, needs nibabel)")]
+FormatOpt = Annotated[str, typer.Option("--format", help="Mask file format: png | nifti (.nii.gz, needs nibabel) | "
+                                                         "dicom-seg (<stem>_seg.dcm, DICOM inputs only)")]
+UncertaintyOpt = Annotated[int, typer.Option(
+    "--uncertainty-samples", min=0, help="Jittered prompt decodes per image for the uncertainty map and flag "
+                                         "(0 = off; else at least 2; decoder passes only)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: a GPU when present)")]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="On-disk embedding cache")]
 RuntimeOpt = Annotated[str, typer.Option(
@@ -311,7 +315,7 @@ def _segment_folder(segmenter, inputs: list[Path], out_dir: Path, box: str | Non
 def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts_from: Path | None,
                      drafts: Path | None, box: str | None, spec, backend: str, checkpoint: Path | None,
                      output_format: str, device: str, cache_dir: Path | None, batch_size: int | None,
-                     runtime: str) -> None:
+                     runtime: str, uncertainty_samples: int = 0) -> None:
     """What `predict` and `zero-shot` share: one draft source, one prompt spec, one SAM, one folder pipeline."""
     from cxrsam.pipeline import build_segmenter
 
@@ -327,7 +331,8 @@ def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts
         raise CxrsamError("draft mask folder not found", path=drafts)
     _check_outputs(out_dir, [*images, *([drafts] if drafts else [])], output_format)
     segmenter = build_segmenter(run=run, drafts_from=drafts_from or drafts, backend=backend, checkpoint=checkpoint,
-                                spec=spec, device=device, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime)
+                                spec=spec, device=device, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime,
+                                uncertainty_samples=uncertainty_samples)
     _segment_folder(segmenter, images, out_dir, box=box, output_format=output_format)
 
 
@@ -358,13 +363,14 @@ def predict_command(
     cache_dir: CacheOpt = None,
     batch_size: BatchOpt = None,
     runtime: RuntimeOpt = "torch",
+    uncertainty_samples: UncertaintyOpt = 0,
 ) -> None:
     """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained."""
     if ctx.info_name == "zero-shot" and run is not None:
         raise CxrsamError("zero-shot uses pretrained SAM: drop --run, or use `cxrsam predict --run`")
     spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
     _segment_command([*images, *(more_images or [])], out_dir, run, drafts_from, drafts, box, spec, backend, checkpoint,
-                     output_format, device, cache_dir, batch_size, runtime)
+                     output_format, device, cache_dir, batch_size, runtime, uncertainty_samples)
 
 
 @app.command("app")
@@ -383,6 +389,7 @@ def app_command(
                              "any port), e.g. the name the app is reached by; repeatable")] = None,
     device: DeviceOpt = "auto",
     runtime: RuntimeOpt = "torch",
+    uncertainty_samples: UncertaintyOpt = 4,
 ) -> None:
     """Local web page: upload a CXR, see the lung mask, refine it with clicks or a box, download mask and JSON."""
     import uvicorn
@@ -393,7 +400,7 @@ def app_command(
     allowed = served_hosts(host, port, allow_host or [])
     segmenter = build_segmenter(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
                                 spec=_prompt_spec(prompt, "per_lung", 3, "distance", None, 0.0, False, 0), device=device,
-                                runtime=runtime)
+                                runtime=runtime, uncertainty_samples=uncertainty_samples)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] binding to {escape(host)} exposes the app to other machines")
     out.print(escape(f"cxrsam app on http://{host}:{port}/ (Ctrl+C to stop)"))

@@ -144,3 +144,69 @@ def test_sessions_and_cached_embeddings_capped_at_max_sessions(tiny_sam, phantom
     assert client.post(f"/api/images/{ids[0]}/segment", json={}).status_code == 404  # dropped
     assert client.post(f"/api/images/{ids[3]}/segment", json={"box": [0, 0, 255, 255]}).status_code == 200
     assert client.get("/api/info").json()["max_pixels"] == 25_000_000
+
+
+def _dicom_bytes(pixels: np.ndarray) -> bytes:
+    """A DX DICOM of ``pixels`` (float (H, W) in [0, 1]) with the UIDs a DICOM-SEG references, as file bytes."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (DigitalXRayImageStorageForPresentation,
+                                                                     generate_uid())
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("upload.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.PixelData = np.round(pixels * 4095).astype(np.uint16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_quality_flags_uncertainty_and_dicom_seg(litemedsam, mask_drafts, shared_data):
+    """A good draft comes back ok with an uncertainty map; a draft missing a lung comes back review with the
+    reason; a DICOM upload downloads a DICOM-SEG referencing it, a PNG upload gets 409."""
+    import pydicom
+
+    from cxrsam.app.server import create_app
+    from cxrsam.data.io import read_image
+
+    folder = shared_data / "Viral Pneumonia"
+    image = folder / "images" / "Viral Pneumonia-3.png"
+    gt = read_mask(folder / "masks" / "Viral Pneumonia-3.png", size=(299, 299))
+    broken = gt.copy()
+    broken[:, 150:] = False  # the image-right lung dropped from the draft
+
+    def client(draft: np.ndarray) -> TestClient:
+        segmenter = Segmenter(litemedsam, drafter=mask_drafts(draft), uncertainty_samples=3)
+        return TestClient(create_app(segmenter, allowed_hosts=["testserver"]))
+
+    good = client(gt).post("/api/images", files={"file": ("vp3.png", image.read_bytes())}).json()
+    assert good["quality"] == "ok" and good["result"]["quality"]["reasons"] == [] and not good["dicom"]
+    uncertainty = np.asarray(Image.open(io.BytesIO(base64.b64decode(good["uncertainty"].split(",", 1)[1]))))
+    assert uncertainty.shape == (299, 299) and good["result"]["uncertainty"]["samples"] == 3
+    no_seg = client(gt).get(f"/api/images/{good['id']}/seg.dcm")
+    assert no_seg.status_code == 404  # another app: the id is unknown there
+
+    app = client(broken)
+    bad = app.post("/api/images", files={"file": ("vp3.png", image.read_bytes())}).json()
+    assert bad["quality"] == "review"
+    assert "lung_count" in [r["flag"] for r in bad["result"]["quality"]["reasons"]]
+    assert app.get(f"/api/images/{bad['id']}/seg.dcm").status_code == 409
+
+    source = _dicom_bytes(read_image(image).pixels)
+    dicom = app.post("/api/images", files={"file": ("vp3.dcm", source)}).json()
+    assert dicom["dicom"] and dicom["mask"] is not None
+    refined = app.post(f"/api/images/{dicom['id']}/segment", json={"box": [10, 20, 290, 280]}).json()
+    download = app.get(f"/api/images/{dicom['id']}/seg.dcm")
+    assert download.status_code == 200 and download.headers["content-type"] == "application/dicom"
+    seg = pydicom.dcmread(io.BytesIO(download.content))
+    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+    assert seg.Modality == "SEG" and referenced == pydicom.dcmread(io.BytesIO(source)).SOPInstanceUID
+    segments = np.asarray(seg.pixel_array, bool).reshape(-1, 299, 299).any(axis=0)
+    assert 0 < segments.sum() <= refined["mask_pixels"]

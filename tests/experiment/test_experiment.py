@@ -51,7 +51,8 @@ def test_table_rows_and_report(mini_run):
     html = first.report_html.read_text()
     assert "LoRA-SAM, box (U-Net drafts)" in html and html.count("data:image/png;base64,") >= 3
     md = first.report_md.read_text()
-    assert "figures/dice_boxplot.png" in md and "figures/overlays.png" in md
+    assert "figures/dice_boxplot.png" in md and "figures/overlays.png" in md and "figures/lung_area.png" in md
+    assert "Quality flags (test images sent to review / images" in md  # SAM stages' JSONs carry the flags
     assert (first.out_dir / "manifest.csv").exists() and (first.out_dir / "config.yaml").exists()
     lora_dir = first.out_dir / "stages" / "lora"
     assert json.loads((lora_dir / "adapter.json").read_text())["trainable"]["lora"] > 0

@@ -53,3 +53,19 @@ def test_report_files(tmp_path):
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 2 and "<td>B</td>" in html
     assert figs["Dice per image"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lung_area_histogram_and_quality_note(tmp_path):
+    import json
+
+    from cxrsam.report import lung_area_histogram
+    from cxrsam.report.tables import quality_note
+
+    path = lung_area_histogram({"a": [0.2, 0.25, 0.3], "b": [0.1, 0.15]}, tmp_path / "areas.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stem, status, reasons in (("x", "ok", []), ("y", "review", [{"flag": "lung_count", "message": "1 lung"}])):
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"quality": {"status": status, "reasons": reasons}}))
+    note = quality_note({"SAM": tmp_path, "CNN without JSON": tmp_path / "none"}, ["x", "y", "z"])
+    assert note == ("Quality flags (test images sent to review / images; most frequent flags): "
+                    "SAM: 1/2 (lung_count 1).")
+    assert quality_note({"CNN": tmp_path / "none"}, ["x"]) is None

@@ -18,9 +18,14 @@ Endpoints (all JSON unless stated):
     lie inside the image (x in [0, W-1], y in [0, H-1]), else 422.
 ``GET /api/images/{id}/mask.png``, ``GET /api/images/{id}/result.json``
     Downloads of the current mask ({0, 255}, original size) and its JSON record.
+``GET /api/images/{id}/seg.dcm``
+    The current mask as a DICOM Segmentation (one segment per lung; DICOM uploads only, else 409).
 
 State returned after upload and each refinement: ``mask`` (PNG data URL or null), ``mask_pixels``,
-``result`` (the JSON record of :func:`cxrsam.pipeline.outputs.result_dict`, or null) and ``message``.
+``uncertainty`` (the prompt-disagreement map as a grey PNG data URL, 255 = most disagreement; null when the
+segmenter measures none), ``quality`` (``ok`` / ``review`` / null), ``dicom`` (whether the upload was DICOM, so a
+DICOM-SEG can be downloaded), ``result`` (the JSON record of :func:`cxrsam.pipeline.outputs.result_dict`, with
+the quality flags and reasons, or null) and ``message``.
 
 Safety:
 
@@ -76,7 +81,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cxrsam.data.io import read_image_bytes
 from cxrsam.data.xray import MAX_PIXELS, XRay
 from cxrsam.errors import CxrsamError
-from cxrsam.pipeline.outputs import Segmentation, image_png, mask_png, result_dict
+from cxrsam.pipeline.outputs import Segmentation, image_png, mask_dicom_seg, mask_png, result_dict, uncertainty_png
 from cxrsam.pipeline.segmenter import Segmenter, validate_points
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -337,6 +342,10 @@ def create_app(segmenter: Segmenter, max_upload_mb: float = 64.0, max_sessions: 
         seg = upload.segmentation
         return {"mask": None if seg is None else _data_url(mask_png(seg.mask)),
                 "mask_pixels": 0 if seg is None else int(seg.mask.sum()),
+                "uncertainty": None if seg is None or seg.uncertainty is None
+                else _data_url(uncertainty_png(seg.uncertainty)),
+                "quality": None if seg is None or seg.quality is None else seg.quality.status.value,
+                "dicom": upload.xray.dicom is not None,
                 "result": None if seg is None else result_dict(seg, upload.name),
                 "message": message}
 
@@ -413,6 +422,18 @@ def create_app(segmenter: Segmenter, max_upload_mb: float = 64.0, max_sessions: 
     @app.get("/api/images/{image_id}/mask.png")
     def download_mask(image_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
         return attachment(image_id, "_mask.png", "image/png", lambda upload: mask_png(upload.segmentation.mask))
+
+    def dicom_seg(upload: Upload) -> bytes:
+        if upload.xray.dicom is None:
+            raise HTTPException(409, "a DICOM-SEG needs a DICOM upload")
+        try:
+            return mask_dicom_seg(upload.segmentation)
+        except CxrsamError as exc:
+            raise HTTPException(409, exc.problem) from None
+
+    @app.get("/api/images/{image_id}/seg.dcm")
+    def download_seg(image_id: str = PathParam(pattern=ID_PATTERN)) -> Response:
+        return attachment(image_id, "_seg.dcm", "application/dicom", dicom_seg)
 
     @app.get("/api/images/{image_id}/result.json")
     def download_json(image_id: str = PathParam(pattern=ID_PATTERN)) -> Response:

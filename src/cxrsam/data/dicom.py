@@ -151,8 +151,10 @@ def read_dicom(path: str | Path, source: BinaryIO | None = None, max_pixels: int
         if tag in ds and ds.get(tag):
             spacing = (float(ds.get(tag)[0]), float(ds.get(tag)[1]))
             break
+    if "PixelData" in ds:
+        del ds.PixelData  # the header stays with the image (for a DICOM Segmentation), the pixels do not
     return XRay(pixels=data.astype(np.float32), path=path, spacing_mm=spacing,
-                bit_depth=int(getattr(ds, "BitsStored", 16)))
+                bit_depth=int(getattr(ds, "BitsStored", 16)), dicom=ds)
 
 
 def read_jsrt_raw(path: str | Path, shape: tuple[int, int] = JSRT_SHAPE) -> XRay:

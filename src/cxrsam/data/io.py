@@ -170,6 +170,11 @@ MASK_SUFFIX = "_mask"
 is read too (ground-truth and draft folders of public datasets)."""
 OVERLAY_SUFFIX = "_overlay"
 """``<image stem>_overlay.png``: the picture cxrsam writes beside each mask; never read as a mask."""
+UNCERTAINTY_SUFFIX = "_uncertainty"
+"""``<image stem>_uncertainty.png``: the prompt-disagreement map cxrsam writes beside each mask; never a mask."""
+SEG_SUFFIX = "_seg"
+"""``<image stem>_seg.dcm``: the DICOM Segmentation cxrsam writes for a DICOM input; never read as a mask."""
+NOT_MASK_SUFFIXES = (OVERLAY_SUFFIX, UNCERTAINTY_SUFFIX, SEG_SUFFIX)
 
 
 def mask_file_name(stem: str, extension: str = ".png") -> str:
@@ -179,14 +184,14 @@ def mask_file_name(stem: str, extension: str = ".png") -> str:
 
 def index_masks(folder: str | Path) -> dict[str, Path]:
     """Mask files of ``folder`` by the image stem they belong to (``x.png`` and ``x_mask.png`` both -> ``x``;
-    ``x_overlay.png`` pictures are skipped).
+    the ``x_overlay.png``, ``x_uncertainty.png`` and ``x_seg.dcm`` files cxrsam writes beside masks are skipped).
 
     Two files claiming one image (``x.png`` and ``x_mask.png``, or ``x.png`` and ``x.tif``) raise
     :class:`CxrsamError` naming both, never a silent choice.
     """
     found: dict[str, Path] = {}
     for path in list_images(folder):
-        if path.stem.endswith(OVERLAY_SUFFIX):
+        if path.stem.endswith(NOT_MASK_SUFFIXES):
             continue
         stem = path.stem.removesuffix(MASK_SUFFIX)
         if stem in found:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,12 +25,15 @@ class XRay:
         path: the source file.
         spacing_mm: (row, col) pixel spacing in millimetres, or None when unknown.
         bit_depth: bits of the stored samples (8, 12, 16).
+        dicom: the DICOM header (a pydicom ``Dataset`` without its pixel data) of a DICOM input, else None;
+            what a DICOM Segmentation of the image references.
     """
 
     pixels: np.ndarray
     path: Path
     spacing_mm: tuple[float, float] | None = None
     bit_depth: int = 8
+    dicom: Any = field(default=None, repr=False)
 
     @property
     def size(self) -> tuple[int, int]:

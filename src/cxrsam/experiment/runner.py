@@ -43,11 +43,12 @@ from cxrsam.report import (
     ReportContent,
     comparison_table,
     dice_boxplot,
+    lung_area_histogram,
     overlay_grid,
     training_curves,
     write_report,
 )
-from cxrsam.report.tables import table_markdown
+from cxrsam.report.tables import quality_note, table_markdown
 from cxrsam.runs import CONFIG_YAML, MANIFEST_CSV, RunFolder
 from cxrsam.sam.onnx_runtime import Runtime, resolve_runtime
 
@@ -342,6 +343,10 @@ class Experiment:
                        overlay_grid(per_image, names, images.__getitem__, gts.__getitem__,
                                     lambda m, n: _read_optional(self.pred_dirs[m] / mask_file_name(n)),
                                     fig_dir / "overlays.png")}
+        areas: dict[str, list[float]] = {}
+        for case in test:
+            areas.setdefault(case.group, []).append(float(gts[case.image.stem].mean()))
+        figures["Lung area per dataset (test ground truth)"] = lung_area_histogram(areas, fig_dir / "lung_area.png")
         curves = training_curves(self.curves, fig_dir / "training_curves.png")
         if curves:
             figures["Training curves"] = curves
@@ -351,6 +356,8 @@ class Experiment:
                  "Inference (s/img) of a SAM method = draft CNN + SAM encoder + prompt decoding per image; params and "
                  "train time of a SAM method include the draft CNN it depends on. Peak memory: process RSS on CPU "
                  "(includes everything loaded before), CUDA allocator peak on GPU."]
+        flags = quality_note(self.pred_dirs, list(gts))
+        notes += [flags] if flags else []
         md, page = write_report(ReportContent(self.config.name, table, reference, figures, self.config_text,
                                               self.out_dir / MANIFEST_CSV, notes), self.out_dir)
         return ExperimentResult(self.out_dir, table, per_image, md, page, reference, self.cache.ran, self.cache.skipped)

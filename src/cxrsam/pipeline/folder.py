@@ -2,7 +2,8 @@
 ``predict-cnn``) and the experiment's stages run :func:`segment_images`.
 
 Rules: every good image is finished; each failure is one line (``<file>: <problem>``) in the report and in
-``<out>/results.csv`` (one row per input: ``image, status, problem, outputs, prompt_sets, warnings``); the output
+``<out>/results.csv`` (one row per input: ``image, status, problem, outputs, prompt_sets, warnings``, then the
+quality flags and lung measurements of :data:`cxrsam.pipeline.outputs.RESULT_COLUMNS`, empty for a failure); the output
 folder may not be, or lie inside, an input folder, nor be an input file; two inputs that would share an output
 name both fail (no silent overwrite). Outputs are named by :func:`cxrsam.pipeline.outputs.output_paths`.
 """
@@ -19,7 +20,7 @@ import pandas as pd
 from cxrsam.data.io import list_images, read_image
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
-from cxrsam.pipeline.outputs import OUTPUT_KINDS, OutputFormat, output_format, write_outputs
+from cxrsam.pipeline.outputs import OUTPUT_KINDS, RESULT_COLUMNS, OutputFormat, output_format, result_row, write_outputs
 from cxrsam.pipeline.segmenter import Segmenter
 
 RESULTS_CSV = "results.csv"
@@ -119,7 +120,7 @@ def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | 
                 written = write_outputs(seg, out_dir, path.stem, format, kinds)
                 report.written[path] = written
                 row.update(outputs=";".join(p.name for p in written.values()), prompt_sets=len(seg.prompts.sets),
-                           warnings="; ".join(seg.warnings))
+                           warnings="; ".join(seg.warnings), **result_row(seg))
             except CxrsamError as exc:
                 message = str(exc) if exc.path is not None else f"{path}: {exc}"
                 report.failed.append((path, message))
@@ -128,5 +129,6 @@ def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | 
             bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - started):.2f} img/s")
     report.results = out_dir / RESULTS_CSV
     with atomic_path(report.results) as tmp:
-        pd.DataFrame(rows, columns=list(rows[0]) if rows else None).to_csv(tmp, index=False)
+        columns = ["image", "status", "problem", "outputs", "prompt_sets", "warnings", *RESULT_COLUMNS]
+        pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
     return report

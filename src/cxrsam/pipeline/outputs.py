@@ -1,8 +1,11 @@
-"""What a segmentation writes: mask (PNG or NIfTI), overlay PNG and JSON record, under one naming scheme.
+"""What a segmentation writes: mask (PNG, NIfTI or DICOM-SEG), overlay PNG, uncertainty PNG and JSON record, under
+one naming scheme.
 
 Per image ``<stem>``: ``<stem>_mask.png`` ({0, 255}, original size; ``<stem>_mask.nii.gz`` with
-``format="nifti"``), ``<stem>_overlay.png`` and ``<stem>.json`` (lung areas in pixels and mm², left/right areas,
-prompts and the prompt spec, models and versions). ``docs/predict.md`` documents every field.
+``format="nifti"``; ``<stem>_seg.dcm`` with ``format="dicom-seg"``, DICOM inputs only), ``<stem>_overlay.png``,
+``<stem>_uncertainty.png`` (when uncertainty was measured) and ``<stem>.json`` (lung measurements in pixels and mm,
+quality flags, uncertainty, prompts and the prompt spec, models and versions). ``docs/predict.md`` documents every
+field.
 """
 
 from __future__ import annotations
@@ -19,22 +22,27 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxrsam.data.io import OVERLAY_SUFFIX, XRay, mask_file_name
+from cxrsam.data.io import OVERLAY_SUFFIX, SEG_SUFFIX, UNCERTAINTY_SUFFIX, XRay, mask_file_name
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
+from cxrsam.pipeline.quality import Quality
+from cxrsam.pipeline.uncertainty import Uncertainty
 from cxrsam.prompts import Prompts, PromptSpec
+from cxrsam.prompts.boxes import mask_box
 from cxrsam.prompts.components import lung_components
 
 
 class OutputFormat(StrEnum):
-    """Mask file format: ``png`` ({0, 255}) or ``nifti`` (``.nii.gz``, uint8 {0, 1}; needs nibabel)."""
+    """Mask file format: ``png`` ({0, 255}), ``nifti`` (``.nii.gz``, uint8 {0, 1}; needs nibabel) or ``dicom-seg``
+    (``<stem>_seg.dcm``, a DICOM Segmentation with a segment per lung; DICOM inputs only)."""
 
     PNG = "png"
     NIFTI = "nifti"
+    DICOM_SEG = "dicom-seg"
 
 
-OUTPUT_KINDS = ("mask", "overlay", "json")
-"""The files written per image, in order."""
+OUTPUT_KINDS = ("mask", "overlay", "uncertainty", "json")
+"""The files written per image, in order (``uncertainty`` only when it was measured)."""
 
 
 def output_format(format: OutputFormat | str) -> OutputFormat:
@@ -50,6 +58,11 @@ def output_format(format: OutputFormat | str) -> OutputFormat:
         except ImportError:
             raise CxrsamError("--format nifti needs the optional package nibabel "
                               "(pip install 'cxrsam[nifti]')") from None
+    if format is OutputFormat.DICOM_SEG:
+        try:
+            import highdicom  # noqa: F401 - writes the dicom-seg format
+        except ImportError:
+            raise CxrsamError("--format dicom-seg needs the package highdicom (pip install highdicom)") from None
     return format
 
 
@@ -68,6 +81,8 @@ class Segmentation:
         models: identities of the models used (``sam``, ``sam_kind``, ``cnn``, versions).
         warnings: problems noticed on the way (e.g. one lung component in the draft).
         spec: the prompt rules that turned the draft into prompts (None for hand-given prompts).
+        quality: the quality flags (:func:`cxrsam.pipeline.quality.assess`), or None.
+        uncertainty: the prompt-perturbation uncertainty (:mod:`cxrsam.pipeline.uncertainty`), or None when off.
     """
 
     xray: XRay
@@ -78,6 +93,8 @@ class Segmentation:
     models: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     spec: PromptSpec | None = None
+    quality: Quality | None = None
+    uncertainty: Uncertainty | None = None
 
 
 SIDES = {"image_left": "right lung (patient's right in a PA view)",
@@ -88,26 +105,72 @@ OVERLAY_RGB = (255, 64, 64)
 OVERLAY_ALPHA = 0.35
 
 
+def _extent(mask: np.ndarray, spacing_mm: tuple[float, float] | None) -> dict[str, Any]:
+    """Pixels, mm², bounding box and its height/width (px and mm) of a non-empty bool mask (H, W)."""
+    box = [int(v) for v in mask_box(mask)]  # x0, y0, x1, y1, inclusive
+    height, width = box[3] - box[1] + 1, box[2] - box[0] + 1
+    pixels = int(np.count_nonzero(mask))
+    mm = spacing_mm is not None
+    return {"pixels": pixels, "mm2": round(pixels * spacing_mm[0] * spacing_mm[1], 3) if mm else None,
+            "bbox": box, "height_px": height, "width_px": width,
+            "height_mm": round(height * spacing_mm[0], 2) if mm else None,
+            "width_mm": round(width * spacing_mm[1], 2) if mm else None}
+
+
 def lung_areas(mask: np.ndarray, spacing_mm: tuple[float, float] | None) -> dict[str, Any]:
-    """Total and per-lung areas of a bool mask (H, W), in pixels and (when spacing is known) mm².
+    """Measurements of a bool lung mask (H, W): total area in pixels and (when spacing is known) mm², and per lung
+    its area, bounding box ``[x0, y0, x1, y1]`` (pixels, inclusive) and the box's height and width in pixels and mm.
 
     Left/right: the two largest components (each at least 0.5 % of the image) are the lungs, sorted
     by centroid column (:func:`cxrsam.prompts.components.lung_components`); keys are the *image*
     side (``image_left``, ``image_right``) with the anatomical name for a PA view. With fewer than
     two such components the lungs are not separable and ``lungs`` is None.
     """
-    pixel_mm2 = None if spacing_mm is None else float(spacing_mm[0]) * float(spacing_mm[1])
-
-    def area(pixels: int) -> dict[str, Any]:
-        return {"pixels": int(pixels), "mm2": None if pixel_mm2 is None else round(pixels * pixel_mm2, 3)}
-
+    spacing = None if spacing_mm is None else (float(spacing_mm[0]), float(spacing_mm[1]))
+    pixel_mm2 = None if spacing is None else spacing[0] * spacing[1]
+    mask = np.asarray(mask, dtype=bool)
+    pixels = int(np.count_nonzero(mask))
+    total = {"pixels": pixels, "mm2": None if pixel_mm2 is None else round(pixels * pixel_mm2, 3)}
     components, _ = lung_components(mask)
     lungs = None
     if len(components) == 2:
-        lungs = {side: {"anatomical": name, **area(int(comp.sum()))}
+        lungs = {side: {"anatomical": name, **_extent(comp, spacing)}
                  for (side, name), comp in zip(SIDES.items(), components)}
-    return {"total": area(int(np.count_nonzero(mask))), "pixel_area_mm2": pixel_mm2, "lungs": lungs,
+    return {"total": total, "pixel_area_mm2": pixel_mm2, "lungs": lungs,
             "lungs_note": None if lungs else "left and right lungs are not separable (fewer than two components)"}
+
+
+RESULT_COLUMNS = ("quality", "flags", "reasons", "draft_dice", "min_predicted_iou", "lung_components",
+                  "area_fraction", "lung_ratio", "border_contact", "uncertainty", "area_px", "area_mm2",
+                  *(f"{side}_{m}" for side in ("image_left", "image_right")
+                    for m in ("px", "mm2", "height_px", "width_px", "height_mm", "width_mm", "bbox")))
+"""The per-image columns of ``results.csv`` from :func:`result_row` (units in docs/predict.md)."""
+
+
+def result_row(seg: Segmentation) -> dict[str, Any]:
+    """The :data:`RESULT_COLUMNS` of one segmentation (None where not available)."""
+    area = lung_areas(seg.mask, seg.xray.spacing_mm)
+    q = seg.quality
+    signals = None if q is None else q.signals
+    row: dict[str, Any] = {
+        "quality": None if q is None else q.status.value,
+        "flags": None if q is None else ";".join(f.value for f in q.flags),
+        "reasons": None if q is None else "; ".join(r.message for r in q.reasons),
+        "draft_dice": None if signals is None or signals.draft_dice is None else round(signals.draft_dice, 4),
+        "min_predicted_iou": None if signals is None or not signals.predicted_iou
+        else round(min(signals.predicted_iou), 4),
+        "lung_components": None if signals is None else signals.lung_components,
+        "area_fraction": None if signals is None else round(signals.area_fraction, 4),
+        "lung_ratio": None if signals is None or signals.lung_ratio is None else round(signals.lung_ratio, 4),
+        "border_contact": None if signals is None else round(signals.border_contact, 4),
+        "uncertainty": None if seg.uncertainty is None else round(seg.uncertainty.score, 4),
+        "area_px": area["total"]["pixels"], "area_mm2": area["total"]["mm2"]}
+    for side in ("image_left", "image_right"):
+        lung = None if area["lungs"] is None else area["lungs"][side]
+        for m in ("px", "mm2", "height_px", "width_px", "height_mm", "width_mm", "bbox"):
+            value = None if lung is None else lung["pixels" if m == "px" else m]
+            row[f"{side}_{m}"] = " ".join(map(str, value)) if isinstance(value, list) else value
+    return row
 
 
 def _prompts_json(prompts: Prompts) -> list[dict[str, Any]]:
@@ -130,6 +193,8 @@ def result_dict(seg: Segmentation, image_name: str) -> dict[str, Any]:
         "prompt_spec": None if seg.spec is None else seg.spec.model_dump(mode="json"),
         "prompts": _prompts_json(seg.prompts),
         "draft_pixels": None if seg.draft is None else int(np.count_nonzero(seg.draft)),
+        "quality": None if seg.quality is None else seg.quality.to_json(),
+        "uncertainty": None if seg.uncertainty is None else seg.uncertainty.to_json(),
         "models": seg.models,
         "warnings": seg.warnings,
     }
@@ -192,27 +257,56 @@ def mask_nifti(mask: np.ndarray, spacing_mm: tuple[float, float] | None) -> byte
     return gzip.compress(image.to_bytes(), mtime=0)
 
 
+def uncertainty_png(uncertainty: Uncertainty) -> bytes:
+    """The disagreement map (H, W) in [0, 1] as 8-bit grey PNG bytes: value = round(255 x disagreement)."""
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(uncertainty.disagreement, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mask_dicom_seg(seg: Segmentation) -> bytes:
+    """The mask as DICOM Segmentation bytes (:mod:`cxrsam.pipeline.dicom_seg`); only for a DICOM input."""
+    from cxrsam.pipeline.dicom_seg import dicom_seg_bytes
+
+    if seg.xray.dicom is None:
+        raise CxrsamError("--format dicom-seg needs DICOM input (write png or nifti for other images)",
+                          path=seg.xray.path)
+    versions = seg.models.get("versions") or {}
+    min_area_frac = seg.spec.min_area_frac if seg.spec is not None else PromptSpec().min_area_frac
+    return dicom_seg_bytes(seg.mask, seg.xray.dicom, seg.xray.path, seg.xray.spacing_mm,
+                           software=str(versions.get("cxrsam", "unknown")), min_area_frac=min_area_frac,
+                           algorithm=("cxrsam", "SAM" if seg.source != "cnn" else "CNN"))
+
+
 def output_paths(out_dir: str | Path, stem: str, format: OutputFormat | str = OutputFormat.PNG,
                  kinds: Sequence[str] = OUTPUT_KINDS) -> dict[str, Path]:
     """The files :func:`write_outputs` writes for ``stem`` (the one naming scheme): ``mask`` =
-    ``<stem>_mask.png`` (or ``.nii.gz``), ``overlay`` = ``<stem>_overlay.png``, ``json`` = ``<stem>.json``."""
+    ``<stem>_mask.png`` (``<stem>_mask.nii.gz`` for nifti, ``<stem>_seg.dcm`` for dicom-seg), ``overlay`` =
+    ``<stem>_overlay.png``, ``uncertainty`` = ``<stem>_uncertainty.png``, ``json`` = ``<stem>.json``."""
     format = output_format(format)
     out_dir = Path(out_dir)
-    names = {"mask": mask_file_name(stem, ".png" if format is OutputFormat.PNG else ".nii.gz"),
-             "overlay": f"{stem}{OVERLAY_SUFFIX}.png", "json": f"{stem}.json"}
+    mask_names = {OutputFormat.PNG: mask_file_name(stem, ".png"), OutputFormat.NIFTI: mask_file_name(stem, ".nii.gz"),
+                  OutputFormat.DICOM_SEG: f"{stem}{SEG_SUFFIX}.dcm"}
+    names = {"mask": mask_names[format], "overlay": f"{stem}{OVERLAY_SUFFIX}.png",
+             "uncertainty": f"{stem}{UNCERTAINTY_SUFFIX}.png", "json": f"{stem}.json"}
     return {kind: out_dir / names[kind] for kind in kinds}
 
 
 def write_outputs(seg: Segmentation, out_dir: str | Path, stem: str, format: OutputFormat | str = OutputFormat.PNG,
                   kinds: Sequence[str] = OUTPUT_KINDS) -> dict[str, Path]:
-    """Write the mask (original size), overlay PNG and JSON of one image (the ``kinds`` asked for); returns
-    their paths. Every file is encoded first and then written atomically, so an error leaves none of them.
+    """Write the mask (original size), overlay PNG, uncertainty PNG (when measured) and JSON of one image (the
+    ``kinds`` asked for); returns their paths. Every file is encoded first and then written atomically, so an
+    error (e.g. ``dicom-seg`` for a PNG input) leaves none of them.
     ``<stem>_mask.png`` matches ground truth ``<stem>.png`` in ``cxrsam evaluate``."""
     format = output_format(format)
-    paths = output_paths(out_dir, stem, format, kinds)
+    paths = output_paths(out_dir, stem, format, [k for k in kinds if k != "uncertainty" or seg.uncertainty])
+    masks = {OutputFormat.PNG: lambda: mask_png(seg.mask),
+             OutputFormat.NIFTI: lambda: mask_nifti(seg.mask, seg.xray.spacing_mm),
+             OutputFormat.DICOM_SEG: lambda: mask_dicom_seg(seg)}
     encoders = {
-        "mask": lambda: mask_png(seg.mask) if format is OutputFormat.PNG else mask_nifti(seg.mask, seg.xray.spacing_mm),
+        "mask": masks[format],
         "overlay": lambda: overlay_png(seg),
+        "uncertainty": lambda: uncertainty_png(seg.uncertainty),
         "json": lambda: (json.dumps({**result_dict(seg, seg.xray.path.name),
                                      "outputs": {k: p.name for k, p in paths.items()}}, indent=2) + "\n").encode(),
     }

@@ -20,11 +20,23 @@ from cxrsam.config import resolve_device
 from cxrsam.data.io import XRay
 from cxrsam.errors import CxrsamError
 from cxrsam.pipeline.outputs import Segmentation
+from cxrsam.pipeline.quality import QualityThresholds, assess, quality_signals
+from cxrsam.pipeline.uncertainty import DEFAULT_JITTER, prompt_uncertainty
 from cxrsam.prompts import Prompts, PromptSet, PromptSpec
 from cxrsam.prompts.boxes import clip_box
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.onnx_runtime import make_engine
 from cxrsam.sam.registry import LoadedSam
+
+DEFAULT_UNCERTAINTY_SAMPLES = 0
+"""Perturbed prompt decodes per image for the uncertainty map by default (0 = off; ``--uncertainty-samples``)."""
+
+
+def check_uncertainty_samples(samples: int) -> int:
+    """``samples`` if it is 0 (uncertainty off) or at least 2, else :class:`CxrsamError`."""
+    if samples == 1 or samples < 0:
+        raise CxrsamError(f"--uncertainty-samples must be 0 (off) or at least 2, got {samples}")
+    return samples
 
 
 def parse_box(text: str) -> np.ndarray:
@@ -108,25 +120,35 @@ class Segmenter:
         memory_items: image embeddings kept in memory (LiteMedSAM embeddings take 4 MiB each).
         batch_size: images per encoder call (None: the engine's default for the device).
         runtime: what runs SAM: ``torch``, ``onnx`` or ``auto`` (:func:`~cxrsam.sam.onnx_runtime.resolve_runtime`).
+        thresholds: when a result is flagged for review (:class:`~cxrsam.pipeline.quality.QualityThresholds`).
+        uncertainty_samples: K perturbed prompt decodes per image for the uncertainty map
+            (:mod:`cxrsam.pipeline.uncertainty`); 0 = off, else at least 2.
+        uncertainty_jitter: std of the perturbation as a fraction of the box side.
     """
 
     def __init__(self, sam: LoadedSam | None, drafter: DraftSource | None = None, spec: PromptSpec | None = None,
                  models: dict[str, Any] | None = None, cache_dir: str | Path | None = None, memory_items: int = 32,
-                 batch_size: int | None = None, runtime: str = "torch"):
+                 batch_size: int | None = None, runtime: str = "torch", thresholds: QualityThresholds | None = None,
+                 uncertainty_samples: int = DEFAULT_UNCERTAINTY_SAMPLES, uncertainty_jitter: float = DEFAULT_JITTER):
         if sam is None and drafter is None:
             raise CxrsamError("nothing to segment with: give a SAM model, a draft source, or both")
+        check_uncertainty_samples(uncertainty_samples)
         self.sam = sam
         self.drafter = drafter
         self.spec = spec or PromptSpec()
+        self.thresholds = thresholds or QualityThresholds()
+        self.uncertainty_samples = uncertainty_samples
+        self.uncertainty_jitter = uncertainty_jitter
         self.engine = None if sam is None else make_engine(sam, runtime, cache_dir=cache_dir,
                                                            memory_items=memory_items, batch_size=batch_size)
         self.models = models if models is not None else describe_models(sam, drafter, engine=self.engine)
 
     @classmethod
-    def from_engine(cls, engine: SamEngine, drafter: DraftSource | None = None, spec: PromptSpec | None = None
-                    ) -> Segmenter:
-        """A segmenter around an existing engine (sharing its embedding caches, e.g. across experiment stages)."""
-        segmenter = cls(engine.loaded, drafter, spec)
+    def from_engine(cls, engine: SamEngine, drafter: DraftSource | None = None, spec: PromptSpec | None = None,
+                    **settings: Any) -> Segmenter:
+        """A segmenter around an existing engine (sharing its embedding caches, e.g. across experiment stages);
+        ``settings``: ``thresholds``, ``uncertainty_samples``, ``uncertainty_jitter``."""
+        segmenter = cls(engine.loaded, drafter, spec, **settings)
         segmenter.engine = engine
         segmenter.models = describe_models(engine.loaded, drafter, engine=engine)
         return segmenter
@@ -159,8 +181,11 @@ class Segmenter:
         if self.engine is None:  # the CNN baseline: its draft is the result
             if draft is None:
                 raise CxrsamError("no draft: a segmenter without SAM needs a draft source", path=xray.path)
-            return Segmentation(xray=xray, mask=np.asarray(draft, dtype=bool), draft=draft,
-                                prompts=Prompts([], size, "none", 0), source="cnn", models=self.models)
+            mask = np.asarray(draft, dtype=bool)
+            return Segmentation(xray=xray, mask=mask, draft=draft, prompts=Prompts([], size, "none", 0),
+                                source="cnn", models=self.models,
+                                quality=assess(quality_signals(mask, min_area_frac=self.spec.min_area_frac),
+                                               self.thresholds))
         spec = None
         if box is not None:
             box_arr, warning = validate_box(box, size)
@@ -185,21 +210,32 @@ class Segmenter:
         if prompts.empty:
             raise CxrsamError(f"no lung found to prompt SAM with ({'; '.join(warnings) or 'empty draft'})",
                               path=xray.path)
-        mask = np.asarray(self.engine.segment(xray, prompts, multimask=self.spec.multimask), dtype=bool)
+        embedding = self.engine.embed([xray])[0]
+        logits, iou = self.engine.decode_logits(embedding, prompts, self.spec.multimask, return_iou=True)
+        mask = self.engine.union_mask(logits)
         if not mask.any():
             warnings.append("SAM returned an empty mask")
+        uncertainty = None if not self.uncertainty_samples else prompt_uncertainty(
+            self.engine, embedding, prompts, self.uncertainty_samples, self.uncertainty_jitter, seed=self.spec.seed,
+            stem=xray.path.stem, multimask=self.spec.multimask)
+        signals = quality_signals(mask, draft if spec is not None else None, iou.tolist(),
+                                  None if uncertainty is None else uncertainty.score, self.spec.min_area_frac)
         return Segmentation(xray=xray, mask=mask, draft=draft, prompts=prompts, source=source, models=self.models,
-                            warnings=warnings, spec=spec)
+                            warnings=warnings, spec=spec, quality=assess(signals, self.thresholds),
+                            uncertainty=uncertainty)
 
 
 def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | None = None,
                     backend: str | None = "litemedsam", checkpoint: str | Path | None = None,
                     spec: PromptSpec | None = None, device: str | torch.device | None = None,
-                    cache_dir: str | Path | None = None, batch_size: int | None = None, runtime: str = "torch"
-                    ) -> Segmenter:
+                    cache_dir: str | Path | None = None, batch_size: int | None = None, runtime: str = "torch",
+                    uncertainty_samples: int = DEFAULT_UNCERTAINTY_SAMPLES,
+                    thresholds: QualityThresholds | None = None) -> Segmenter:
     """A :class:`Segmenter` from folders on disk: ``run`` = LoRA run (else the pretrained ``backend`` and
     ``checkpoint``; ``backend=None`` and no run: no SAM, the CNN's drafts are the result), ``drafts_from`` = a CNN
-    run or a folder of draft masks (else prompts must be given per image); ``runtime`` runs SAM."""
+    run or a folder of draft masks (else prompts must be given per image); ``runtime`` runs SAM;
+    ``uncertainty_samples`` and ``thresholds`` as in :class:`Segmenter`."""
+    check_uncertainty_samples(uncertainty_samples)
     device = resolve_device(device)
     drafter = None if drafts_from is None else drafts_from_path(drafts_from, device=device)
     if run is not None:
@@ -212,7 +248,8 @@ def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | Non
         sam = build_sam(backend, checkpoint, device=device)
     else:
         sam = None
-    segmenter = Segmenter(sam, drafter, spec=spec, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime)
+    segmenter = Segmenter(sam, drafter, spec=spec, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime,
+                          thresholds=thresholds, uncertainty_samples=uncertainty_samples)
     segmenter.models = describe_models(sam, drafter, run=run, engine=segmenter.engine)
     return segmenter
 

@@ -1,4 +1,4 @@
-"""Report figures (matplotlib, Agg): Dice box plots, overlay examples, training curves."""
+"""Report figures (matplotlib, Agg): Dice box plots, overlay examples, training curves, lung-area histograms."""
 
 from __future__ import annotations
 
@@ -87,4 +87,18 @@ def training_curves(curves: dict[str, str | Path], path: str | Path) -> Path | N
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def lung_area_histogram(fractions: dict[str, Sequence[float]], path: str | Path, bins: int = 30) -> Path:
+    """Histogram of lung area as a fraction of the image (0-1, ground-truth masks), one series per dataset."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    values = [np.asarray(v, dtype=float) for v in fractions.values()]
+    edges = np.linspace(min(v.min() for v in values), max(v.max() for v in values), bins + 1) if values else bins
+    for name, v in zip(fractions, values):
+        ax.hist(v, bins=edges, alpha=0.6, label=f"{name} (n={len(v)})")
+    ax.set_xlabel("lung area / image area (test masks)")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
     return _save(fig, Path(path))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -110,3 +114,22 @@ def table_markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def quality_note(pred_dirs: dict[str, Path], stems: Sequence[str]) -> str | None:
+    """One Markdown line: per method, how many test images the pipeline's quality flags sent to review (from the
+    ``quality.status`` of each ``<stem>.json`` beside the masks) and the most frequent flags; None without JSONs."""
+    parts = []
+    for method, folder in pred_dirs.items():
+        statuses, flags = [], Counter()
+        for stem in stems:
+            path = Path(folder) / f"{stem}.json"
+            quality = json.loads(path.read_text()).get("quality") if path.is_file() else None
+            if quality:
+                statuses.append(quality["status"])
+                flags.update(r["flag"] for r in quality["reasons"])
+        if statuses:
+            top = ", ".join(f"{flag} {n}" for flag, n in flags.most_common(3))
+            parts.append(f"{method}: {statuses.count('review')}/{len(statuses)}" + (f" ({top})" if top else ""))
+    return None if not parts else "Quality flags (test images sent to review / images; most frequent flags): " \
+        + "; ".join(parts) + "."

@@ -235,15 +235,18 @@ class SamEngine:
                 self._to_disk(keys[i], embedding)
         return [found[key] for key in keys]
 
-    def decode_logits(self, embedding: torch.Tensor, prompts: Prompts, multimask: bool = False) -> torch.Tensor:
+    def decode_logits(self, embedding: torch.Tensor, prompts: Prompts, multimask: bool = False,
+                      return_iou: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Per-set mask logits (P, H, W) at the original size for one image's embedding (C, h, w).
 
         Sets with the same signature are decoded in one call; with ``multimask`` each set keeps
-        the candidate with the highest predicted IoU.
+        the candidate with the highest predicted IoU. With ``return_iou``: (logits, iou (P,)), SAM's
+        predicted IoU of each set's kept mask.
         """
         spec, device = self.loaded.spec, self.loaded.device
         size = prompts.image_size
         out = torch.empty((len(prompts.sets), *size))
+        ious = torch.empty(len(prompts.sets))
         groups: dict[tuple[bool, int], list[int]] = {}
         for index, prompt_set in enumerate(prompts.sets):
             groups.setdefault(prompt_set.signature, []).append(index)
@@ -253,7 +256,8 @@ class SamEngine:
                 logits, iou = self._decode(embedding[None].to(device), batch, multimask)
                 chosen = select_best(logits, iou) if multimask else logits[:, :, 0]
                 out[indices] = spec.transform.logits_to_image(chosen[0], size).float().cpu()
-        return out
+                ious[indices] = iou[0].max(dim=-1).values.float().cpu()
+        return (out, ious) if return_iou else out
 
     def segment_many(self, images: Sequence[ImageLike], prompts: Sequence[Prompts],
                      multimask: bool = False) -> list[np.ndarray]:
@@ -276,9 +280,12 @@ class SamEngine:
                 todo.append(i)
         embeddings = self.embed([images[i] for i in todo])
         for i, embedding in zip(todo, embeddings):
-            logits = self.decode_logits(embedding, prompts[i], multimask)
-            masks[i] = (logits > self.threshold).any(dim=0).numpy()
+            masks[i] = self.union_mask(self.decode_logits(embedding, prompts[i], multimask))
         return masks
+
+    def union_mask(self, logits: torch.Tensor) -> np.ndarray:
+        """Per-set logits (P, H, W) -> the image's mask bool (H, W): the union of the thresholded sets."""
+        return (logits > self.threshold).any(dim=0).numpy()
 
     def segment(self, image: ImageLike, prompts: Prompts, multimask: bool = False) -> np.ndarray:
         """Mask bool (H, W) of one image at its original size (per-set masks merged by union)."""

@@ -7,10 +7,12 @@ const $ = (id) => document.getElementById(id);
 const view = $("view");
 const ctx = view.getContext("2d");
 const MASK_RGBA = [255, 64, 64, 100];
+const UNCERTAINTY_RGB = [255, 220, 0];  // disagreement shown in yellow, opacity = disagreement
 const DRAG_MIN_CSS_PX = 5;
 
 let image = null;          // HTMLImageElement of the upload (grey PNG rendered by the server)
 let maskLayer = null;      // offscreen canvas with the tinted mask, or null
+let uncertaintyLayer = null;  // offscreen canvas with the prompt-disagreement map, or null
 let imageId = null;
 let prompts = { box: null, points: [], labels: [] };
 let history = [];
@@ -71,11 +73,34 @@ async function setMask(dataUrl) {
   return count;
 }
 
+// The grey disagreement map (255 = most) as a yellow layer whose opacity follows the disagreement.
+async function setUncertainty(dataUrl) {
+  if (!dataUrl) {
+    uncertaintyLayer = null;
+    return;
+  }
+  const img = await loadImage(dataUrl);
+  const layer = document.createElement("canvas");
+  layer.width = img.naturalWidth;
+  layer.height = img.naturalHeight;
+  const lctx = layer.getContext("2d");
+  lctx.drawImage(img, 0, 0);
+  const data = lctx.getImageData(0, 0, layer.width, layer.height);
+  for (let i = 0; i < data.data.length; i += 4) {
+    const value = data.data[i];
+    data.data.set(UNCERTAINTY_RGB, i);
+    data.data[i + 3] = Math.round(value * 0.8);
+  }
+  lctx.putImageData(data, 0, 0);
+  uncertaintyLayer = layer;
+}
+
 function draw() {
   if (!image) return;
   ctx.clearRect(0, 0, view.width, view.height);
   ctx.drawImage(image, 0, 0);
   if (maskLayer && $("show-mask").checked) ctx.drawImage(maskLayer, 0, 0);
+  if (uncertaintyLayer && $("show-uncertainty").checked) ctx.drawImage(uncertaintyLayer, 0, 0);
   const line = Math.max(1, Math.round(Math.max(view.width, view.height) / 300));
   ctx.lineWidth = line;
   const box = drag && drag.moved ? [drag.x0, drag.y0, drag.x1, drag.y1] : prompts.box;
@@ -109,7 +134,23 @@ async function showState(state) {
   $("sides").textContent = lungs ? `${fmtArea(lungs.image_left)} / ${fmtArea(lungs.image_right)}`
                                  : (result ? "not separable" : "-");
   $("prompt-source").textContent = result ? result.prompt_source : "-";
-  for (const [id, file] of [["download-mask", "mask.png"], ["download-json", "result.json"]]) {
+  const quality = $("quality");
+  quality.textContent = state.quality || "-";
+  quality.dataset.status = state.quality || "";
+  const reasons = $("reasons");
+  reasons.replaceChildren(...((result && result.quality) ? result.quality.reasons : []).map((reason) => {
+    const item = document.createElement("li");
+    item.textContent = reason.message;
+    item.dataset.flag = reason.flag;
+    return item;
+  }));
+  await setUncertainty(state.uncertainty);
+  const toggle = $("show-uncertainty");
+  toggle.disabled = !state.uncertainty;
+  $("uncertainty").textContent = result && result.uncertainty ? result.uncertainty.max.toFixed(3) : "-";
+  $("download-seg").hidden = !state.dicom;
+  for (const [id, file] of [["download-mask", "mask.png"], ["download-json", "result.json"],
+                            ["download-seg", "seg.dcm"]]) {
     const link = $(id);
     link.classList.toggle("disabled", !result);
     if (result) link.href = `/api/images/${imageId}/${file}`; else link.removeAttribute("href");
@@ -215,6 +256,7 @@ $("undo").addEventListener("click", () => {
 $("reset").addEventListener("click", () => changePrompts(() => { prompts = { box: null, points: [], labels: [] }; }));
 
 $("show-mask").addEventListener("change", draw);
+$("show-uncertainty").addEventListener("change", draw);
 
 fetch("/api/info").then((r) => r.json()).then((info) => {
   const sam = info.models.sam;
