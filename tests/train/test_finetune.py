@@ -178,6 +178,11 @@ def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path, folder_di
     assert isinstance(result.exception, CxrsamError) and "nothing to export" in str(result.exception)
     result = runner.invoke(app, ["finetune", "--out", str(tmp_path / "x")])
     assert isinstance(result.exception, CxrsamError) and "--data is required" in str(result.exception)
+    (tmp_path / "taken").write_text("notes")
+    for command in (["finetune", "--backend", "tiny_sam", "--checkpoint", str(tiny_ckpt)], ["train-cnn", "--arch", "unet"]):
+        result = runner.invoke(app, [*command, "--data", str(phantoms), "--out", str(tmp_path / "taken")])
+        assert isinstance(result.exception, CxrsamError) and "exists and is not a folder" in str(result.exception)
+    assert (tmp_path / "taken").read_text() == "notes"
     assert folder_digest(phantoms) == data_before  # training, predicting and exporting left the data as it was
     # settings as data: a run's config.yaml is a valid --config; --set and options override it, in that order
     result = runner.invoke(app, ["finetune", "--config", str(run / "config.yaml"), "--set", "lora.rank=3",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cxrsam.config import DataFields
 from cxrsam.errors import CxrsamError
+from cxrsam.files import require_output_dir
 from cxrsam.runs import CONFIG_YAML, LAST, MANIFEST_CSV, RunFolder, read_run_config, write_run_config
 
 
@@ -23,7 +24,7 @@ def prepare_run(config: DataFields, run_dir: str | Path, resume: bool, kind: str
     from cxrsam.data.layouts import discover, require_cases
     from cxrsam.data.split import read_manifest, split_cases, write_manifest
 
-    run_dir = Path(run_dir)
+    run_dir = require_output_dir(run_dir)  # an existing file or an unwritable place: one line, before any work
     folder = RunFolder(run_dir, kind)
     finished = folder.finished
     if resume:
