@@ -140,6 +140,7 @@ def test_malformed_uploads_are_4xx_with_a_detail(client, image_bombs, dicom_bomb
 MEASURE = """
 import sys
 from pathlib import Path
+import pydicom, pydicom.filereader, pydicom.pixels  # imported up front: a first import is not a decode
 from cxrsam.data.io import read_image_bytes
 from cxrsam.errors import CxrsamError
 
