@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from segment_anything import SamPredictor
 
-from cxrsam.data.synthetic import make_phantom
 from cxrsam.prompts import Prompts, PromptSet, prompts_from_mask
 from cxrsam.sam.engine import PromptBatch, SamEngine, decode
 from cxrsam.sam.registry import build_sam
@@ -19,18 +17,6 @@ from cxrsam.sam.testing import tiny_spec
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
     return build_sam(tiny_spec(), checkpoint=tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def cases():
-    """Three phantoms of different shapes (non-square ones get padded differently)."""
-    out = []
-    for seed, (h, w) in enumerate([(96, 96), (80, 110), (120, 72)]):
-        image, mask = make_phantom(size=96, seed=seed)
-        image = cv2.resize(image.astype(np.float32) / 255, (w, h), interpolation=cv2.INTER_LINEAR)
-        mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        out.append((image, mask))
-    return out
 
 
 def reference_logits(model, pixels: np.ndarray, prompts: Prompts, multimask: bool) -> torch.Tensor:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 
-import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cxrsam.data.synthetic import make_phantom
 from cxrsam.errors import CxrsamError
 from cxrsam.prompts import Prompts, PromptSet, prompts_from_mask
 from cxrsam.sam import lora
@@ -35,18 +33,6 @@ def onnx_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(tiny, onnx_root):
     return OnnxSamEngine(tiny, onnx_root=onnx_root)
-
-
-@pytest.fixture(scope="module")
-def cases():
-    """Three phantoms of different shapes (non-square ones get padded differently)."""
-    out = []
-    for seed, (h, w) in enumerate([(96, 96), (80, 110), (120, 72)]):
-        image, mask = make_phantom(size=96, seed=seed)
-        image = cv2.resize(image.astype(np.float32) / 255, (w, h), interpolation=cv2.INTER_LINEAR)
-        mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        out.append((image, mask))
-    return out
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

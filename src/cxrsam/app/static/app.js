@@ -47,11 +47,8 @@ async function apiJson(url, options) {
 }
 
 // Tint the mask and count its pixels (the count is exposed in the page for users and tests).
-async function setMask(dataUrl) {
-  if (!dataUrl) {
-    maskLayer = null;
-    return 0;
-  }
+// A PNG data URL as a canvas layer whose pixels ``recolour(rgba, offset)`` rewrites in place.
+async function recolouredLayer(dataUrl, recolour) {
   const img = await loadImage(dataUrl);
   const layer = document.createElement("canvas");
   layer.width = img.naturalWidth;
@@ -59,17 +56,25 @@ async function setMask(dataUrl) {
   const lctx = layer.getContext("2d");
   lctx.drawImage(img, 0, 0);
   const data = lctx.getImageData(0, 0, layer.width, layer.height);
-  let count = 0;
-  for (let i = 0; i < data.data.length; i += 4) {
-    if (data.data[i] > 127) {
-      count += 1;
-      data.data.set(MASK_RGBA, i);
-    } else {
-      data.data[i + 3] = 0;
-    }
-  }
+  for (let i = 0; i < data.data.length; i += 4) recolour(data.data, i);
   lctx.putImageData(data, 0, 0);
-  maskLayer = layer;
+  return layer;
+}
+
+async function setMask(dataUrl) {
+  if (!dataUrl) {
+    maskLayer = null;
+    return 0;
+  }
+  let count = 0;
+  maskLayer = await recolouredLayer(dataUrl, (rgba, i) => {
+    if (rgba[i] > 127) {
+      count += 1;
+      rgba.set(MASK_RGBA, i);
+    } else {
+      rgba[i + 3] = 0;
+    }
+  });
   return count;
 }
 
@@ -79,20 +84,11 @@ async function setUncertainty(dataUrl) {
     uncertaintyLayer = null;
     return;
   }
-  const img = await loadImage(dataUrl);
-  const layer = document.createElement("canvas");
-  layer.width = img.naturalWidth;
-  layer.height = img.naturalHeight;
-  const lctx = layer.getContext("2d");
-  lctx.drawImage(img, 0, 0);
-  const data = lctx.getImageData(0, 0, layer.width, layer.height);
-  for (let i = 0; i < data.data.length; i += 4) {
-    const value = data.data[i];
-    data.data.set(UNCERTAINTY_RGB, i);
-    data.data[i + 3] = Math.round(value * 0.8);
-  }
-  lctx.putImageData(data, 0, 0);
-  uncertaintyLayer = layer;
+  uncertaintyLayer = await recolouredLayer(dataUrl, (rgba, i) => {
+    const value = rgba[i];
+    rgba.set(UNCERTAINTY_RGB, i);
+    rgba[i + 3] = Math.round(value * 0.8);
+  });
 }
 
 function draw() {
