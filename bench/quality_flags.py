@@ -2,18 +2,21 @@
 
 Default split (:func:`cxrsam.data.split.split_cases`, ratios 0.8/0.1/0.1, seed 0) of the COVID-19 Radiography
 Database subset. SAM = zero-shot LiteMedSAM with per-lung box prompts from a draft: a CNN run's drafts
-(``--drafts-from``) or, without one, ground truth degraded on purpose (seeded per image: 40 % unchanged, 30 % mildly
-eroded/dilated/shifted, 30 % broken: a lung dropped, shifted by 12-25 % of the side, dilated or eroded by 10-18 px,
-or a lung's lower half cut). Every image gets the signals of :mod:`cxrsam.pipeline.quality`, with the
-prompt-perturbation uncertainty at ``--samples`` (K) decodes.
+(``--drafts-from``) and/or (``--degraded``, the default without a CNN run) ground truth degraded on purpose
+(seeded per image: 40 % unchanged, 30 % mildly eroded/dilated/shifted, 30 % broken: a lung dropped, shifted by
+12-25 % of the side, dilated or eroded by 10-18 px, or a lung's lower half cut). Every image gets the signals of
+:mod:`cxrsam.pipeline.quality`, with the prompt-perturbation uncertainty at ``--samples`` (K) decodes.
 
-Thresholds (on validation only): the lung-area range is the 0.5-99.5 % percentile range of the training masks;
-then the low-side thresholds (draft Dice, predicted IoU, lung ratio) and the border contact are searched over
-percentiles of the *good* validation images (Dice >= 0.95), keeping the combination that catches most bad
-validation images while flagging at most ``--max-fpr`` of the good ones; finally the uncertainty threshold is
-chosen the same way with the others fixed. The test split is scored once with the chosen thresholds.
+Thresholds (on validation only; the validation rows of both draft sources pooled): the lung-area range is the
+0.5-99.5 % percentile range of the training masks; then the low-side thresholds (draft Dice, predicted IoU, lung
+ratio) and the border contact are searched over percentiles of the *good* validation images (Dice >= 0.95), keeping
+the combination that catches most bad validation images while flagging at most ``--max-fpr`` of the good ones;
+finally the uncertainty threshold is chosen the same way with the others fixed. The test split is scored once with
+the chosen thresholds.
 
-    nice -n 10 python bench/quality_flags.py --data ../shared/data/COVID-19_Radiography_Dataset --docs docs/results.md
+    nice -n 10 python bench/quality_flags.py --data ../shared/data/COVID-19_Radiography_Dataset \
+        --drafts-from runs/cpu/stages/cnn-unet --degraded --docs docs/results.md
+
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ def _vector_flags(frame: pd.DataFrame, t: QualityThresholds, use_uncertainty: bo
     return hit
 
 
-def catch_rows(test: pd.DataFrame, t: QualityThresholds) -> list[str]:
+def catch_rows(test: pd.DataFrame, t: QualityThresholds, source: str) -> list[str]:
+    """Table rows (drafts, bad definition, with/without uncertainty) of what the flags catch on ``test``."""
     worst = test.dice <= test.dice.quantile(0.05)
     lines = []
     for label, bad in ((f"Dice < {GOOD_DICE}", test.dice < GOOD_DICE), ("worst 5 % by Dice", worst)):
@@ -170,19 +174,23 @@ def catch_rows(test: pd.DataFrame, t: QualityThresholds) -> list[str]:
             hit = flagged(test, t, use)
             assert np.array_equal(hit, _vector_flags(test, t, use))
             b = bad.to_numpy()
-            lines.append(f"| {label} | {signals} | {int(b.sum())} | {int(hit[b].sum())} ({100 * hit[b].mean():.0f} %) "
-                         f"| {int((~b).sum())} | {int(hit[~b].sum())} ({100 * hit[~b].mean():.0f} %) |")
+            lines.append(f"| {source} | {label} | {signals} | {int(b.sum())} "
+                         f"| {int(hit[b].sum())} ({100 * hit[b].mean():.0f} %) | {int((~b).sum())} "
+                         f"| {int(hit[~b].sum())} ({100 * hit[~b].mean():.0f} %) |")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/COVID-19_Radiography_Dataset"))
-    parser.add_argument("--drafts-from", type=Path, default=None, help="CNN run folder (else degraded ground truth)")
+    parser.add_argument("--drafts-from", type=Path, default=None, help="CNN run folder whose drafts are one source")
+    parser.add_argument("--degraded", action="store_true",
+                        help="Ground truth degraded on purpose as a source (the default without --drafts-from)")
     parser.add_argument("--samples", type=int, default=4, help="Uncertainty decodes per image (K)")
     parser.add_argument("--max-fpr", type=float, default=0.10, help="Most good validation images flagged")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N validation and test images")
-    parser.add_argument("--csv", type=Path, default=Path("runs/bench/quality_flags.csv"))
+    parser.add_argument("--csv", type=Path, default=Path("runs/bench/quality_flags.csv"),
+                        help="Per-image rows; rows already there for the same source, split and K are reused")
     parser.add_argument("--docs", type=Path, default=None, help="Update this results.md")
     args = parser.parse_args()
 
@@ -190,22 +198,41 @@ def main() -> None:
     splits = split_cases(require_cases(discover(args.data, "covid19")), (0.8, 0.1, 0.1), 0)
     fractions = np.array([read_mask(c.masks[0]).mean() for c in splits["train"]])
     area = (round(float(np.percentile(fractions, 0.5)), 3), round(float(np.percentile(fractions, 99.5)), 3))
-    drafter = None
+    sources = {}
     if args.drafts_from is not None:
         from cxrsam.baselines.drafts import CnnDrafts
 
-        drafter = CnnDrafts(args.drafts_from, device="cpu")
-    segmenter = Segmenter(build_sam("litemedsam", device="cpu"), uncertainty_samples=args.samples, memory_items=2)
-    frames = {name: measure(segmenter, splits[name][:args.limit], drafter) for name in ("val", "test")}
-    frame = pd.concat([f.assign(split=name) for name, f in frames.items()], ignore_index=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.csv, index=False)
-    failed = {name: int((f.failed != "").sum()) for name, f in frames.items()}
-    val, test = (frames[n][frames[n].failed == ""].reset_index(drop=True) for n in ("val", "test"))
+        sources["cnn"] = CnnDrafts(args.drafts_from, device="cpu")
+    if args.degraded or args.drafts_from is None:
+        sources["degraded"] = None
+    cached = pd.read_csv(args.csv, keep_default_na=False, na_values=[""]) if args.csv.exists() else pd.DataFrame()
+    segmenter = None
+    parts = []
+    for source, drafter in sources.items():
+        for name in ("val", "test"):
+            cases = splits[name][:args.limit]
+            reuse = (cached[(cached.source == source) & (cached.split == name) & (cached.samples == args.samples)
+                            & cached.case.isin([c.case_id for c in cases])] if len(cached) else cached)
+            if len(reuse) == len(cases):
+                parts.append(reuse)
+                continue
+            segmenter = segmenter or Segmenter(build_sam("litemedsam", device="cpu"), uncertainty_samples=args.samples,
+                                               memory_items=2)
+            parts.append(measure(segmenter, cases, drafter).assign(source=source, split=name, samples=args.samples))
+            args.csv.parent.mkdir(parents=True, exist_ok=True)
+            pd.concat(parts, ignore_index=True).to_csv(args.csv, index=False)
+    frame = pd.concat(parts, ignore_index=True)
+    frame["failed"] = frame.failed.fillna("")
+    ok = frame[frame.failed == ""].reset_index(drop=True)
+    failed = {name: int((frame[frame.split == name].failed != "").sum()) for name in ("val", "test")}
+    val, test = ok[ok.split == "val"].reset_index(drop=True), ok[ok.split == "test"].reset_index(drop=True)
     t = choose(val, area, args.max_fpr)
-    source = f"CNN run `{args.drafts_from}`" if drafter else "ground truth degraded on purpose (see the script)"
+    named = {"cnn": f"the CNN run `{args.drafts_from}`",
+             "degraded": "ground truth degraded on purpose (40 % unchanged, 30 % mildly, 30 % broken; see the script)"}
+    source = " and ".join(named[s] for s in sources) + (" (validation rows of both pooled)" * (len(sources) > 1))
     command = "nice -n 10 python bench/quality_flags.py " + " ".join(
-        [f"--data {args.data}"] + [f"--drafts-from {args.drafts_from}"] * (drafter is not None)
+        [f"--data {args.data}"] + [f"--drafts-from {args.drafts_from}"] * ("cnn" in sources)
+        + ["--degraded"] * (args.degraded and "cnn" in sources)
         + [f"--samples {args.samples}", f"--max-fpr {args.max_fpr}"] + [f"--limit {args.limit}"] * bool(args.limit)
         + [f"--docs {args.docs}"] * (args.docs is not None))
     per_decode = test.uncertainty_s.mean() / args.samples
@@ -218,10 +245,11 @@ def main() -> None:
              "", "```", command, "```", "",
              "Chosen thresholds (now the defaults of `QualityThresholds`):", "", "```json",
              t.model_dump_json(), "```", "",
-             "| bad image | flags | bad | bad flagged | good | good flagged |", "|---|---|---|---|---|---|",
-             *catch_rows(test, t), "",
-             "Test Dice by draft kind: " + ", ".join(f"{k} {g.dice.mean():.3f} (n={len(g)})"
-                                                     for k, g in test.groupby("draft")) + ".", "",
+             "| drafts | bad image | flags | bad | bad flagged | good | good flagged |",
+             "|---|---|---|---|---|---|---|",
+             *[row for src, rows in test.groupby("source", sort=False) for row in catch_rows(rows, t, src)], "",
+             "Test Dice by draft kind: " + ", ".join(f"{k[1]} {g.dice.mean():.3f} (n={len(g)})"
+                                                     for k, g in test.groupby(["source", "draft"])) + ".", "",
              f"Cost of uncertainty on this CPU ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads, shared with another job): {test.uncertainty_s.mean():.2f} s per "
              f"image for K = {args.samples} ({per_decode * 1000:.0f} ms per decode of both lungs' prompts), against "
