@@ -8,7 +8,7 @@ folder may not be, or lie inside, an input folder, nor be an input file; two inp
 name both fail (no silent overwrite). Outputs are named by :func:`cxrsam.pipeline.outputs.output_paths`.
 
 Resume: after an image's files are written (each atomically), a line recording it is appended to a file in
-``<out>/.progress`` (:class:`Ledger`). A later run with the same settings (:func:`run_settings`) skips every
+``<out>/progress`` (:class:`Ledger`). A later run with the same settings (:func:`run_settings`) skips every
 image whose record is there, whose input file has the recorded size and modification time and whose output files
 all exist; so a killed run, started again, redoes no finished image. ``overwrite=True`` (``--overwrite``) redoes
 every image; a run with other settings redoes every image and forgets the earlier records.
@@ -40,7 +40,7 @@ from cxrsam.pipeline.outputs import OUTPUT_KINDS, RESULT_COLUMNS, OutputFormat, 
 from cxrsam.pipeline.segmenter import Segmenter
 
 RESULTS_CSV = "results.csv"
-PROGRESS_DIR = ".progress"
+PROGRESS_DIR = "progress"
 """Folder in ``--out`` holding the records of finished images (:class:`Ledger`)."""
 RECORD_KEYS = {"key", "stat", "at", "outputs", "row"}
 
@@ -78,7 +78,7 @@ def _input_stat(path: Path) -> list[int]:
 
 
 class Ledger:
-    """The records of finished images in ``<out>/.progress``.
+    """The records of finished images in ``<out>/progress``.
 
     ``settings.json`` holds the :func:`run_settings` the records were made with; ``*.jsonl`` files hold one JSON
     line per finished image, ``{"key": resolved input path, "stat": [size, mtime_ns], "at": time_ns,
