@@ -123,7 +123,7 @@ class Ledger:
     @contextmanager
     def part(self, process: int) -> Iterator[TextIO]:
         """A new record file of this process (line-buffered, so each record is on disk when written)."""
-        fd, name = tempfile.mkstemp(prefix=f"part-{process}-", suffix=".jsonl", dir=self.folder)
+        fd, _ = tempfile.mkstemp(prefix=f"part-{process}-", suffix=".jsonl", dir=self.folder)
         with os.fdopen(fd, "w", encoding="utf-8", buffering=1) as handle:
             yield handle
 
@@ -139,8 +139,8 @@ class Ledger:
 
 def _finished(record: dict[str, Any] | None, path: Path, out_dir: Path) -> bool:
     """Whether an earlier run's record still stands: same input file, every output file present."""
-    return (record is not None and record.get("stat") == _input_stat(path)
-            and all((out_dir / name).is_file() for name in record.get("outputs", {}).values()))
+    return (record is not None and record["stat"] == _input_stat(path)
+            and all((out_dir / name).is_file() for name in record["outputs"].values()))
 
 
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
