@@ -54,6 +54,9 @@ CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="On-disk embe
 RuntimeOpt = Annotated[str, typer.Option(
     "--runtime", help="What runs SAM: torch | onnx (ONNX Runtime on the CPU; exported, checked and cached on first "
                       "use) | auto (onnx on the CPU when onnxruntime is installed, else torch)")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Redo every image; without it, images an earlier run with the same settings finished in --out "
+                        "are skipped, so a killed run started again resumes")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1,
                                                  help="Images per encoder call [default: 1 on CPU, 4 on GPU]")]
 
@@ -235,6 +238,7 @@ def predict_cnn_command(
     postprocess: Annotated[bool, typer.Option(help="Keep the two largest components and fill holes")] = True,
     output_format: FormatOpt = "png",
     device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """The CNN baseline's lung masks (its drafts) at each image's original size, written like `predict`'s."""
     from cxrsam.baselines.drafts import CnnDrafts
@@ -242,7 +246,7 @@ def predict_cnn_command(
 
     _check_outputs(out_dir, images, output_format)
     _segment_folder(Segmenter(None, CnnDrafts(run, device=device, postprocess=postprocess)), images, out_dir,
-                    output_format=output_format)
+                    output_format=output_format, overwrite=overwrite)
 
 
 @app.command("eval-cnn")
@@ -290,19 +294,26 @@ def _check_outputs(out_dir: Path, inputs: list[Path], output_format: str) -> Non
 
 
 def _segment_folder(segmenter, inputs: list[Path], out_dir: Path, box: str | None = None,
-                    output_format: str = "png") -> None:
-    """Run the one folder pipeline and report: a line per failed image, exit 1 if any failed."""
+                    output_format: str = "png", overwrite: bool = False) -> None:
+    """Run the one folder pipeline and report: a line per failed image, exit 1 if any failed. Under
+    ``accelerate launch`` every process segments its share and the main process reports for all."""
     from cxrsam.pipeline import collect_images, segment_images
     from cxrsam.pipeline.segmenter import parse_box
 
     hand_box = parse_box(box) if box is not None else None
     paths = collect_images(inputs)
-    report = segment_images(segmenter, paths, out_dir, box=hand_box, format=output_format, inputs=inputs)
+    report = segment_images(segmenter, paths, out_dir, box=hand_box, format=output_format, inputs=inputs,
+                            overwrite=overwrite)
+    if report.results is None:  # another process of the job: the main one reports
+        return
     if len(paths) == 1 and report.failed:  # one image: its own error is the one line
         raise CxrsamError(report.failed[0][1])
     sam = segmenter.models["sam"]
-    out.print(f"wrote {len(report.written)} of {len(paths)} image(s) to {out_dir} "
-              f"({'SAM ' + sam['model_id'] if sam else 'CNN drafts'}); per-image results: {report.results}",
+    skipped = (f"; {len(report.skipped)} finished by an earlier run with the same settings were skipped "
+               "(--overwrite redoes them)" if report.skipped else "")
+    processes = f" in {report.processes} processes" if report.processes > 1 else ""
+    out.print(f"wrote {len(report.written) - len(report.skipped)} of {len(paths)} image(s) to {out_dir}{processes} "
+              f"({'SAM ' + sam['model_id'] if sam else 'CNN drafts'}){skipped}; per-image results: {report.results}",
               markup=False, highlight=False)
     for _, message in report.failed:
         console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -315,7 +326,7 @@ def _segment_folder(segmenter, inputs: list[Path], out_dir: Path, box: str | Non
 def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts_from: Path | None,
                      drafts: Path | None, box: str | None, spec, backend: str, checkpoint: Path | None,
                      output_format: str, device: str, cache_dir: Path | None, batch_size: int | None,
-                     runtime: str, uncertainty_samples: int = 0) -> None:
+                     runtime: str, uncertainty_samples: int = 0, overwrite: bool = False) -> None:
     """What `predict` and `zero-shot` share: one draft source, one prompt spec, one SAM, one folder pipeline."""
     from cxrsam.pipeline import build_segmenter
 
@@ -333,7 +344,7 @@ def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts
     segmenter = build_segmenter(run=run, drafts_from=drafts_from or drafts, backend=backend, checkpoint=checkpoint,
                                 spec=spec, device=device, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime,
                                 uncertainty_samples=uncertainty_samples)
-    _segment_folder(segmenter, images, out_dir, box=box, output_format=output_format)
+    _segment_folder(segmenter, images, out_dir, box=box, output_format=output_format, overwrite=overwrite)
 
 
 @app.command("zero-shot", help="Zero-shot SAM: `predict` with pretrained SAM (no --run); the same pipeline and outputs.")
@@ -364,13 +375,18 @@ def predict_command(
     batch_size: BatchOpt = None,
     runtime: RuntimeOpt = "torch",
     uncertainty_samples: UncertaintyOpt = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained."""
+    """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained.
+
+    A rerun skips the images an earlier run with the same settings finished (a killed run resumes);
+    `accelerate launch --multi_gpu --num_processes N -m cxrsam predict ...` shares the images among N processes.
+    """
     if ctx.info_name == "zero-shot" and run is not None:
         raise CxrsamError("zero-shot uses pretrained SAM: drop --run, or use `cxrsam predict --run`")
     spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
     _segment_command([*images, *(more_images or [])], out_dir, run, drafts_from, drafts, box, spec, backend, checkpoint,
-                     output_format, device, cache_dir, batch_size, runtime, uncertainty_samples)
+                     output_format, device, cache_dir, batch_size, runtime, uncertainty_samples, overwrite)
 
 
 @app.command("app")

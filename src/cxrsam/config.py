@@ -21,13 +21,22 @@ def settings_error(exc: ValidationError, path: str | Path | None = None) -> Cxrs
     return CxrsamError(f"invalid setting {'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}", path=path)
 
 
+def process_state():  # noqa: ANN201 - accelerate.PartialState, imported lazily
+    """This process's place in a job started by ``accelerate launch`` (or ``torchrun``): ``process_index``,
+    ``num_processes``, ``device``, ``wait_for_everyone()``, ``split_between_processes()`` (accelerate's
+    ``PartialState``; one process when not launched so). Without a GPU, or under ``accelerate launch --cpu``, the
+    processes are CPU processes joined by gloo, else GPU processes joined by NCCL."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
 def resolve_device(choice: str | torch.device | None = "auto") -> torch.device:
     """The one device rule: ``auto``/None -> the process's accelerator device (``cuda`` when a GPU is present, the
     rank's own GPU under ``accelerate launch``), else ``cpu``; anything else as given."""
     if choice is None or str(choice) == "auto":
-        from accelerate import PartialState
-
-        return PartialState().device if torch.cuda.is_available() else torch.device("cpu")
+        return process_state().device if torch.cuda.is_available() else torch.device("cpu")
     try:
         return torch.device(choice)
     except RuntimeError:

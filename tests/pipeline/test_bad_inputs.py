@@ -55,7 +55,7 @@ def test_folder_with_bad_files_finishes_the_others(phantoms, run_cli, tmp_path):
         assert problem in line
     assert len(lines) == len(expected) + 1 and "5 of 8 image(s) failed" in lines[-1]
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(["results.csv", *(f"{stem}{suffix}" for stem in ("good", "rgba", "deep16")
+    assert written == sorted(["progress", "results.csv", *(f"{stem}{suffix}" for stem in ("good", "rgba", "deep16")
                                                for suffix in (".json", "_mask.png", "_overlay.png"))])
     results = pd.read_csv(out / "results.csv").set_index("image")
     assert (results.status == "failed").sum() == 5 and results.loc[str(images / "good.png"), "status"] == "ok"
@@ -71,7 +71,7 @@ def test_single_bad_image_stops_with_one_line_and_no_output(phantoms, cli, tmp_p
     assert res.returncode == 1
     [line] = error_lines(res.stderr)
     assert line.startswith(f"error: {bad}: ") and ("unreadable image" in line or "not an image" in line)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.csv"]  # the failure, recorded
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["progress", "results.csv"]  # the failure, recorded
 
 
 def test_draft_masks_values_sizes_empty_and_missing(phantoms, cli, tmp_path):

@@ -197,10 +197,14 @@ def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path, folder_di
         assert isinstance(result.exception, CxrsamError) and problem in str(result.exception)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(phantoms, tiny_ckpt):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_recomputes_the_blocks(phantoms, tiny_ckpt):
+    """With LoRA in the encoder blocks (frozen base, no gradient on the input: where reentrant checkpointing would
+    give the adapters no gradient), checkpointing keeps loss and gradients, keeps fewer tensors for the backward pass
+    and runs every block's attention again in the backward pass."""
     batch = ft.collate_prompted([prompted_data(phantoms)[i] for i in range(2)])
-    grads = []
-    for checkpointing in (False, True):
+
+    def step(checkpointing: bool) -> tuple[float, dict[str, torch.Tensor], int, int]:
+        """Loss, LoRA gradients, bytes kept for the backward pass, attention calls of one training step."""
         loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
         model = lora.apply_lora(loaded.model, lora.LoraSettings(rank=2))
         torch.manual_seed(0)
@@ -209,10 +213,37 @@ def test_gradient_checkpointing_gives_the_same_gradients(phantoms, tiny_ckpt):
                 torch.nn.init.normal_(param, std=0.1)
         if checkpointing:
             assert ft.enable_gradient_checkpointing(model.image_encoder) == 2
-        ft.segmentation_loss(ft.SamTrainee(loaded).train()(batch[0], batch[3]), batch[4]).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if ".lora_" in n})
-    assert grads[0].keys() == grads[1].keys()
-    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+        calls, kept = [], []
+        for block in model.image_encoder.blocks:
+            block.attn.register_forward_hook(lambda *_: calls.append(1))
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = ft.segmentation_loss(ft.SamTrainee(loaded).train()(batch[0], batch[3]), batch[4])
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if ".lora_" in n}, sum(kept), \
+            len(calls)
+
+    (loss, grads, kept, calls), (loss_ck, grads_ck, kept_ck, calls_ck) = step(False), step(True)
+    assert loss == pytest.approx(loss_ck, abs=1e-6)
+    assert grads.keys() == grads_ck.keys() and all(g.abs().sum() > 0 for g in grads_ck.values())
+    assert all(torch.allclose(grads[n], grads_ck[n], atol=1e-6) for n in grads)
+    assert kept_ck < 0.8 * kept  # the blocks' activations are not kept but recomputed
+    assert (calls, calls_ck) == (2, 4)
+
+
+def test_gradient_checkpointing_reaches_every_stage_of_litemedsams_encoder():
+    """TinyViT (LiteMedSAM): the convolutional stage and the three attention stages, 2 + 2 + 6 + 2 blocks; its own
+    ``use_checkpoint`` (reentrant) stays off."""
+    from cxrsam.sam.registry import _medsam_lite
+
+    encoder = _medsam_lite().modeling.build_lite_medsam().image_encoder
+    assert ft.enable_gradient_checkpointing(encoder) == 12
+    assert all(hasattr(block.forward, "__wrapped__") for layer in encoder.layers for block in layer.blocks)
+    assert not any(layer.use_checkpoint for layer in encoder.layers)
 
 
 def test_a_non_square_image_reaches_the_model_as_the_same_tensor_in_finetuning_and_inference(tmp_path, tiny_ckpt):

@@ -145,10 +145,16 @@ class SamTrainee(nn.Module):
 
 
 def enable_gradient_checkpointing(encoder: nn.Module) -> int:
-    """Recompute each transformer block of ``encoder`` during backward (non-reentrant checkpointing).
+    """Recompute each block of ``encoder`` during backward instead of keeping its activations (activation, or
+    gradient, checkpointing: ``torch.utils.checkpoint`` with ``use_reentrant=False``).
 
-    Blocks are the members of every ``blocks`` ModuleList (TinyViT and segment_anything's ViT both
-    use that name). Module names and state-dict keys are unchanged. Returns the number of blocks.
+    Blocks are the members of every ``blocks`` ModuleList: in TinyViT (LiteMedSAM) all four stages, the
+    convolutional MBConv stage and the three attention stages (2 + 2 + 6 + 2 blocks); in segment_anything's ViT
+    every transformer block. Patch embedding, patch merging and the neck are not checkpointed. Non-reentrant
+    because with LoRA the input and the frozen first stage carry no gradient: reentrant checkpointing (TinyViT's
+    own ``use_checkpoint``) would then give the adapters inside a block no gradient at all. Only in training mode
+    with gradients on; frozen BatchNorm stays in eval mode (:class:`SamTrainee`), so the recomputation is exact.
+    Module names and state-dict keys are unchanged. Returns the number of blocks.
     """
     from torch.utils.checkpoint import checkpoint
 
