@@ -58,7 +58,8 @@ def test_good_mask_is_ok_and_each_rule_fires_with_its_reason():
 
     edge = good.copy()
     edge[0:90, 0:40] = True  # the image-left lung runs along the left and top edges
-    assert Flag.TOUCHES_BORDER in assess(quality_signals(edge)).flags  # default thresholds
+    assert Flag.TOUCHES_BORDER in assess(quality_signals(edge), STRICT).flags
+    assert Flag.TOUCHES_BORDER not in assess(quality_signals(edge)).flags  # off by default
     assert border_contact(good) == 0.0
     with pytest.raises(ValueError):
         QualityThresholds(min_area_fraction=0.5, max_area_fraction=0.4)

@@ -54,18 +54,20 @@ class Flag(StrEnum):
 
 class QualityThresholds(BaseModel):
     """When a segmentation is flagged for review. Defaults were chosen on the validation split of the COVID-19
-    Radiography Database (``bench/quality_flags.py``; docs/results.md, "Quality flags"); all values unitless."""
+    Radiography Database, U-Net drafts and deliberately degraded ones pooled (``bench/quality_flags.py``;
+    docs/results.md, "Quality flags"); all values unitless."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_draft_dice: float = Field(0.0, ge=0, le=1, description="Least Dice between the draft and SAM's mask "
                                   "(0 = off: on validation it caught nothing the other rules missed)")
-    min_predicted_iou: float = Field(0.839, ge=0, le=1, description="Least SAM-predicted IoU of any prompt set")
+    min_predicted_iou: float = Field(0.926, ge=0, le=1, description="Least SAM-predicted IoU of any prompt set")
     lungs: int = Field(2, ge=1, description="Lung components expected (each at least 0.5 % of the image)")
     min_area_fraction: float = Field(0.119, ge=0, le=1, description="Least lung area / image area (training 0.5 %)")
     max_area_fraction: float = Field(0.387, ge=0, le=1, description="Largest lung area / image area (training 99.5 %)")
     min_lung_ratio: float = Field(0.0, ge=0, le=1, description="Least smaller / larger lung area (0 = off)")
-    max_border_contact: float = Field(0.011, ge=0, le=1, description="Largest fraction of the image frame on a lung")
+    max_border_contact: float = Field(1.0, ge=0, le=1, description="Largest fraction of the image frame on a lung "
+                                      "(1 = off: on validation it caught nothing the other rules missed)")
     max_uncertainty: float = Field(1.0, ge=0, le=1, description="Largest per-lung prompt disagreement (1 = off: on "
                                    "validation, at K = 4, it added no catch within the false-alarm budget)")
 
