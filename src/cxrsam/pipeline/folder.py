@@ -6,24 +6,33 @@ Rules: every good image is finished; each failure is one line (``<file>: <proble
 quality flags and lung measurements of :data:`cxrsam.pipeline.outputs.RESULT_COLUMNS`, empty for a failure); the output
 folder may not be, or lie inside, an input folder, nor be an input file; two inputs that would share an output
 name both fail (no silent overwrite). Outputs are named by :func:`cxrsam.pipeline.outputs.output_paths`.
+
+Pipelining: one worker thread reads (decodes) and drafts the next :data:`PREFETCH` images while SAM runs on the
+current one, and another writes the previous image's files; images are still segmented, written and reported in
+input order, with the same results as one at a time (tests/pipeline/test_folder.py).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from cxrsam.data.io import list_images, read_image
+from cxrsam.data.io import XRay, list_images, read_image
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
 from cxrsam.pipeline.outputs import OUTPUT_KINDS, RESULT_COLUMNS, OutputFormat, output_format, result_row, write_outputs
 from cxrsam.pipeline.segmenter import Segmenter
 
 RESULTS_CSV = "results.csv"
+PREFETCH = 2
+"""Images read and drafted ahead of the one SAM is segmenting."""
 
 
 @dataclass
@@ -80,6 +89,12 @@ def _clashes(images: Sequence[Path]) -> dict[Path, str]:
             for group in by_stem.values() if len(group) > 1 for path in group}
 
 
+def _read_and_draft(segmenter: Segmenter, path: Path, box: Sequence[float] | None) -> tuple[XRay, np.ndarray | None]:
+    """An image and its draft (None with a hand-given box or without a draft source); runs in the reader thread."""
+    xray = read_image(path)
+    return xray, (segmenter.draft(xray) if box is None else None)
+
+
 def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | Path,
                    box: Sequence[float] | None = None, format: OutputFormat | str = OutputFormat.PNG,
                    kinds: Sequence[str] = OUTPUT_KINDS, inputs: Sequence[str | Path] = (),
@@ -108,25 +123,54 @@ def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | 
     rows = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with (Progress(*columns, disable=not progress, transient=True) as bar,
+          ThreadPoolExecutor(1, thread_name_prefix="cxrsam-read") as reader,
+          ThreadPoolExecutor(1, thread_name_prefix="cxrsam-write") as writer):
         task = bar.add_task("segment", total=len(images), rate="")
         started = time.perf_counter()
-        for done, path in enumerate(images, start=1):
+        upcoming = iter(images)
+        ahead: deque[tuple[Path, Future]] = deque()
+        writing: deque[tuple[Path, dict, Future | None]] = deque()
+
+        def read_next() -> None:
+            if (path := next(upcoming, None)) is not None:
+                ahead.append((path, reader.submit(_read_and_draft, segmenter, path, box)))
+
+        def finish(path: Path, row: dict, written: Future | None) -> None:
+            try:
+                if written is not None:
+                    report.written[path] = written.result()
+                    row.update(outputs=";".join(p.name for p in report.written[path].values()))
+            except CxrsamError as exc:
+                fail(path, row, exc)
+            rows.append(row)
+            bar.update(task, advance=1, rate=f"{len(rows) / (time.perf_counter() - started):.2f} img/s")
+
+        def fail(path: Path, row: dict, exc: CxrsamError) -> None:
+            message = str(exc) if exc.path is not None else f"{path}: {exc}"
+            report.failed.append((path, message))
+            row.update({key: "" for key in RESULT_COLUMNS}, status="failed", problem=message, prompt_sets=0,
+                       warnings="")
+
+        for _ in range(PREFETCH):
+            read_next()
+        while ahead:
+            path, prepared = ahead.popleft()
+            read_next()
             row = {"image": str(path), "status": "ok", "problem": "", "outputs": "", "prompt_sets": 0, "warnings": ""}
+            written = None
             try:
                 if path in clashes:
                     raise CxrsamError(clashes[path], path=path)
-                seg = segmenter.segment(read_image(path), box=box)
-                written = write_outputs(seg, out_dir, path.stem, format, kinds)
-                report.written[path] = written
-                row.update(outputs=";".join(p.name for p in written.values()), prompt_sets=len(seg.prompts.sets),
-                           warnings="; ".join(seg.warnings), **result_row(seg))
+                xray, draft = prepared.result()
+                seg = segmenter.segment(xray, box=box, draft=draft)
+                written = writer.submit(write_outputs, seg, out_dir, path.stem, format, kinds)
+                row.update(prompt_sets=len(seg.prompts.sets), warnings="; ".join(seg.warnings), **result_row(seg))
             except CxrsamError as exc:
-                message = str(exc) if exc.path is not None else f"{path}: {exc}"
-                report.failed.append((path, message))
-                row.update(status="failed", problem=message)
-            rows.append(row)
-            bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - started):.2f} img/s")
+                fail(path, row, exc)
+            writing.append((path, row, written))
+            while len(writing) > 1 or (writing and not ahead):
+                finish(*writing.popleft())
     report.results = out_dir / RESULTS_CSV
     with atomic_path(report.results) as tmp:
         columns = ["image", "status", "problem", "outputs", "prompt_sets", "warnings", *RESULT_COLUMNS]
