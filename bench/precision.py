@@ -1,8 +1,9 @@
 """The cost of a reduced-precision SAM encoder: Dice against ground truth and mask IoU against fp32, and speed.
 
-Variants (same weights, same prompts from the CNN run's drafts, ``per_lung`` boxes): ``torch fp32`` (the
-reference), ``onnx fp32``, ``torch bf16`` (autocast; needs AVX512-BF16/AMX on a CPU) and ``onnx int8`` (the
-encoder dynamically quantised by onnxruntime). Per image all variants run in turn (so machine load hits them
+Variants (same weights, same prompts from the CNN run's drafts, ``per_lung`` boxes): on the CPU ``torch fp32`` (the
+reference), ``onnx fp32``, ``torch bf16`` (autocast; needs AVX512-BF16/AMX) and ``onnx int8`` (the encoder dynamically
+quantised by onnxruntime); on a GPU ``torch fp32``, ``torch bf16`` and ``torch fp16`` (autocast), the encoder
+timed per ``--batch-size`` images (synchronised). Per image all variants run in turn (so machine load hits them
 alike); the encoder's milliseconds are the median over images. Reported per variant: mean Dice against the
 labels, the mean paired Dice change against torch fp32, mask IoU against torch fp32 (mean, min, images below
 0.999), encoder ms and speed-up. ``--store`` writes the reduced precisions' numbers to
@@ -10,6 +11,8 @@ src/cxrsam/sam/precision_costs.json, which ``cxrsam predict --precision`` prints
 
     nice -n 10 python bench/precision.py --data ../shared/data/COVID-19_Radiography_Dataset \\
         --drafts-from ../main/runs/cpu/stages/cnn-unet --images 40 --store
+    python bench/precision.py --device cuda --backend vit_b --checkpoint runs/vit_b_random.pt --images 16 \
+        --batch-size 8 --drafts-from ../main/runs/cpu/stages/cnn-unet       # GPU (bench/gpu.sh)
 """
 
 from __future__ import annotations
@@ -35,7 +38,21 @@ from cxrsam.sam.registry import build_sam
 from onnx_speed import load_xrays
 from zero_shot_speed import machine
 
-VARIANTS = [("torch", Precision.FP32), ("onnx", Precision.FP32), ("torch", Precision.BF16), ("onnx", Precision.INT8)]
+VARIANTS = {"cpu": [("torch", Precision.FP32), ("onnx", Precision.FP32), ("torch", Precision.BF16),
+                    ("onnx", Precision.INT8)],
+            "cuda": [("torch", Precision.FP32), ("torch", Precision.BF16), ("torch", Precision.FP16)]}
+
+
+def encode_ms(engine: SamEngine, model_input: torch.Tensor) -> float:
+    """Milliseconds of one encoder call on ``model_input`` (B, 3, S, S), synchronised on a GPU."""
+    cuda = torch.device(engine.loaded.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    tick = time.perf_counter()
+    engine._encode(model_input)
+    if cuda:
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - tick)
 
 
 def main() -> None:
@@ -44,29 +61,33 @@ def main() -> None:
     parser.add_argument("--drafts-from", type=Path, required=True, help="CNN run whose drafts give the prompts")
     parser.add_argument("--images", type=int, default=40, help="First N test-split images")
     parser.add_argument("--backend", default="litemedsam")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="Weights of --backend [default: official]")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--batch-size", type=int, default=1, help="Images per timed encoder call")
     parser.add_argument("--store", action="store_true", help=f"Write {PRECISION_COSTS.name} for cxrsam predict")
     args = parser.parse_args()
-    loaded = build_sam(args.backend, device="cpu")
-    engines: dict[str, SamEngine] = {f"{rt} {p}": make_engine(loaded, rt, precision=p, memory_items=0)
-                                     for rt, p in VARIANTS}
+    loaded = build_sam(args.backend, args.checkpoint, device=args.device)
+    kind = torch.device(args.device).type
+    engines: dict[str, SamEngine] = {f"{rt} {p}": make_engine(loaded, rt, precision=p, memory_items=0,
+                                                              batch_size=args.batch_size)
+                                     for rt, p in VARIANTS[kind]}
     xrays, truths, source = load_xrays(args.data, args.images)
-    drafter = drafts_from_path(args.drafts_from, device="cpu")
+    drafter = drafts_from_path(args.drafts_from, device=args.device)
     spec = PromptSpec(mode="box")
     prompts = [spec.prompts(drafter(x), x.path.stem) for x in xrays]
-    print(f"Machine: {machine('cpu')}. Images: {source}; prompts: per-lung boxes of {args.drafts_from}'s drafts.",
+    print(f"Machine: {machine(args.device)}. Images: {source}; prompts: per-lung boxes of {args.drafts_from}'s drafts.",
           flush=True)
     started = time.perf_counter()
     for engine in engines.values():  # warm-up (kernels, oneDNN primitives)
         engine.segment(xrays[0], prompts[0])
     ms: dict[str, list[float]] = {name: [] for name in engines}
     masks: dict[str, list[np.ndarray]] = {name: [] for name in engines}
-    for xray, prompt in zip(xrays, prompts, strict=True):
-        model_input = loaded.spec.transform.images([xray.pixels])
+    for start in range(0, len(xrays), args.batch_size):
+        chunk = slice(start, start + args.batch_size)
+        model_input = loaded.spec.transform.images([x.pixels for x in xrays[chunk]], args.device)
         for name, engine in engines.items():
-            tick = time.perf_counter()
-            engine._encode(model_input)
-            ms[name].append(1000 * (time.perf_counter() - tick))
-            masks[name].append(engine.segment(xray, prompt))
+            ms[name].append(encode_ms(engine, model_input) / len(model_input))
+            masks[name] += engine.segment_many(xrays[chunk], prompts[chunk])
     reference = "torch fp32"
     ref_dice = [dice_score(m, t) for m, t in zip(masks[reference], truths, strict=True)]
     ref_ms = statistics.median(ms[reference])
@@ -93,7 +114,7 @@ def main() -> None:
     print("\n".join(lines))
     print(f"\nTotal {time.perf_counter() - started:.0f} s; load average at the end "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; torch threads {torch.get_num_threads()}.")
-    if args.store:
+    if args.store and kind == "cpu":
         atomic_write_text(PRECISION_COSTS, json.dumps(stored, indent=2) + "\n")
         print(f"stored: {PRECISION_COSTS}")
 

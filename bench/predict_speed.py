@@ -14,6 +14,7 @@ compared with the first variant's (per-image IoU; target >= 0.999 for every imag
         --old /tmp/old --n 10 --repeats 2
     nice -n 10 python bench/predict_speed.py --images runs/imgs20 --drafts-from ../main/runs/cpu/stages/cnn-unet \\
         --old /tmp/old --backend vit_b --random-checkpoint runs/vit_b_random.pt --n 3 --repeats 1 --variants old new
+    python bench/predict_speed.py --device cuda --variants new new-bf16 --n 64 ...      # GPU (bench/gpu.sh)
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from cxrsam.evaluation.metrics import iou_score
 from zero_shot_speed import machine
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-VARIANTS = {"old": [], "new": [], "new-onnx": ["--runtime", "onnx"], "new-int8": ["--runtime", "onnx",
-                                                                                   "--precision", "int8"]}
+VARIANTS = {"old": [], "new": [], "new-onnx": ["--runtime", "onnx"],
+            "new-int8": ["--runtime", "onnx", "--precision", "int8"], "new-bf16": ["--precision", "bf16"],
+            "new-fp16": ["--precision", "fp16"]}
 """Extra ``predict`` options per variant (``old`` runs from ``--old``; the others from this tree)."""
 
 
@@ -53,7 +55,7 @@ def random_checkpoint(backend: str, path: Path) -> Path:
     return path
 
 
-def run_predict(variant: str, images: list[Path], out: Path, common: list[str], old: Path) -> float:
+def run_predict(variant: str, images: list[Path], out: Path, common: list[str], old: Path | None) -> float:
     """Wall seconds of one ``python -m cxrsam predict`` process of ``variant`` on ``images`` into ``out``."""
     folder = out.parent / f"{out.name}-in"
     shutil.rmtree(folder, ignore_errors=True)
@@ -63,8 +65,8 @@ def run_predict(variant: str, images: list[Path], out: Path, common: list[str], 
         (folder / image.name).symlink_to(image.resolve())
     src = old / "src" if variant == "old" else SRC
     env = {**os.environ, "PYTHONPATH": str(src)}
-    command = [sys.executable, "-m", "cxrsam", "predict", "--images", str(folder), "--out", str(out), "--device",
-               "cpu", *common, *VARIANTS[variant]]
+    command = [sys.executable, "-m", "cxrsam", "predict", "--images", str(folder), "--out", str(out),
+               *common, *VARIANTS[variant]]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -77,7 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, required=True, help="Folder of images (the first N are used)")
     parser.add_argument("--drafts-from", type=Path, required=True, help="CNN run giving the prompts")
-    parser.add_argument("--old", type=Path, required=True, help="Checkout of the old commit")
+    parser.add_argument("--old", type=Path, default=None, help="Checkout of the old commit (variant old)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--n", type=int, default=10, help="Images of the long run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backend", default="litemedsam")
@@ -86,12 +89,14 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["old", "new", "new-onnx"], choices=list(VARIANTS))
     parser.add_argument("--work", type=Path, default=None, help="Scratch folder [default: a temporary one]")
     args = parser.parse_args()
-    common = ["--drafts-from", str(args.drafts_from), "--backend", args.backend]
+    if "old" in args.variants and args.old is None:
+        parser.error("variant old needs --old (a checkout of the old commit)")
+    common = ["--drafts-from", str(args.drafts_from), "--backend", args.backend, "--device", args.device]
     if args.random_checkpoint is not None:
         common += ["--checkpoint", str(random_checkpoint(args.backend, args.random_checkpoint))]
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".dcm"))[:args.n]
     work = args.work or Path(tempfile.mkdtemp(prefix="predict-speed-"))
-    print(f"Machine: {machine('cpu')}. {len(images)} images of {args.images}, backend {args.backend}"
+    print(f"Machine: {machine(args.device)}. {len(images)} images of {args.images}, backend {args.backend}"
           f"{' (random weights)' if args.random_checkpoint else ''}, variants {' '.join(args.variants)}; "
           f"{args.repeats} round(s).", flush=True)
     for variant in args.variants:  # warm-up: ONNX export / quantisation and file caches, not timed
