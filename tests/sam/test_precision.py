@@ -105,3 +105,24 @@ def test_precision_cost_prints_the_stored_measurement(tmp_path, monkeypatch):
     note = precision_cost("int8")
     assert "Dice -0.0021" in note and "min 0.9500" in note and "1.70x" in note and "bench/precision.py" in note
     assert "no stored measurement" in precision_cost("bf16")
+
+
+def test_predict_defaults_to_onnx_on_the_cpu_records_the_precision_and_prints_its_cost(
+        cli, phantoms, tiny_checkpoint, tmp_path, monkeypatch):
+    from cxrsam.sam.registry import BACKENDS
+
+    monkeypatch.setitem(BACKENDS, "tiny_sam", tiny_spec("tiny_sam"))
+    monkeypatch.delenv("CXRSAM_RUNTIME", raising=False)
+    monkeypatch.setenv("CXRSAM_CACHE", str(tmp_path / "cache"))
+    image = sorted((phantoms / "images").iterdir())[0]
+    common = ["--images", image, "--drafts", phantoms / "masks", "--backend", "tiny_sam", "--checkpoint",
+              tiny_checkpoint]
+    for precision, out in (("fp32", "a"), ("int8", "b")):
+        done = cli("predict", *common, "--precision", precision, "--out", tmp_path / out)
+        assert done.returncode == 0, done.stderr
+        sam = json.loads((tmp_path / out / f"{image.stem}.json").read_text())["models"]["sam"]
+        assert (sam["runtime"], sam["precision"]) == ("onnx", precision)
+        assert ("precision:" in done.stderr) == (precision == "int8")
+    assert "int8 vs fp32" in done.stderr or "no stored measurement" in done.stderr
+    refused = cli("predict", *common, "--runtime", "torch", "--precision", "int8", "--out", tmp_path / "c")
+    assert refused.returncode == 1 and "int8 runs in ONNX Runtime" in refused.stderr
