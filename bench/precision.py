@@ -64,13 +64,17 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="Weights of --backend [default: official]")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--batch-size", type=int, default=1, help="Images per timed encoder call")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="Variants to run as RUNTIME:PRECISION (e.g. torch:fp32 onnx:int8); the first is the "
+                             "reference [default: all of the device's]")
     parser.add_argument("--store", action="store_true", help=f"Write {PRECISION_COSTS.name} for cxrsam predict")
     args = parser.parse_args()
     loaded = build_sam(args.backend, args.checkpoint, device=args.device)
     kind = torch.device(args.device).type
     engines: dict[str, SamEngine] = {f"{rt} {p}": make_engine(loaded, rt, precision=p, memory_items=0,
                                                               batch_size=args.batch_size)
-                                     for rt, p in VARIANTS[kind]}
+                                     for rt, p in ([v.split(":") for v in args.variants] if args.variants
+                                                   else VARIANTS[kind])}
     xrays, truths, source = load_xrays(args.data, args.images)
     drafter = drafts_from_path(args.drafts_from, device=args.device)
     spec = PromptSpec(mode="box")
@@ -88,10 +92,10 @@ def main() -> None:
         for name, engine in engines.items():
             ms[name].append(encode_ms(engine, model_input) / len(model_input))
             masks[name] += engine.segment_many(xrays[chunk], prompts[chunk])
-    reference = "torch fp32"
+    reference = next(iter(engines))
     ref_dice = [dice_score(m, t) for m, t in zip(masks[reference], truths, strict=True)]
     ref_ms = statistics.median(ms[reference])
-    lines = ["", "| variant | Dice (mean) | Dice change vs torch fp32 | mask IoU vs torch fp32 mean / min | images "
+    lines = ["", f"| variant | Dice (mean) | Dice change vs {reference} | mask IoU vs {reference} mean / min | images "
              "IoU < 0.999 | encoder ms (median) | encoder speed-up |", "|---|---|---|---|---|---|---|"]
     stored = {}
     for name in engines:
@@ -115,7 +119,8 @@ def main() -> None:
     print(f"\nTotal {time.perf_counter() - started:.0f} s; load average at the end "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; torch threads {torch.get_num_threads()}.")
     if args.store and kind == "cpu":
-        atomic_write_text(PRECISION_COSTS, json.dumps(stored, indent=2) + "\n")
+        kept = json.loads(PRECISION_COSTS.read_text(encoding="utf-8")) if PRECISION_COSTS.is_file() else {}
+        atomic_write_text(PRECISION_COSTS, json.dumps({**kept, **stored}, indent=2) + "\n")
         print(f"stored: {PRECISION_COSTS}")
 
 

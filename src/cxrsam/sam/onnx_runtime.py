@@ -15,10 +15,11 @@ Two graphs are exported from the (LoRA-merged) model, with the legacy TorchScrip
     a box gets one padding point labelled -1: exactly the token sequence of SAM's ``PromptEncoder`` (as in
     segment_anything's ``SamOnnxModel``). P and N are dynamic, so boxes, points and box+points share one graph.
 ``encoder-int8.onnx``
-    made from ``encoder.onnx`` on first use of ``--precision int8`` by ONNX Runtime's dynamic quantisation (int8
-    weights, activations quantised per call); its SHA-256 and its agreement with the float32 encoder on the check
-    phantom go in ``int8.json``. It is not held to the float32 limits: its cost is measured on real images by
-    bench/precision.py (docs/benchmarks.md) and printed when it is chosen.
+    made from ``encoder.onnx`` on first use of ``--precision int8`` by ONNX Runtime's dynamic quantisation of its
+    matrix products (:data:`INT8_OPS`; int8 weights per output channel, activations quantised per call); its
+    SHA-256, the settings and its agreement with the float32 encoder on the check phantom go in ``int8.json``. It is
+    not held to the float32 limits: its cost is measured on real images by bench/precision.py (docs/benchmarks.md)
+    and printed when it is chosen.
 
 Both go in ``<cache>/onnx/<backend>-<key>/`` (:func:`export_dir`; ``<cache>`` = ``$CXRSAM_CACHE`` or
 ``~/.cache/cxrsam``), keyed by the backend, checkpoint SHA-256, model id (a LoRA run's adapter hash), input size,
@@ -62,6 +63,9 @@ MIN_MASK_IOU = 0.999
 """Smallest accepted IoU between PyTorch's and ONNX Runtime's masks (logits > 0) of one prompt set at export."""
 ENCODER, DECODER, CHECK = "encoder.onnx", "decoder.onnx", "check.json"
 ENCODER_INT8, CHECK_INT8 = "encoder-int8.onnx", "int8.json"
+INT8_OPS = ("MatMul", "Gemm")
+"""Operators the int8 encoder quantises (per output channel): the attention and MLP matrix products. Quantising
+TinyViT's convolutions too cost 0.05 Dice (mask IoU vs fp32 0.74-0.92 on 4 test images; these alone: 0.995-0.998)."""
 INSTALL_HINT = "pip install 'cxrsam[onnx]'"
 
 
@@ -366,9 +370,10 @@ def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str | Path | N
 
 
 def quantize_encoder(folder: str | Path, model: nn.Module, spec: BackendSpec) -> dict[str, Any]:
-    """Write ``encoder-int8.onnx`` (int8 weights by ``onnxruntime.quantization.quantize_dynamic``) next to a checked
-    ``encoder.onnx`` and ``int8.json``: its SHA-256 and its embedding difference from PyTorch's float32 encoder on
-    the check phantom (relative to the largest embedding value). Returns that record."""
+    """Write ``encoder-int8.onnx`` (:data:`INT8_OPS` with int8 weights, by ``onnxruntime.quantization``'s
+    ``quantize_dynamic``) next to a checked ``encoder.onnx`` and ``int8.json``: its SHA-256, the settings and its
+    embedding difference from PyTorch's float32 encoder on the check phantom (relative to the largest embedding
+    value). Returns that record."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -377,24 +382,27 @@ def quantize_encoder(folder: str | Path, model: nn.Module, spec: BackendSpec) ->
     folder = Path(folder)
     with atomic_path(folder / ENCODER_INT8) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the quantiser's advice to pre-process the graph first
-        quantize_dynamic(folder / ENCODER, tmp, weight_type=QuantType.QInt8)
+        quantize_dynamic(folder / ENCODER, tmp, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=list(INT8_OPS))
     image = make_phantom(size=max(spec.img_size, 64), seed=0)[0].astype(np.float32) / 255
     model_input = spec.transform.images([image])
     reference = encode(model, model_input).numpy()
     got = _session(folder / ENCODER_INT8).run(None, {"image": model_input.numpy()})[0]
     scale = float(np.abs(reference).max())
     record = {"relative_embedding_diff": float(np.abs(got - reference).max()) / max(scale, 1e-12),
-              "weight_type": "QInt8", "onnxruntime": onnxruntime.__version__,
+              "weight_type": "QInt8", "per_channel": True, "op_types": list(INT8_OPS),
+              "onnxruntime": onnxruntime.__version__,
               "files": {ENCODER_INT8: sha256_file(folder / ENCODER_INT8)}}
     atomic_write_text(folder / CHECK_INT8, json.dumps(record, indent=2) + "\n")
     return record
 
 
 def _cached_int8(folder: Path) -> Any | None:  # noqa: ANN401 - onnxruntime.InferenceSession
-    """The int8 encoder session of ``folder`` if ``int8.json`` vouches for its file, else None."""
+    """The int8 encoder session of ``folder`` if ``int8.json`` vouches for its file and settings, else None."""
     try:
         record = json.loads((folder / CHECK_INT8).read_text(encoding="utf-8"))
-        if any(sha256_file(folder / name) != digest for name, digest in record["files"].items()):
+        if record.get("op_types") != list(INT8_OPS) or any(sha256_file(folder / name) != digest
+                                                           for name, digest in record["files"].items()):
             return None
         return _session(folder / ENCODER_INT8)
     except FileNotFoundError:
