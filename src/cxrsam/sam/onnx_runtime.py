@@ -381,9 +381,13 @@ def quantize_encoder(folder: str | Path, model: nn.Module, spec: BackendSpec) ->
 
     folder = Path(folder)
     with atomic_path(folder / ENCODER_INT8) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the quantiser's advice to pre-process the graph first
-        quantize_dynamic(folder / ENCODER, tmp, weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=list(INT8_OPS))
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)  # the quantiser logs advice (pre-process the graph first) to the root logger
+        try:
+            quantize_dynamic(folder / ENCODER, tmp, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=list(INT8_OPS))
+        finally:
+            logging.disable(logging.NOTSET)
     image = make_phantom(size=max(spec.img_size, 64), seed=0)[0].astype(np.float32) / 255
     model_input = spec.transform.images([image])
     reference = encode(model, model_input).numpy()
