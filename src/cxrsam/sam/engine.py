@@ -68,7 +68,8 @@ def precision_cost(precision: Precision | str) -> str | None:
         return f"{precision} has no stored measurement against fp32 (run bench/precision.py); check its masks"
     return (f"{precision} vs fp32 on {measured['images']} {measured['data']}: Dice {measured['dice_change']:+.4f} "
             f"(mean; fp32 {measured['dice_fp32']:.4f}), mask IoU vs fp32 mean {measured['iou_mean']:.4f}, min "
-            f"{measured['iou_min']:.4f}; encoder {measured['encoder_speedup']:.2f}x ({measured['machine']}); "
+            f"{measured['iou_min']:.4f}; encoder {measured['encoder_speedup']:.2f}x PyTorch fp32's speed "
+            f"({measured['machine']}); "
             f"`{measured['command']}`")
 
 
