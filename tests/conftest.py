@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_COVID = REPO.parent / "shared" / "data" / "COVID-19_Radiography_Dataset"
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the CLI's default --runtime auto would export every test's SAM to ONNX on first use; tests run PyTorch unless they
+# pass --runtime (tests/sam/test_precision.py checks the default itself)
+os.environ.setdefault("CXRSAM_RUNTIME", "torch")
 
 
 SHARED_DATA_PRESENT = (SHARED_COVID / "Viral Pneumonia" / "images").is_dir()

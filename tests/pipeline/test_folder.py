@@ -125,3 +125,36 @@ def test_cnn_only_segmenter_writes_the_draft_and_prompt_spec_validation(tiny_bac
         Segmenter(None, None)
     with pytest.raises(ValueError):
         PromptSpec(mode="scribble")
+
+
+def test_prefetched_pipeline_keeps_input_order_and_gives_the_masks_of_one_at_a_time(tiny_backend, inputs, tmp_path,
+                                                                                   monkeypatch):
+    images, drafts = inputs
+    paths = list_images(images)
+    for extra in range(5):  # more images than the prefetch depth, and a failure in the middle
+        shutil.copy(paths[1 + extra % 3], images / f"z{extra}.png")
+        shutil.copy(drafts / paths[1 + extra % 3].name, drafts / f"z{extra}.png")
+    (images / "y_broken.png").write_bytes(b"not an image")
+    paths = list_images(images)
+    source = MaskFolderDrafts(drafts)
+    drafted = []
+
+    class RecordingDrafts(MaskFolderDrafts):
+        def __call__(self, xray):
+            drafted.append(xray.path)
+            return super().__call__(xray)
+
+    segmenter = Segmenter(build_sam("tiny_sam", tiny_backend), RecordingDrafts(drafts), uncertainty_samples=2)
+    report = segment_images(segmenter, paths, tmp_path / "out", progress=False)
+    readable = [p for p in paths if "broken" not in p.name]
+    assert drafted == readable  # drafted ahead in input order, each once
+    results = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(results.image) == [str(p) for p in paths]
+    assert [p for p, _ in report.failed] == [p for p in paths if "broken" in p.name]
+    assert list(results.status) == ["failed" if "broken" in p.name else "ok" for p in paths]
+    alone = Segmenter(build_sam("tiny_sam", tiny_backend), source, uncertainty_samples=2)
+    for path in readable:
+        expected = alone.segment(read_image(path))
+        np.testing.assert_array_equal(read_mask(report.written[path]["mask"]), expected.mask)
+        record = json.loads(report.written[path]["json"].read_text())
+        assert record["uncertainty"]["max"] == pytest.approx(round(expected.uncertainty.score, 4))

@@ -192,3 +192,29 @@ def test_dicom_seg_for_a_png_input_fails_that_image_in_one_line(real_pairs, cli,
               "--format", "dicom-seg", "--out", out)
     assert res.returncode == 1 and "vp1.png: --format dicom-seg needs DICOM input" in res.stderr
     assert not (out / "vp1.json").exists() and pd.read_csv(out / "results.csv")["status"].tolist() == ["failed"]
+
+
+def test_uncertainty_decodes_its_copies_together_as_one_at_a_time_would(tiny_checkpoint, phantoms, monkeypatch):
+    from cxrsam.pipeline import uncertainty
+    from cxrsam.prompts.spec import image_seed
+    from cxrsam.sam.engine import SamEngine
+    from cxrsam.sam.registry import build_sam
+    from cxrsam.sam.testing import tiny_spec
+
+    engine = SamEngine(build_sam(tiny_spec(), checkpoint=tiny_checkpoint))
+    path = sorted((phantoms / "images").iterdir())[0]
+    xray, mask = read_image(path), read_mask(phantoms / "masks" / path.name)
+    embedding = engine.embed([xray])[0]
+    prompts = prompts_from_mask(mask)
+    rng = np.random.default_rng(image_seed(3, "a"))
+    votes = np.zeros(xray.size, np.int32)
+    for _ in range(5):  # the rule, one decoder call per copy
+        votes += (engine.decode_logits(embedding, uncertainty.perturb(prompts, 0.1, rng)) > 0).numpy().any(axis=0)
+    together = prompt_uncertainty(engine, embedding, prompts, samples=5, jitter=0.1, seed=3, stem="a")
+    monkeypatch.setattr(uncertainty, "DECODE_PIXELS", 1)  # one copy per call
+    one_by_one = prompt_uncertainty(engine, embedding, prompts, samples=5, jitter=0.1, seed=3, stem="a")
+    expected = uncertainty._disagreement(votes, 5)
+    assert expected.any()  # the jitter moved some mask borders
+    np.testing.assert_array_equal(together.disagreement, expected)
+    np.testing.assert_array_equal(one_by_one.disagreement, expected)
+    assert together.per_set == one_by_one.per_set

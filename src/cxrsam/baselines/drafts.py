@@ -3,6 +3,7 @@ model's, named ``<stem>.png`` or ``<stem>_mask.png`` -- so ``cxrsam predict``'s 
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,7 +68,12 @@ class CnnDrafts:
         config = self.predictor.config
         return {"kind": self.kind, "run": str(self.run_dir.resolve()), "arch": config.arch, "encoder": config.encoder,
                 "size": config.size, "postprocess": self.predictor.postprocess,
-                "checkpoint_sha256": sha256_file(self.run_dir / BEST)}
+                "checkpoint_sha256": self.checkpoint_sha256}
+
+    @cached_property
+    def checkpoint_sha256(self) -> str:
+        """SHA-256 of the run's ``best.pt`` (hashed once per draft source, not per description)."""
+        return sha256_file(self.run_dir / BEST)
 
 
 def is_run_folder(path: str | Path) -> bool:

@@ -16,6 +16,10 @@ every image; a run with other settings redoes every image and forgets the earlie
 Scale-out: started by ``accelerate launch`` (or ``torchrun``), every process takes its own contiguous share of the
 images (accelerate's ``split_between_processes`` over the input order) and writes its own files and records; the
 main process then gathers the rows and writes ``results.csv`` (and the report) once every process has finished.
+
+Pipelining: in each process one worker thread reads (decodes) and drafts the next :data:`PREFETCH` images while SAM
+runs on the current one, and another writes the previous image's files; images are still segmented, written and
+reported in input order, with the same results as one at a time (tests/pipeline/test_folder.py).
 """
 
 from __future__ import annotations
@@ -24,16 +28,19 @@ import json
 import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import pandas as pd
 
 from cxrsam.config import process_state
-from cxrsam.data.io import list_images, read_image
+from cxrsam.data.io import XRay, list_images, read_image
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, atomic_write_text, remove_stale_temps
 from cxrsam.pipeline.outputs import OUTPUT_KINDS, RESULT_COLUMNS, OutputFormat, output_format, result_row, write_outputs
@@ -43,6 +50,8 @@ RESULTS_CSV = "results.csv"
 PROGRESS_DIR = "progress"
 """Folder in ``--out`` holding the records of finished images (:class:`Ledger`)."""
 RECORD_KEYS = {"key", "stat", "at", "outputs", "row"}
+PREFETCH = 2
+"""Images read and drafted ahead of the one SAM is segmenting."""
 
 
 @dataclass
@@ -187,6 +196,12 @@ def _clashes(images: Sequence[Path]) -> dict[Path, str]:
             for group in by_stem.values() if len(group) > 1 for path in group}
 
 
+def _read_and_draft(segmenter: Segmenter, path: Path, box: Sequence[float] | None) -> tuple[XRay, np.ndarray | None]:
+    """An image and its draft (None with a hand-given box or without a draft source); runs in the reader thread."""
+    xray = read_image(path)
+    return xray, (segmenter.draft(xray) if box is None else None)
+
+
 def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | Path,
                    box: Sequence[float] | None = None, format: OutputFormat | str = OutputFormat.PNG,
                    kinds: Sequence[str] = OUTPUT_KINDS, inputs: Sequence[str | Path] = (),
@@ -228,27 +243,36 @@ def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     name = "segment" if state.num_processes == 1 else f"segment ({state.process_index + 1}/{state.num_processes})"
-    with Progress(*columns, disable=not progress, transient=True) as bar, ledger.part(state.process_index) as records:
-        task = bar.add_task(name, total=len(share), rate="")
+    pending = []  # (input index, image) of this process's share that an earlier run did not finish
+    for index, path in share:
+        record = earlier.get(str(path.resolve()))
+        if _finished(record, path, out_dir):
+            done.append((index, {**record, "row": {**record["row"], "image": str(path)}}, True))
+        else:
+            pending.append((index, path))
+    with (Progress(*columns, disable=not progress, transient=True) as bar,
+          ledger.part(state.process_index) as records,
+          ThreadPoolExecutor(1, thread_name_prefix="cxrsam-read") as reader,
+          ThreadPoolExecutor(1, thread_name_prefix="cxrsam-write") as writer):
+        task = bar.add_task(name, total=len(share), completed=len(share) - len(pending), rate="")
         started, segmented = time.perf_counter(), 0
-        for index, path in share:
-            record = earlier.get(str(path.resolve()))
-            if _finished(record, path, out_dir):
-                done.append((index, {**record, "row": {**record["row"], "image": str(path)}}, True))
-                bar.update(task, advance=1)
-                continue
-            row = {"image": str(path), "status": "ok", "problem": "", "outputs": "", "prompt_sets": 0, "warnings": ""}
+        upcoming = iter(pending)
+        ahead: deque[tuple[int, Path, Future]] = deque()
+        writing: deque[tuple[int, Path, dict, Future | None]] = deque()
+
+        def read_next() -> None:
+            if (item := next(upcoming, None)) is not None:
+                ahead.append((*item, reader.submit(_read_and_draft, segmenter, item[1], box)))
+
+        def finish(index: int, path: Path, row: dict, written: Future | None) -> None:
+            nonlocal segmented
             outputs: dict[str, str] = {}
             try:
-                if path in clashes:
-                    raise CxrsamError(clashes[path], path=path)
-                seg = segmenter.segment(read_image(path), box=box)
-                outputs = {kind: file.name for kind, file in write_outputs(seg, out_dir, path.stem, format,
-                                                                           kinds).items()}
-                row.update(outputs=";".join(outputs.values()), prompt_sets=len(seg.prompts.sets),
-                           warnings="; ".join(seg.warnings), **result_row(seg))
+                if written is not None:
+                    outputs = {kind: file.name for kind, file in written.result().items()}
+                    row.update(outputs=";".join(outputs.values()))
             except CxrsamError as exc:
-                row.update(status="failed", problem=str(exc) if exc.path is not None else f"{path}: {exc}")
+                fail(path, row, exc)
             record = {"key": str(path.resolve()), "stat": _input_stat(path), "at": time.time_ns(),
                       "outputs": outputs, "row": row}
             if row["status"] == "ok":
@@ -256,6 +280,36 @@ def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | 
             done.append((index, record, False))
             segmented += 1
             bar.update(task, advance=1, rate=f"{segmented / (time.perf_counter() - started):.2f} img/s")
+
+        def fail(path: Path, row: dict, exc: CxrsamError) -> None:
+            row.update({key: "" for key in RESULT_COLUMNS}, status="failed", prompt_sets=0, warnings="",
+                       problem=str(exc) if exc.path is not None else f"{path}: {exc}")
+
+        for _ in range(PREFETCH):
+            read_next()
+        try:
+            while ahead:
+                index, path, prepared = ahead.popleft()
+                read_next()
+                row = {"image": str(path), "status": "ok", "problem": "", "outputs": "", "prompt_sets": 0,
+                       "warnings": ""}
+                written = None
+                try:
+                    if path in clashes:
+                        raise CxrsamError(clashes[path], path=path)
+                    xray, draft = prepared.result()
+                    seg = segmenter.segment(xray, box=box, draft=draft)
+                    written = writer.submit(write_outputs, seg, out_dir, path.stem, format, kinds)
+                    row.update(prompt_sets=len(seg.prompts.sets), warnings="; ".join(seg.warnings),
+                               **result_row(seg))
+                except CxrsamError as exc:
+                    fail(path, row, exc)
+                writing.append((index, path, row, written))
+                while len(writing) > 1:
+                    finish(*writing.popleft())
+        finally:  # also when interrupted: an image whose files are being written is recorded, not lost
+            while writing:
+                finish(*writing.popleft())
     mine = _report(done, images, out_dir, state.num_processes)
     done = gather_object(done)  # every process's share, once all have finished
     if not state.is_main_process:

@@ -24,7 +24,7 @@ from cxrsam.pipeline.quality import QualityThresholds, assess, quality_signals
 from cxrsam.pipeline.uncertainty import DEFAULT_JITTER, prompt_uncertainty
 from cxrsam.prompts import Prompts, PromptSet, PromptSpec
 from cxrsam.prompts.boxes import clip_box
-from cxrsam.sam.engine import SamEngine
+from cxrsam.sam.engine import Precision, SamEngine
 from cxrsam.sam.onnx_runtime import make_engine
 from cxrsam.sam.registry import LoadedSam
 
@@ -120,6 +120,7 @@ class Segmenter:
         memory_items: image embeddings kept in memory (LiteMedSAM embeddings take 4 MiB each).
         batch_size: images per encoder call (None: the engine's default for the device).
         runtime: what runs SAM: ``torch``, ``onnx`` or ``auto`` (:func:`~cxrsam.sam.onnx_runtime.resolve_runtime`).
+        precision: the encoder's arithmetic (:class:`~cxrsam.sam.engine.Precision`; fp32 by default).
         thresholds: when a result is flagged for review (:class:`~cxrsam.pipeline.quality.QualityThresholds`).
         uncertainty_samples: K perturbed prompt decodes per image for the uncertainty map
             (:mod:`cxrsam.pipeline.uncertainty`); 0 = off, else at least 2.
@@ -129,7 +130,8 @@ class Segmenter:
     def __init__(self, sam: LoadedSam | None, drafter: DraftSource | None = None, spec: PromptSpec | None = None,
                  models: dict[str, Any] | None = None, cache_dir: str | Path | None = None, memory_items: int = 32,
                  batch_size: int | None = None, runtime: str = "torch", thresholds: QualityThresholds | None = None,
-                 uncertainty_samples: int = DEFAULT_UNCERTAINTY_SAMPLES, uncertainty_jitter: float = DEFAULT_JITTER):
+                 uncertainty_samples: int = DEFAULT_UNCERTAINTY_SAMPLES, uncertainty_jitter: float = DEFAULT_JITTER,
+                 precision: Precision | str = Precision.FP32):
         if sam is None and drafter is None:
             raise CxrsamError("nothing to segment with: give a SAM model, a draft source, or both")
         check_uncertainty_samples(uncertainty_samples)
@@ -139,7 +141,7 @@ class Segmenter:
         self.thresholds = thresholds or QualityThresholds()
         self.uncertainty_samples = uncertainty_samples
         self.uncertainty_jitter = uncertainty_jitter
-        self.engine = None if sam is None else make_engine(sam, runtime, cache_dir=cache_dir,
+        self.engine = None if sam is None else make_engine(sam, runtime, cache_dir=cache_dir, precision=precision,
                                                            memory_items=memory_items, batch_size=batch_size)
         self.models = models if models is not None else describe_models(sam, drafter, engine=self.engine)
 
@@ -230,11 +232,12 @@ def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | Non
                     spec: PromptSpec | None = None, device: str | torch.device | None = None,
                     cache_dir: str | Path | None = None, batch_size: int | None = None, runtime: str = "torch",
                     uncertainty_samples: int = DEFAULT_UNCERTAINTY_SAMPLES,
-                    thresholds: QualityThresholds | None = None) -> Segmenter:
+                    thresholds: QualityThresholds | None = None,
+                    precision: Precision | str = Precision.FP32) -> Segmenter:
     """A :class:`Segmenter` from folders on disk: ``run`` = LoRA run (else the pretrained ``backend`` and
     ``checkpoint``; ``backend=None`` and no run: no SAM, the CNN's drafts are the result), ``drafts_from`` = a CNN
     run or a folder of draft masks (else prompts must be given per image); ``runtime`` runs SAM;
-    ``uncertainty_samples`` and ``thresholds`` as in :class:`Segmenter`."""
+    ``uncertainty_samples``, ``thresholds`` and ``precision`` as in :class:`Segmenter`."""
     check_uncertainty_samples(uncertainty_samples)
     device = resolve_device(device)
     drafter = None if drafts_from is None else drafts_from_path(drafts_from, device=device)
@@ -249,19 +252,21 @@ def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | Non
     else:
         sam = None
     segmenter = Segmenter(sam, drafter, spec=spec, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime,
-                          thresholds=thresholds, uncertainty_samples=uncertainty_samples)
+                          thresholds=thresholds, uncertainty_samples=uncertainty_samples, precision=precision)
     segmenter.models = describe_models(sam, drafter, run=run, engine=segmenter.engine)
     return segmenter
 
 
 def describe_models(sam: LoadedSam | None, drafter: DraftSource | None = None, run: str | Path | None = None,
                     engine: SamEngine | None = None) -> dict[str, Any]:
-    """Identities and versions recorded in every result JSON (``runtime``: what ran SAM, from ``engine``)."""
+    """Identities and versions recorded in every result JSON (``runtime`` and ``precision``: what ran SAM and in
+    which arithmetic, from ``engine``)."""
     import cxrsam
 
     sam_info = None if sam is None else {
         "kind": "lora" if run is not None else "pretrained", "model_id": sam.model_id, "backend": sam.spec.name,
         "run": None if run is None else str(Path(run).resolve()),
-        "runtime": engine.runtime if engine is not None else "torch"}
+        "runtime": engine.runtime if engine is not None else "torch",
+        "precision": str(engine.precision if engine is not None else Precision.FP32)}
     return {"sam": sam_info, "drafts": None if drafter is None else drafter.describe(),
             "versions": {"cxrsam": cxrsam.__version__, "torch": torch.__version__}}

@@ -27,6 +27,8 @@ from cxrsam.sam.engine import SamEngine
 
 DEFAULT_JITTER = 0.05
 """Default perturbation: std of 5 % of the box side per coordinate (SAM's own training jitter is ~10 %)."""
+DECODE_PIXELS = 1 << 25
+"""Most logits (float32, original size, all sets) one batched decoder call of the uncertainty returns: 128 MiB."""
 
 
 @dataclass
@@ -83,8 +85,9 @@ def prompt_uncertainty(engine: SamEngine, embedding: torch.Tensor, prompts: Prom
                        jitter: float = DEFAULT_JITTER, seed: int = 0, stem: str = "", multimask: bool = False
                        ) -> Uncertainty:
     """Disagreement of ``samples`` (K >= 2) perturbed decodes of ``prompts`` against one image's ``embedding``
-    (C, h, w); seeded by ``seed`` and the image ``stem``. See the module docstring for the rules. Memory: one
-    decode's logits (P, H, W) plus vote counts (P + 1, H, W), whatever K."""
+    (C, h, w); seeded by ``seed`` and the image ``stem``. See the module docstring for the rules. The K copies are
+    decoded together, in calls of at most :data:`DECODE_PIXELS` logits at the original size (memory: those logits
+    plus vote counts (P + 1, H, W))."""
     if samples < 2:
         raise ValueError(f"prompt uncertainty needs at least 2 samples, got {samples}")
     started = time.perf_counter()
@@ -92,10 +95,16 @@ def prompt_uncertainty(engine: SamEngine, embedding: torch.Tensor, prompts: Prom
     n_sets = len(prompts.sets)
     set_votes = np.zeros((n_sets, *prompts.image_size), np.int32)
     union_votes = np.zeros(prompts.image_size, np.int32)
-    for _ in range(samples):
-        masks = (engine.decode_logits(embedding, perturb(prompts, jitter, rng), multimask) > engine.threshold).numpy()
-        set_votes += masks
-        union_votes += masks.any(axis=0)
+    copies = [perturb(prompts, jitter, rng) for _ in range(samples)]
+    per_call = max(1, DECODE_PIXELS // (n_sets * union_votes.size))
+    for start in range(0, samples, per_call):  # the copies' sets share decoder calls
+        chunk = copies[start:start + per_call]
+        together = Prompts([s for copy in chunk for s in copy.sets], prompts.image_size, prompts.mode,
+                           prompts.components_found)
+        masks = (engine.decode_logits(embedding, together, multimask) > engine.threshold).numpy()
+        for sample in masks.reshape(len(chunk), n_sets, *prompts.image_size):
+            set_votes += sample
+            union_votes += sample.any(axis=0)
     per_set = []
     for votes in set_votes:
         covered = votes > 0

@@ -14,6 +14,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,68 @@ DEFAULT_BATCH = {"cpu": 1}
 """Default images per encoder call by device type (others: 4). On CPU one image per call is fastest
 per image: batching LiteMedSAM's TinyViT 2-8 images made each image 6-77 % slower on a 2-core
 EPYC (its memory-bound attention stages; docs/benchmarks.md, "Why batching was slower")."""
+
+
+
+class Precision(StrEnum):
+    """Arithmetic of the image encoder (the prompt decoder always runs in float32).
+
+    ``fp32``: the reference. ``bf16``: PyTorch autocast to bfloat16 (a GPU, or a CPU with AVX512-BF16/AMX).
+    ``fp16``: autocast to float16 (GPU only). ``int8``: the ONNX encoder with dynamically quantised int8 weights
+    (ONNX Runtime on the CPU). The measured cost of each is in docs/benchmarks.md ("Reduced precision").
+    """
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+PRECISION_COSTS = Path(__file__).with_name("precision_costs.json")
+"""Measured cost of each reduced precision, written by bench/precision.py (docs/benchmarks.md, "Reduced precision")."""
+
+
+def precision_cost(precision: Precision | str) -> str | None:
+    """One line with the stored measurement of ``precision`` against fp32 (Dice change, mask IoU, encoder speed-up,
+    data and command), a line saying it is unmeasured, or None for fp32."""
+    import json
+
+    precision = Precision(precision)
+    if precision is Precision.FP32:
+        return None
+    try:
+        measured = json.loads(PRECISION_COSTS.read_text(encoding="utf-8"))[str(precision)]
+    except (OSError, ValueError, KeyError):
+        return f"{precision} has no stored measurement against fp32 (run bench/precision.py); check its masks"
+    return (f"{precision} vs fp32 on {measured['images']} {measured['data']}: Dice {measured['dice_change']:+.4f} "
+            f"(mean; fp32 {measured['dice_fp32']:.4f}), mask IoU vs fp32 mean {measured['iou_mean']:.4f}, min "
+            f"{measured['iou_min']:.4f}; encoder {measured['encoder_speedup']:.2f}x PyTorch fp32's speed "
+            f"({measured['machine']}); "
+            f"`{measured['command']}`")
+
+
+AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+"""The dtype PyTorch's autocast runs the encoder in, per reduced precision."""
+
+
+def check_torch_precision(precision: Precision | str, device: str | torch.device) -> Precision:
+    """``precision`` if PyTorch can run the encoder in it on ``device``, else :class:`CxrsamError` in one line
+    (int8 is ONNX Runtime's, fp16 needs a GPU, bf16 on a CPU needs AVX512-BF16 or AMX)."""
+    try:
+        precision = Precision(precision)
+    except ValueError:
+        raise CxrsamError(f"unknown precision {str(precision)!r} (use fp32, bf16, fp16 or int8)") from None
+    cpu = torch.device(device).type == "cpu"
+    if precision is Precision.INT8:
+        raise CxrsamError("--precision int8 runs in ONNX Runtime on the CPU: pass --runtime onnx (or auto) and "
+                          "--device cpu")
+    if precision is Precision.FP16 and cpu:
+        raise CxrsamError("--precision fp16 needs a GPU; on the CPU use bf16 or int8")
+    if precision is Precision.BF16 and cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise CxrsamError("--precision bf16 on the CPU needs AVX512-BF16 or AMX, which this CPU lacks; use int8 "
+                          "(--runtime onnx) or fp32")
+    return precision
+
 
 ImageLike = XRay | np.ndarray
 """An :class:`~cxrsam.data.io.XRay` or its pixels: float (H, W) in [0, 1]."""
@@ -146,13 +209,16 @@ class SamEngine:
         batch_size: images per encoder call; None: :data:`DEFAULT_BATCH` for the model's device.
         memory_items: embeddings kept in memory.
         threshold: logit threshold of the final masks (0 = probability 0.5).
+        precision: the encoder's arithmetic (:class:`Precision`; checked by :func:`check_torch_precision`).
     """
 
     runtime = "torch"
     """What runs the model (a subclass: ``onnx``)."""
 
     def __init__(self, loaded: LoadedSam, cache_dir: str | Path | None = None, model_id: str | None = None,
-                 batch_size: int | None = None, memory_items: int = 256, threshold: float = 0.0):
+                 batch_size: int | None = None, memory_items: int = 256, threshold: float = 0.0,
+                 precision: Precision | str = Precision.FP32):
+        self.precision = self._check_precision(precision, loaded.device)
         self.loaded = loaded
         self.model_id = model_id or loaded.model_id
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -164,10 +230,18 @@ class SamEngine:
         self.images_encoded = 0
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
 
+    @staticmethod
+    def _check_precision(precision: Precision | str, device: str | torch.device) -> Precision:
+        """The precision this runtime accepts on ``device`` (one-line error otherwise)."""
+        return check_torch_precision(precision, device)
+
     def cache_key(self, pixels: np.ndarray) -> str:
-        """Embedding key of float32 pixels (H, W) for this engine's weights and preprocessing."""
+        """Embedding key of float32 pixels (H, W) for this engine's weights, preprocessing and (other than fp32)
+        precision."""
         spec = self.loaded.spec
-        digest = hashlib.sha256(f"{self.model_id}|{spec.img_size}|{spec.normalisation}|{pixels.shape}".encode())
+        precision = "" if self.precision is Precision.FP32 else f"|{self.precision}"
+        digest = hashlib.sha256(
+            f"{self.model_id}|{spec.img_size}|{spec.normalisation}|{pixels.shape}{precision}".encode())
         digest.update(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
         return digest.hexdigest()
 
@@ -198,8 +272,12 @@ class SamEngine:
                 torch.save({"key": key, "model_id": self.model_id, "embedding": embedding}, tmp)
 
     def _encode(self, model_input: torch.Tensor) -> torch.Tensor:
-        """Embeddings (B, C, h, w) of model input (B, 3, S, S); the one encoder call (a runtime overrides it)."""
-        return encode(self.loaded.model, model_input)
+        """Embeddings (B, C, h, w) float32 of model input (B, 3, S, S); the one encoder call, under autocast for
+        bf16/fp16 (a runtime overrides it)."""
+        if self.precision is Precision.FP32:
+            return encode(self.loaded.model, model_input)
+        with torch.autocast(torch.device(self.loaded.device).type, dtype=AUTOCAST[self.precision]):
+            return encode(self.loaded.model, model_input).float()
 
     def _decode(self, embedding: torch.Tensor, batch: PromptBatch, multimask: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,9 +302,11 @@ class SamEngine:
             if key not in found:
                 first_index.setdefault(key, i)
         todo = list(first_index.values())
+        pinned = torch.device(self.loaded.device).type == "cuda"  # page-locked copies overlap with the GPU
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
-            model_input = self.loaded.spec.transform.images([pixels[i] for i in chunk], self.loaded.device)
+            sources = [torch.from_numpy(pixels[i]).pin_memory() if pinned else pixels[i] for i in chunk]
+            model_input = self.loaded.spec.transform.images(sources, self.loaded.device)
             embeddings = self._encode(model_input).cpu()
             self.images_encoded += len(chunk)
             for i, embedding in zip(chunk, embeddings):

@@ -14,6 +14,12 @@ Two graphs are exported from the (LoRA-merged) model, with the legacy TorchScrip
     Boxes travel as two points with labels 2 (top-left) and 3 (bottom-right) after the points, and a set without
     a box gets one padding point labelled -1: exactly the token sequence of SAM's ``PromptEncoder`` (as in
     segment_anything's ``SamOnnxModel``). P and N are dynamic, so boxes, points and box+points share one graph.
+``encoder-int8.onnx``
+    made from ``encoder.onnx`` on first use of ``--precision int8`` by ONNX Runtime's dynamic quantisation of its
+    matrix products (:data:`INT8_OPS`; int8 weights per output channel, activations quantised per call); its
+    SHA-256, the settings and its agreement with the float32 encoder on the check phantom go in ``int8.json``. It is
+    not held to the float32 limits: its cost is measured on real images by bench/precision.py (docs/benchmarks.md)
+    and printed when it is chosen.
 
 Both go in ``<cache>/onnx/<backend>-<key>/`` (:func:`export_dir`; ``<cache>`` = ``$CXRSAM_CACHE`` or
 ``~/.cache/cxrsam``), keyed by the backend, checkpoint SHA-256, model id (a LoRA run's adapter hash), input size,
@@ -45,7 +51,7 @@ from torch import nn
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, atomic_write_text, sha256_file
 from cxrsam.prompts import PromptSet
-from cxrsam.sam.engine import PromptBatch, SamEngine, decode, encode, prompt_batch
+from cxrsam.sam.engine import Precision, PromptBatch, SamEngine, decode, encode, prompt_batch
 from cxrsam.sam.registry import BackendSpec, LoadedSam
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,10 @@ MAX_EMBEDDING_DIFF = 1e-3
 MIN_MASK_IOU = 0.999
 """Smallest accepted IoU between PyTorch's and ONNX Runtime's masks (logits > 0) of one prompt set at export."""
 ENCODER, DECODER, CHECK = "encoder.onnx", "decoder.onnx", "check.json"
+ENCODER_INT8, CHECK_INT8 = "encoder-int8.onnx", "int8.json"
+INT8_OPS = ("MatMul", "Gemm")
+"""Operators the int8 encoder quantises (per output channel): the attention and MLP matrix products. Quantising
+TinyViT's convolutions too cost 0.05 Dice (mask IoU vs fp32 0.74-0.92 on 4 test images; these alone: 0.995-0.998)."""
 INSTALL_HINT = "pip install 'cxrsam[onnx]'"
 
 
@@ -72,16 +82,25 @@ def onnx_installed() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def resolve_runtime(runtime: Runtime | str, device: str | torch.device) -> Runtime:
-    """The one runtime rule: ``auto`` -> ``onnx`` when the device is the CPU and the extra is installed, else
-    ``torch``; ``onnx`` on another device or without the extra is refused in one line."""
+def resolve_runtime(runtime: Runtime | str, device: str | torch.device,
+                    precision: Precision | str = Precision.FP32) -> Runtime:
+    """The one runtime rule: ``auto`` -> ``onnx`` when the device is the CPU, the extra is installed and the
+    precision is fp32 or int8 (bf16/fp16 autocast is PyTorch's), else ``torch``; ``onnx`` on another device, without
+    the extra, or with bf16/fp16 is refused in one line (and int8 with ``torch`` by the engine)."""
     try:
         runtime = Runtime(runtime)
     except ValueError:
         raise CxrsamError(f"unknown runtime {str(runtime)!r} (use torch, onnx or auto)") from None
+    try:
+        precision = Precision(precision)
+    except ValueError:
+        raise CxrsamError(f"unknown precision {str(precision)!r} (use fp32, bf16, fp16 or int8)") from None
     cpu = torch.device(device).type == "cpu"
+    onnx_precision = precision in (Precision.FP32, Precision.INT8)
     if runtime is Runtime.AUTO:
-        return Runtime.ONNX if cpu and onnx_installed() else Runtime.TORCH
+        return Runtime.ONNX if cpu and onnx_installed() and onnx_precision else Runtime.TORCH
+    if runtime is Runtime.ONNX and not onnx_precision:
+        raise CxrsamError(f"--precision {precision} runs in PyTorch autocast: pass --runtime torch (or auto)")
     if runtime is Runtime.ONNX and not cpu:
         raise CxrsamError(f"--runtime onnx runs SAM on the CPU, not {torch.device(device)}: pass --device cpu, "
                           "or --runtime torch")
@@ -93,7 +112,7 @@ def resolve_runtime(runtime: Runtime | str, device: str | torch.device) -> Runti
 def make_engine(loaded: LoadedSam, runtime: Runtime | str = Runtime.TORCH, **options: Any) -> SamEngine:
     """A :class:`~cxrsam.sam.engine.SamEngine` (``torch``) or :class:`OnnxSamEngine` for ``loaded`` by
     :func:`resolve_runtime`; ``options`` go to the engine (``cache_dir``, ``batch_size``, ...)."""
-    if resolve_runtime(runtime, loaded.device) is Runtime.ONNX:
+    if resolve_runtime(runtime, loaded.device, options.get("precision", Precision.FP32)) is Runtime.ONNX:
         return OnnxSamEngine(loaded, **options)
     return SamEngine(loaded, **options)
 
@@ -204,8 +223,9 @@ def export_graphs(model: nn.Module, spec: BackendSpec, folder: str | Path, opset
 
 # ---------------------------------------------------------------------------------------------------- runtime
 def _session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
-    """A CPU session: all graph optimisations, torch's thread count, and no spinning waits when the process
-    asks for passive ones (``OMP_WAIT_POLICY=PASSIVE``, cxrsam's default for shared CPUs)."""
+    """A CPU session: all graph optimisations, torch's thread count (so the two never run more threads than the
+    process asked for), one graph branch at a time, and no spinning waits when the process asks for passive ones
+    (``OMP_WAIT_POLICY=PASSIVE``, cxrsam's default for shared CPUs)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -349,32 +369,96 @@ def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str | Path | N
     return export_checked(load_run(run_dir, device="cpu", checkpoint=checkpoint), out).folder
 
 
-def load_onnx_sam(loaded: LoadedSam, root: str | Path | None = None, opset: int = OPSET) -> OnnxSam:
-    """The checked ONNX export of ``loaded`` from the cache (:func:`export_dir`), exported on first use."""
+def quantize_encoder(folder: str | Path, model: nn.Module, spec: BackendSpec) -> dict[str, Any]:
+    """Write ``encoder-int8.onnx`` (:data:`INT8_OPS` with int8 weights, by ``onnxruntime.quantization``'s
+    ``quantize_dynamic``) next to a checked ``encoder.onnx`` and ``int8.json``: its SHA-256, the settings and its
+    embedding difference from PyTorch's float32 encoder on the check phantom (relative to the largest embedding
+    value). Returns that record."""
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from cxrsam.data.synthetic import make_phantom
+
+    folder = Path(folder)
+    with atomic_path(folder / ENCODER_INT8) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)  # the quantiser logs advice (pre-process the graph first) to the root logger
+        try:
+            quantize_dynamic(folder / ENCODER, tmp, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=list(INT8_OPS))
+        finally:
+            logging.disable(logging.NOTSET)
+    image = make_phantom(size=max(spec.img_size, 64), seed=0)[0].astype(np.float32) / 255
+    model_input = spec.transform.images([image])
+    reference = encode(model, model_input).numpy()
+    got = _session(folder / ENCODER_INT8).run(None, {"image": model_input.numpy()})[0]
+    scale = float(np.abs(reference).max())
+    record = {"relative_embedding_diff": float(np.abs(got - reference).max()) / max(scale, 1e-12),
+              "weight_type": "QInt8", "per_channel": True, "op_types": list(INT8_OPS),
+              "onnxruntime": onnxruntime.__version__,
+              "files": {ENCODER_INT8: sha256_file(folder / ENCODER_INT8)}}
+    atomic_write_text(folder / CHECK_INT8, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _cached_int8(folder: Path) -> Any | None:  # noqa: ANN401 - onnxruntime.InferenceSession
+    """The int8 encoder session of ``folder`` if ``int8.json`` vouches for its file and settings, else None."""
+    try:
+        record = json.loads((folder / CHECK_INT8).read_text(encoding="utf-8"))
+        if record.get("op_types") != list(INT8_OPS) or any(sha256_file(folder / name) != digest
+                                                           for name, digest in record["files"].items()):
+            return None
+        return _session(folder / ENCODER_INT8)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - a damaged cache entry is quantised again, never fatal
+        log.warning("%s: unusable int8 encoder (%s); quantising again", folder, type(exc).__name__)
+        return None
+
+
+def load_onnx_sam(loaded: LoadedSam, root: str | Path | None = None, opset: int = OPSET,
+                  precision: Precision | str = Precision.FP32) -> OnnxSam:
+    """The checked ONNX export of ``loaded`` from the cache (:func:`export_dir`), exported on first use; with
+    ``precision`` int8 its encoder is the quantised one (:func:`quantize_encoder`, made once and cached)."""
     if not onnx_installed():
         raise CxrsamError(f"ONNX Runtime needs onnx and onnxruntime: {INSTALL_HINT}")
     folder = export_dir(loaded, opset, root)
-    return _cached(folder) or export_checked(loaded, folder, opset)
+    onnx_sam = _cached(folder) or export_checked(loaded, folder, opset)
+    if Precision(precision) is Precision.INT8:
+        encoder = _cached_int8(folder)
+        if encoder is None:
+            from cxrsam.sam.lora import merge
+
+            log.info("quantising the encoder of %s to int8 in %s", loaded.model_id, folder)
+            quantize_encoder(folder, merge(copy.deepcopy(loaded.model)).cpu().eval(), loaded.spec)
+            encoder = _session(folder / ENCODER_INT8)
+        onnx_sam.encoder = encoder
+    return onnx_sam
 
 
 class OnnxSamEngine(SamEngine):
     """:class:`~cxrsam.sam.engine.SamEngine` whose encoder and prompt decoder run in ONNX Runtime on the CPU.
 
     Same API, caches and transforms; the embedding cache key also names the runtime (its embeddings differ from
-    PyTorch's by float rounding). ``onnx_root`` overrides :func:`cache_root`.
+    PyTorch's by float rounding). ``onnx_root`` overrides :func:`cache_root`; ``precision``: fp32 or int8.
     """
 
     runtime = Runtime.ONNX
 
     def __init__(self, loaded: LoadedSam, cache_dir: str | Path | None = None, model_id: str | None = None,
                  batch_size: int | None = None, memory_items: int = 256, threshold: float = 0.0,
-                 onnx_root: str | Path | None = None):
+                 onnx_root: str | Path | None = None, precision: Precision | str = Precision.FP32):
         if torch.device(loaded.device).type != "cpu":
             raise CxrsamError(f"--runtime onnx runs SAM on the CPU, not {loaded.device}: pass --device cpu, "
                               "or --runtime torch")
         super().__init__(loaded, cache_dir=cache_dir, model_id=model_id, batch_size=batch_size,
-                         memory_items=memory_items, threshold=threshold)
-        self.onnx = load_onnx_sam(loaded, onnx_root)
+                         memory_items=memory_items, threshold=threshold, precision=precision)
+        self.onnx = load_onnx_sam(loaded, onnx_root, precision=self.precision)
+
+    @staticmethod
+    def _check_precision(precision: Precision | str, device: str | torch.device) -> Precision:
+        resolve_runtime(Runtime.ONNX, device, precision)  # bf16/fp16 are refused in one line
+        return Precision(precision)
 
     def cache_key(self, pixels: np.ndarray) -> str:
         return hashlib.sha256(f"onnx|{super().cache_key(pixels)}".encode()).hexdigest()

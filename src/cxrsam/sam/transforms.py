@@ -61,7 +61,7 @@ class SamTransform:
     def resize(self, pixels: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
         """Intensities float (H, W) in [0, 1] -> (h, w) float32 (bilinear, antialiased; differentiable)."""
         x = pixels if torch.is_tensor(pixels) else torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-        x = x.to(device, torch.float32)[None, None]
+        x = x.to(device, torch.float32, non_blocking=x.is_pinned())[None, None]  # pinned: async copy
         return F.interpolate(x, self.resized_shape(tuple(x.shape[-2:])), mode="bilinear", align_corners=False,
                              antialias=True)[0, 0]
 
