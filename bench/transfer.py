@@ -70,6 +70,7 @@ def build_sets(run: Path, split: str, cnn_runs: list[Path], limit: int | None, s
             prompts |= {name: prompts_from_mask(draft(image)) for name, draft in cnns.items()}
             prompts[WEAK] = weak_prompts(mask, error, np.random.default_rng([seed, index, 7]))
             out[version].append((image, mask, prompts))
+    print(f"{len(cases)} images in two versions with their prompts", file=sys.stderr, flush=True)
     return out
 
 
