@@ -11,6 +11,10 @@ the oracle boxes moved like a CNN ``--weak-strength`` times worse than the U-Net
 tests/sam/test_lora.py), so every alpha is compared with it per image (paired Wilcoxon, bootstrap CI of the
 mean difference; :func:`cxrsam.evaluation.stats.paired_comparison`). Dice at the (shifted) image's size.
 
+``--zero-shot-from CSV`` takes the scale-0 rows from an earlier run's per-image CSV of the same split, seed,
+strength and images (zero-shot does not depend on the run: its base is the same), so a second run costs only its
+own scales.
+
 ``--choose`` writes the chosen scale into the run's ``adapter.json`` (:func:`cxrsam.sam.lora.record_lora_scale`):
 among scales that are not significantly worse (p < 0.05 with a negative mean difference) than zero-shot on any
 (version, source) cell, the one with the highest Dice averaged over all cells; allowed on the validation split
@@ -74,8 +78,9 @@ def build_sets(run: Path, split: str, cnn_runs: list[Path], limit: int | None, s
     return out
 
 
-def evaluate(run: Path, sets: dict[str, list[tuple]], scales: list[float]) -> pd.DataFrame:
-    """Per-image Dice rows ``stem, version, source, scale, dice``; each image encoded once per scale."""
+def evaluate(run: Path, sets: dict[str, list[tuple]], scales: list[float], csv: Path | None = None) -> pd.DataFrame:
+    """Per-image Dice rows ``stem, version, source, scale, dice``; each image encoded once per scale. The rows
+    so far are written to ``csv`` after each scale (a stopped call keeps its finished scales)."""
     rows = []
     for scale in scales:
         started = time.perf_counter()
@@ -87,6 +92,8 @@ def evaluate(run: Path, sets: dict[str, list[tuple]], scales: list[float]) -> pd
                     rows.append({"stem": image.path.stem, "version": version, "source": source, "scale": scale,
                                  "dice": dice_score(mask, truth)})
         print(f"scale {scale:g}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        if csv is not None:
+            write_csv(pd.DataFrame(rows), csv)
     return pd.DataFrame(rows)
 
 
@@ -144,21 +151,35 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="LoRA run folder (cxrsam finetune)")
     parser.add_argument("--cnn-run", type=Path, action="append", default=[], help="CNN run folder (repeatable)")
     parser.add_argument("--split", default="val", choices=["val", "test"])
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="Scales to score, in this order (0 is always scored, first)")
     parser.add_argument("--weak-strength", type=float, default=2.0, help="Weak CNN's box error / the U-Net's")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the shifted images and weak boxes")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N images")
+    parser.add_argument("--zero-shot-from", type=Path, default=None,
+                        help="Per-image CSV of an earlier transfer.py call (same split, seed, images) for scale 0")
     parser.add_argument("--choose", action="store_true", help="Write the chosen scale into the run (val only)")
     parser.add_argument("--csv", type=Path, default=None, help="Per-image CSV [default: RUN/transfer-SPLIT.csv]")
     parser.add_argument("--docs", type=Path, default=None, help="Replace this file's Transfer section")
     args = parser.parse_args()
     if args.choose and args.split != "val":
         parser.error("--choose picks the scale on the validation split only")
-    scales = sorted({0.0, *args.scales})
+    scales = [0.0, *dict.fromkeys(s for s in args.scales if s != 0.0)]
+    csv = args.csv or args.run / f"transfer-{args.split}.csv"
     started = time.perf_counter()
     sets = build_sets(args.run, args.split, args.cnn_run, args.limit, args.seed, args.weak_strength)
-    frame = evaluate(args.run, sets, scales)
-    write_csv(frame, args.csv or args.run / f"transfer-{args.split}.csv")
+    if args.zero_shot_from is not None:
+        earlier = pd.read_csv(args.zero_shot_from)
+        zero = earlier[earlier.scale == 0.0]
+        frame = evaluate(args.run, sets, scales[1:], csv)
+        cells = ["stem", "version", "source"]
+        if set(map(tuple, zero[cells].to_numpy())) != set(map(tuple, frame[frame.scale == frame.scale.iloc[0]][
+                cells].to_numpy())):
+            parser.error(f"{args.zero_shot_from} holds other images or sources than this call")
+        frame = pd.concat([zero[frame.columns], frame], ignore_index=True)
+    else:
+        frame = evaluate(args.run, sets, scales, csv)
+    write_csv(frame, csv)
     table = compare(frame)
     chosen = None
     if args.choose:
@@ -168,7 +189,8 @@ def main() -> None:
     command = "nice -n 10 python bench/transfer.py " + " ".join(
         [f"--run {args.run}"] + [f"--cnn-run {r}" for r in args.cnn_run] + [f"--split {args.split}"]
         + ["--scales " + " ".join(f"{s:g}" for s in scales), f"--weak-strength {args.weak_strength:g}"]
-        + [f"--limit {args.limit}"] * (args.limit is not None) + ["--choose"] * args.choose)
+        + [f"--limit {args.limit}"] * (args.limit is not None)
+        + [f"--zero-shot-from {args.zero_shot_from}"] * (args.zero_shot_from is not None) + ["--choose"] * args.choose)
     section = markdown(table, args.run, args.split, len(sets["plain"]), command, time.perf_counter() - started, chosen)
     print(section)
     print(json.dumps({"chosen": chosen}))
