@@ -112,7 +112,7 @@ def compare(frame: pd.DataFrame) -> pd.DataFrame:
 
 def choose(table: pd.DataFrame) -> tuple[float, dict]:
     """The scale not significantly worse than zero-shot anywhere with the highest mean Dice over all cells."""
-    worse = table[(table.diff < 0) & (table.p < 0.05)].groupby("scale").size()
+    worse = table[(table["diff"] < 0) & (table["p"] < 0.05)].groupby("scale").size()
     means = table.groupby("scale").dice.mean()
     eligible = [s for s in means.index if worse.get(s, 0) == 0]
     best = float(max(eligible, key=lambda s: (means[s], -s)))
@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="Only the first N images")
     parser.add_argument("--zero-shot-from", type=Path, default=None,
                         help="Per-image CSV of an earlier transfer.py call (same split, seed, images) for scale 0")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="Per-image CSV of a finished call: compare (and choose) from it without scoring again")
     parser.add_argument("--choose", action="store_true", help="Write the chosen scale into the run (val only)")
     parser.add_argument("--csv", type=Path, default=None, help="Per-image CSV [default: RUN/transfer-SPLIT.csv]")
     parser.add_argument("--docs", type=Path, default=None, help="Replace this file's Transfer section")
@@ -167,31 +169,36 @@ def main() -> None:
     scales = [0.0, *dict.fromkeys(s for s in args.scales if s != 0.0)]
     csv = args.csv or args.run / f"transfer-{args.split}.csv"
     started = time.perf_counter()
-    sets = build_sets(args.run, args.split, args.cnn_run, args.limit, args.seed, args.weak_strength)
-    if args.zero_shot_from is not None:
-        earlier = pd.read_csv(args.zero_shot_from)
-        zero = earlier[earlier.scale == 0.0]
-        frame = evaluate(args.run, sets, scales[1:], csv)
-        cells = ["stem", "version", "source"]
-        if set(map(tuple, zero[cells].to_numpy())) != set(map(tuple, frame[frame.scale == frame.scale.iloc[0]][
-                cells].to_numpy())):
-            parser.error(f"{args.zero_shot_from} holds other images or sources than this call")
-        frame = pd.concat([zero[frame.columns], frame], ignore_index=True)
+    if args.rescore is not None:
+        frame = pd.read_csv(args.rescore)
+        images = frame.stem.nunique()
     else:
-        frame = evaluate(args.run, sets, scales, csv)
-    write_csv(frame, csv)
+        sets = build_sets(args.run, args.split, args.cnn_run, args.limit, args.seed, args.weak_strength)
+        images = len(sets["plain"])
+        if args.zero_shot_from is not None:
+            zero = pd.read_csv(args.zero_shot_from).query("scale == 0.0")
+            frame = evaluate(args.run, sets, scales[1:], csv)
+            cells = ["stem", "version", "source"]
+            if set(map(tuple, zero[cells].to_numpy())) != set(map(tuple, frame.query(
+                    "scale == @frame.scale.iloc[0]")[cells].to_numpy())):
+                parser.error(f"{args.zero_shot_from} holds other images or sources than this call")
+            frame = pd.concat([zero[frame.columns], frame], ignore_index=True)
+        else:
+            frame = evaluate(args.run, sets, scales, csv)
+        write_csv(frame, csv)
     table = compare(frame)
     chosen = None
     if args.choose:
         chosen, evidence = choose(table)
-        record_lora_scale(args.run, chosen, {**evidence, "split": args.split, "images": len(sets["plain"]),
+        record_lora_scale(args.run, chosen, {**evidence, "split": args.split, "images": images,
                                              "bench": "bench/transfer.py"})
     command = "nice -n 10 python bench/transfer.py " + " ".join(
         [f"--run {args.run}"] + [f"--cnn-run {r}" for r in args.cnn_run] + [f"--split {args.split}"]
         + ["--scales " + " ".join(f"{s:g}" for s in scales), f"--weak-strength {args.weak_strength:g}"]
         + [f"--limit {args.limit}"] * (args.limit is not None)
-        + [f"--zero-shot-from {args.zero_shot_from}"] * (args.zero_shot_from is not None) + ["--choose"] * args.choose)
-    section = markdown(table, args.run, args.split, len(sets["plain"]), command, time.perf_counter() - started, chosen)
+        + [f"--zero-shot-from {args.zero_shot_from}"] * (args.zero_shot_from is not None)
+        + [f"--rescore {args.rescore}"] * (args.rescore is not None) + ["--choose"] * args.choose)
+    section = markdown(table, args.run, args.split, images, command, time.perf_counter() - started, chosen)
     print(section)
     print(json.dumps({"chosen": chosen}))
     if args.docs:
