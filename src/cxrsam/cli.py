@@ -62,6 +62,9 @@ PrecisionOpt = Annotated[str, typer.Option(
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Redo every image; without it, images an earlier run with the same settings finished in --out "
                         "are skipped, so a killed run started again resumes")]
+LoraScaleOpt = Annotated[float | None, typer.Option(
+    "--lora-scale", help="With --run: WiSE-FT scale in [0, 1] of every trained weight (0: pretrained SAM, 1: as "
+                         "fine-tuned) [default: the run's recorded lora_scale]")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1,
                                                  help="Images per encoder call [default: 1 on CPU, 4 on GPU]")]
 
@@ -332,7 +335,7 @@ def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts
                      drafts: Path | None, box: str | None, spec, backend: str, checkpoint: Path | None,
                      output_format: str, device: str, cache_dir: Path | None, batch_size: int | None,
                      runtime: str, uncertainty_samples: int = 0, precision: str = "fp32",
-                     overwrite: bool = False) -> None:
+                     overwrite: bool = False, lora_scale: float | None = None) -> None:
     """What `predict` and `zero-shot` share: one draft source, one prompt spec, one SAM, one folder pipeline."""
     from cxrsam.pipeline import build_segmenter
 
@@ -349,7 +352,8 @@ def _segment_command(images: list[Path], out_dir: Path, run: Path | None, drafts
     _check_outputs(out_dir, [*images, *([drafts] if drafts else [])], output_format)
     segmenter = build_segmenter(run=run, drafts_from=drafts_from or drafts, backend=backend, checkpoint=checkpoint,
                                 spec=spec, device=device, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime,
-                                uncertainty_samples=uncertainty_samples, precision=precision)
+                                uncertainty_samples=uncertainty_samples, precision=precision,
+                                lora_scale=lora_scale)
     _print_precision_cost(segmenter)
     _segment_folder(segmenter, images, out_dir, box=box, output_format=output_format, overwrite=overwrite)
 
@@ -392,17 +396,20 @@ def predict_command(
     uncertainty_samples: UncertaintyOpt = 0,
     precision: PrecisionOpt = "fp32",
     overwrite: OverwriteOpt = False,
+    lora_scale: LoraScaleOpt = None,
 ) -> None:
     """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained.
 
     A rerun skips the images an earlier run with the same settings finished (a killed run resumes);
     `accelerate launch --multi_gpu --num_processes N -m cxrsam predict ...` shares the images among N processes.
     """
-    if ctx.info_name == "zero-shot" and run is not None:
-        raise CxrsamError("zero-shot uses pretrained SAM: drop --run, or use `cxrsam predict --run`")
+    if ctx.info_name == "zero-shot" and (run is not None or lora_scale is not None):
+        raise CxrsamError(f"zero-shot uses pretrained SAM: drop {'--run' if run is not None else '--lora-scale'}, "
+                          "or use `cxrsam predict --run`")
     spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
     _segment_command([*images, *(more_images or [])], out_dir, run, drafts_from, drafts, box, spec, backend, checkpoint,
-                     output_format, device, cache_dir, batch_size, runtime, uncertainty_samples, precision, overwrite)
+                     output_format, device, cache_dir, batch_size, runtime, uncertainty_samples, precision, overwrite,
+                     lora_scale)
 
 
 @app.command("app")
@@ -423,6 +430,7 @@ def app_command(
     runtime: RuntimeOpt = "auto",
     uncertainty_samples: UncertaintyOpt = 4,
     precision: PrecisionOpt = "fp32",
+    lora_scale: LoraScaleOpt = None,
 ) -> None:
     """Local web page: upload a CXR, see the lung mask, refine it with clicks or a box, download mask and JSON."""
     import uvicorn
@@ -433,7 +441,8 @@ def app_command(
     allowed = served_hosts(host, port, allow_host or [])
     segmenter = build_segmenter(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
                                 spec=_prompt_spec(prompt, "per_lung", 3, "distance", None, 0.0, False, 0), device=device,
-                                runtime=runtime, uncertainty_samples=uncertainty_samples, precision=precision)
+                                runtime=runtime, uncertainty_samples=uncertainty_samples, precision=precision,
+                                lora_scale=lora_scale)
     _print_precision_cost(segmenter)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] binding to {escape(host)} exposes the app to other machines")
@@ -553,6 +562,7 @@ def export_command(
     merged: Annotated[Path | None, typer.Option("--merged", help="Plain checkpoint (.pth) with the LoRA merged in")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="Folder for the merged model's ONNX encoder.onnx, decoder.onnx and check.json (checked against PyTorch)")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Base checkpoint the run was trained on [default: recorded path]")] = None,
+    lora_scale: LoraScaleOpt = None,
 ) -> None:
     """Merge a LoRA run into its base: a checkpoint in the backend's own format (loads without peft), and/or ONNX."""
     from cxrsam.sam.lora import export_merged
@@ -561,9 +571,9 @@ def export_command(
     if merged is None and onnx is None:
         raise CxrsamError("nothing to export: give --merged OUT.pth and/or --onnx OUT_DIR")
     if merged is not None:
-        out.print(f"merged checkpoint: {escape(str(export_merged(run, merged, checkpoint=checkpoint)))}")
+        out.print(f"merged checkpoint: {escape(str(export_merged(run, merged, checkpoint=checkpoint, scale=lora_scale)))}")
     if onnx is not None:
-        out.print(f"ONNX encoder and decoder: {escape(str(export_onnx(run, onnx, checkpoint=checkpoint)))}")
+        out.print(f"ONNX encoder and decoder: {escape(str(export_onnx(run, onnx, checkpoint=checkpoint, scale=lora_scale)))}")
 
 
 @app.command("experiment")

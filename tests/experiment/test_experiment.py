@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -63,6 +64,27 @@ def test_second_run_is_fully_cached(mini_run):
     assert "cnn-unet" in first.ran and "lora" in first.ran
     assert second.ran == [] and set(second.skipped) == set(first.ran)
     pd.testing.assert_frame_equal(first.per_image, second.per_image)
+
+
+def test_lora_scale_reruns_only_the_lora_methods_and_zero_is_zero_shot(mini_run, tmp_path):
+    first, _ = mini_run
+    config = yaml.safe_load((first.out_dir.parent / "mini.yaml").read_text())
+    config["lora"]["scale"] = 0.0
+    (tmp_path / "scaled.yaml").write_text(yaml.safe_dump(config))
+    shutil.copytree(first.out_dir, tmp_path / "run")
+    scaled = run_experiment(load_config(tmp_path / "scaled.yaml"), tmp_path / "run")
+    assert "lora" in scaled.skipped and "lora-embed" in scaled.ran
+    assert all(stage.startswith("lora-") or stage == "evaluation" for stage in scaled.ran), scaled.ran
+    wide = scaled.per_image.pivot(index="name", columns="method", values="dice")
+    lora_rows = [m for m in wide.columns if m.startswith("LoRA-SAM")]
+    assert lora_rows
+    for method in lora_rows:
+        pd.testing.assert_series_equal(wide[method], wide["Zero-shot SAM" + method.removeprefix("LoRA-SAM")],
+                                       check_names=False)
+    config["lora"]["scale"] = 1.5
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(CxrsamError, match="lora.scale"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_changed_setting_reruns_only_downstream(tmp_path):

@@ -222,3 +222,19 @@ def test_predict_with_cnn_drafts(cnn_run, phantoms, cli, tmp_path):
     assert record["draft_pixels"] == int(draft.sum())
     assert record["models"]["drafts"]["checkpoint_sha256"] == sha256_file(cnn_run / "best.pt")
     assert record["models"]["drafts"]["arch"] == "unet"
+
+
+def test_lora_scale_needs_a_run_and_is_recorded_in_each_result(lora_run, phantoms, cli, tmp_path):
+    image = sorted((phantoms / "images").iterdir())[0]
+    res = cli("zero-shot", "--images", image, "--box", "10,10,80,80", "--lora-scale", "0.5", "--out", tmp_path / "a")
+    assert res.returncode != 0 and "drop --lora-scale" in res.stderr and "Traceback" not in res.stderr
+    res = cli("predict", "--images", image, "--box", "10,10,80,80", "--lora-scale", "0.5", "--out", tmp_path / "b")
+    assert res.returncode != 0 and "--lora-scale needs a LoRA run" in res.stderr
+    res = cli("predict", "--images", image, "--run", lora_run, "--box", "10,10,80,80", "--lora-scale", "2",
+              "--out", tmp_path / "c")
+    assert res.returncode != 0 and "must be in [0, 1]" in res.stderr and "Traceback" not in res.stderr
+    res = cli("predict", "--images", image, "--run", lora_run, "--box", "10,10,80,80", "--lora-scale", "0.5",
+              "--out", tmp_path / "d")
+    assert res.returncode == 0, res.stderr
+    sam = json.loads((tmp_path / "d" / f"{image.stem}.json").read_text())["models"]["sam"]
+    assert sam["lora_scale"] == 0.5 and sam["model_id"].endswith("@0.5")

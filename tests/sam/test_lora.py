@@ -169,3 +169,71 @@ def test_onnx_export_matches_the_adapted_model(tiny, tmp_path):
         None, {"embedding": embedding, "coords": coords, "labels": labels})[0][:, :1]
     assert got.shape == expected.shape == (2, 1, 32, 32)
     assert np.abs(got - expected).max() < 1e-4
+
+
+def _trained_run(tiny, run, seed: int = 0):
+    """A run with random adapters and a changed (opened) mask decoder: every trained weight moved."""
+    settings = lora.LoraSettings(rank=4, targets=["qkv", "decoder_attn"], train_decoder=True)
+    model = lora.apply_lora(tiny.model, settings)
+    randomize_adapters(model, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("mask_decoder.") and ".lora_" not in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    lora.save_adapter(run, model, tiny, settings)
+    return settings
+
+
+def test_lora_scale_zero_is_the_base_one_the_run_and_between_interpolates(tiny, tmp_path):
+    """WiSE-FT: alpha 0 is bit-identical to the pretrained model, 1 to the fine-tuned run; opened weights lerp."""
+    base_loaded = build_sam("tiny_sam", checkpoint=tiny.checkpoint_path)
+    base_state = {k: v.clone() for k, v in base_loaded.model.state_dict().items()}
+    _trained_run(tiny, tmp_path / "run")
+    image = np.random.default_rng(4).random((TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    base = box_logits(base_loaded, image)
+    full = lora.load_run(tmp_path / "run")
+    assert full.scale == 1 and "@" not in full.model_id
+    tuned = box_logits(full, image)
+    assert (tuned - base).abs().max() > 1e-3  # the run differs from its base, so the checks below mean something
+    assert torch.equal(box_logits(lora.load_run(tmp_path / "run", scale=1.0), image), tuned)
+    zero = lora.load_run(tmp_path / "run", scale=0)
+    assert torch.equal(box_logits(zero, image), base)
+    zero_state = {k.replace(".base_layer", ""): v for k, v in zero.model.state_dict().items() if ".lora_" not in k}
+    assert zero_state.keys() == base_state.keys()
+    assert all(torch.equal(zero_state[k], base_state[k]) for k in base_state)
+    half = lora.load_run(tmp_path / "run", scale=0.5)
+    assert half.model_id.endswith("@0.5") and len({full.model_id, half.model_id, zero.model_id}) == 3
+    name = "mask_decoder.iou_prediction_head.layers.0.weight"
+    tuned_weight = full.model.state_dict()[name]
+    assert torch.allclose(half.model.state_dict()[name], (base_state[name] + tuned_weight) / 2, atol=1e-7)
+    middle = box_logits(half, image)
+    assert 0 < (middle - base).abs().max() and 0 < (middle - tuned).abs().max()
+
+
+def test_lora_scale_is_recorded_with_the_run_and_merged_into_exports(tiny, tmp_path):
+    _trained_run(tiny, tmp_path / "run", seed=2)
+    image = np.random.default_rng(5).random((TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    assert json.loads((tmp_path / "run" / ADAPTER_JSON).read_text())["lora_scale"] == 1.0
+    at_03 = box_logits(lora.load_run(tmp_path / "run", scale=0.3), image)
+    lora.record_lora_scale(tmp_path / "run", 0.3, {"chosen_on": "validation"})
+    info = lora.read_adapter_info(tmp_path / "run")
+    assert info.lora_scale == 0.3 and info.lora_scale_choice == {"chosen_on": "validation"}
+    recorded = lora.load_run(tmp_path / "run")
+    assert recorded.scale == 0.3 and torch.equal(box_logits(recorded, image), at_03)
+    assert torch.equal(box_logits(lora.load_run(tmp_path / "run", scale=1), image),
+                       box_logits(lora.load_run(tmp_path / "run", scale=1.0), image))
+    merged = build_sam("tiny_sam", checkpoint=lora.export_merged(tmp_path / "run", tmp_path / "m.pth"))
+    assert (box_logits(merged, image) - at_03).abs().max() < 1e-4
+    merged_1 = build_sam("tiny_sam", checkpoint=lora.export_merged(tmp_path / "run", tmp_path / "m1.pth", scale=1))
+    assert (box_logits(merged_1, image) - at_03).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scale", [-0.1, 1.5, float("nan")])
+def test_a_lora_scale_outside_zero_one_is_refused_in_one_line(tiny, tmp_path, scale):
+    _trained_run(tiny, tmp_path / "run")
+    with pytest.raises(CxrsamError, match=r"--lora-scale must be in \[0, 1\]") as info:
+        lora.load_run(tmp_path / "run", scale=scale)
+    assert "\n" not in str(info.value)
+    with pytest.raises(CxrsamError, match=r"--lora-scale must be in \[0, 1\]"):
+        lora.record_lora_scale(tmp_path / "run", scale)

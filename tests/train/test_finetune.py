@@ -281,3 +281,57 @@ def test_a_non_square_image_reaches_the_model_as_the_same_tensor_in_finetuning_a
     expected = transform.boxes(np.array([[15, 20, 59, 69], [80, 20, 124, 69]], np.float32), (90, 140))
     got = np.stack([s.box for s in prompts.sets])
     assert np.abs(got - expected).max() <= 1.0  # prompts from the letterboxed mask sit where inference puts them
+
+
+def test_shift_augmentation_and_cnn_like_boxes_are_seeded_and_keep_targets_on_the_image(phantoms):
+    from cxrsam.data.layouts import discover
+    from cxrsam.prompts import prompts_from_mask
+
+    cases = discover(phantoms).cases[:4]
+    transform = tiny_spec().transform
+    data = ft.PromptedDataset(cases, transform, "box", shift=1.0, box_error=3.0, seed=2)
+    plain = ft.PromptedDataset(cases, transform, "box", seed=2)
+    shifted_any = moved_any = False
+    for i in range(4):
+        image, mask, _, prompts, targets = data[i]
+        again = data[i]
+        assert torch.equal(image, again[0]) and [s.signature for s in prompts.sets] == [
+            s.signature for s in again[3].sets]
+        assert all(np.array_equal(a.box, b.box) for a, b in zip(prompts.sets, again[3].sets))
+        assert image.shape == (3, TINY_SIZE, TINY_SIZE) and torch.equal(targets.amax(0) > 0, mask[0] > 0)
+        shifted_any |= not torch.equal(image, plain[i][0])
+        oracle = prompts_from_mask(mask[0].numpy() > 0)
+        moved_any |= any(not np.array_equal(a.box, b.box) for a, b in zip(prompts.sets, oracle.sets))
+        for s in prompts.sets:
+            assert 0 <= s.box[0] < s.box[2] <= TINY_SIZE - 1 and 0 <= s.box[1] < s.box[3] <= TINY_SIZE - 1
+    assert shifted_any and moved_any
+    first = [data[i][0] for i in range(4)]
+    data.set_epoch(1)
+    assert any(not torch.equal(data[i][0], first[i]) for i in range(4))  # a new shift each epoch
+
+
+def test_consistency_term_is_zero_for_the_base_and_pulls_adapters_back(phantoms, tiny_ckpt):
+    loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
+    model = lora.apply_lora(loaded.model, lora.LoraSettings(rank=4, train_decoder=False))
+    trainee = ft.SamTrainee(loaded).eval()
+    batch = ft.collate_prompted([prompted_data(phantoms)[i] for i in range(2)])
+    images, prompts = batch[0], batch[3]
+    with torch.no_grad():
+        assert ft.consistency_loss(trainee, images, prompts, trainee(images, prompts)).item() == 0.0  # B = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.add_(0.1)
+        adapted = trainee(images, prompts)
+        with ft.adapters_off(model):
+            base = trainee(images, prompts)
+        assert torch.equal(trainee(images, prompts)[0][0], adapted[0][0])  # switched back on after the block
+    assert (adapted[0][0] - base[0][0]).abs().max() > 1e-3
+    outputs = trainee(images, prompts)
+    loss = ft.consistency_loss(trainee, images, prompts, outputs)
+    expected = torch.nn.functional.mse_loss(torch.cat([o[0] for o in adapted]), torch.cat([b[0] for b in base]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
+    step = ft.finetune_step(consistency_weight=2.0)(trainee, batch)
+    assert step.item() > ft.segmentation_loss(trainee(images, prompts), batch[4]).item()

@@ -80,6 +80,9 @@ class LoraSection(PromptSection):
     val_draft_source: DraftSource | None = Field(
         "unet", description="Draft source of the validation prompts (a CNN or oracle)")
     train: dict[str, Any] = Field(default_factory=dict, description="finetune options (rank, max_steps, lr, ...)")
+    scale: float | None = Field(None, ge=0, le=1, description="WiSE-FT scale of the LoRA-SAM methods (0: pretrained "
+                                "SAM, 1: as trained; null: the run's recorded lora_scale), chosen on validation "
+                                "with bench/transfer.py")
 
 
 class ExperimentConfig(_Section):

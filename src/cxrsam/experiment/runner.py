@@ -287,8 +287,10 @@ class Experiment:
             tuned = self._finetune(root, split_done, cnn_runs)
             tuned["train_seconds"] = RunFolder(tuned["run"]).train_seconds()
             self.curves["LoRA-SAM"] = RunFolder(Path(tuned["run"])).metrics_file
-            lora_engine = _LazyLoraEngine(tuned["run"], self.device, cfg.sam.batch_size, cfg.sam.runtime)
-            lora_embedded = self._embed(test, "lora-embed", {"lora": tuned["key"]}, lora_engine)
+            lora_engine = _LazyLoraEngine(tuned["run"], self.device, cfg.sam.batch_size, cfg.sam.runtime,
+                                          cfg.lora.scale)
+            scale_key = {} if cfg.lora.scale is None else {"scale": cfg.lora.scale}
+            lora_embedded = self._embed(test, "lora-embed", {"lora": tuned["key"], **scale_key}, lora_engine)
             for source in cfg.lora.draft_sources:
                 for prompt in cfg.lora.prompts:
                     done = self._segment(f"lora-{prompt.replace('+', '-')}-{source}", {"embed": lora_embedded["key"]},
@@ -364,10 +366,13 @@ class Experiment:
 
 
 class _LazyLoraEngine:
-    """Builds the LoRA-adapted engine on first use (so a fully cached re-run never loads it)."""
+    """Builds the LoRA-adapted engine on first use (so a fully cached re-run never loads it), at WiSE-FT ``scale``
+    (None: the run's recorded one)."""
 
-    def __init__(self, run_dir: str, device: str, batch_size: int, runtime: str = "torch"):
+    def __init__(self, run_dir: str, device: str, batch_size: int, runtime: str = "torch",
+                 scale: float | None = None):
         self.run_dir, self.device, self.batch_size, self.runtime = run_dir, device, batch_size, runtime
+        self.scale = scale
         self._engine = None
 
     def __call__(self):
@@ -375,7 +380,7 @@ class _LazyLoraEngine:
             from cxrsam.sam.lora import load_run
             from cxrsam.sam.onnx_runtime import make_engine
 
-            self._engine = make_engine(load_run(self.run_dir, device=self.device), self.runtime,
+            self._engine = make_engine(load_run(self.run_dir, device=self.device, scale=self.scale), self.runtime,
                                        batch_size=self.batch_size)
         return self._engine
 

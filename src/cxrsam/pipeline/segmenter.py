@@ -25,6 +25,7 @@ from cxrsam.pipeline.uncertainty import DEFAULT_JITTER, prompt_uncertainty
 from cxrsam.prompts import Prompts, PromptSet, PromptSpec
 from cxrsam.prompts.boxes import clip_box
 from cxrsam.sam.engine import Precision, SamEngine
+from cxrsam.sam.lora import LoraSam
 from cxrsam.sam.onnx_runtime import make_engine
 from cxrsam.sam.registry import LoadedSam
 
@@ -232,19 +233,22 @@ def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | Non
                     spec: PromptSpec | None = None, device: str | torch.device | None = None,
                     cache_dir: str | Path | None = None, batch_size: int | None = None, runtime: str = "torch",
                     uncertainty_samples: int = DEFAULT_UNCERTAINTY_SAMPLES,
-                    thresholds: QualityThresholds | None = None,
-                    precision: Precision | str = Precision.FP32) -> Segmenter:
+                    thresholds: QualityThresholds | None = None, precision: Precision | str = Precision.FP32,
+                    lora_scale: float | None = None) -> Segmenter:
     """A :class:`Segmenter` from folders on disk: ``run`` = LoRA run (else the pretrained ``backend`` and
     ``checkpoint``; ``backend=None`` and no run: no SAM, the CNN's drafts are the result), ``drafts_from`` = a CNN
     run or a folder of draft masks (else prompts must be given per image); ``runtime`` runs SAM;
-    ``uncertainty_samples``, ``thresholds`` and ``precision`` as in :class:`Segmenter`."""
+    ``uncertainty_samples``, ``thresholds`` and ``precision`` as in :class:`Segmenter`; ``lora_scale``: the run's
+    WiSE-FT scale in [0, 1] instead of its recorded one (:func:`cxrsam.sam.lora.load_run`; refused without a run)."""
     check_uncertainty_samples(uncertainty_samples)
+    if lora_scale is not None and run is None:
+        raise CxrsamError("--lora-scale needs a LoRA run (--run)")
     device = resolve_device(device)
     drafter = None if drafts_from is None else drafts_from_path(drafts_from, device=device)
     if run is not None:
         from cxrsam.sam.lora import load_run
 
-        sam = load_run(run, device=device, checkpoint=checkpoint)
+        sam = load_run(run, device=device, checkpoint=checkpoint, scale=lora_scale)
     elif backend is not None:
         from cxrsam.sam.registry import build_sam
 
@@ -266,6 +270,7 @@ def describe_models(sam: LoadedSam | None, drafter: DraftSource | None = None, r
     sam_info = None if sam is None else {
         "kind": "lora" if run is not None else "pretrained", "model_id": sam.model_id, "backend": sam.spec.name,
         "run": None if run is None else str(Path(run).resolve()),
+        **({"lora_scale": sam.scale} if isinstance(sam, LoraSam) else {}),
         "runtime": engine.runtime if engine is not None else "torch",
         "precision": str(engine.precision if engine is not None else Precision.FP32)}
     return {"sam": sam_info, "drafts": None if drafter is None else drafter.describe(),

@@ -12,15 +12,23 @@ A trained run directory holds only what was trained, never a copy of the frozen 
     ``image_encoder.layers.1.blocks.0.attn.qkv.lora_A.weight``) plus the opened weights under their
     plain names (``mask_decoder.*``).
 ``adapter.json``
-    backend name, base checkpoint path and SHA-256, the :class:`LoraSettings` and the trainable
-    parameter summary. :func:`load_run` rebuilds the named base, refuses a base with another SHA-256,
-    re-applies the adapters and loads the weights.
+    backend name, base checkpoint path and SHA-256, the :class:`LoraSettings`, the trainable
+    parameter summary and the ``lora_scale`` the run is served at (1 unless chosen otherwise,
+    :func:`record_lora_scale`). :func:`load_run` rebuilds the named base, refuses a base with another
+    SHA-256, re-applies the adapters and loads the weights at that scale.
+
+Scale (WiSE-FT, Wortsman et al., CVPR 2022): every trained weight moves a fraction ``alpha`` in [0, 1] of
+the way from the base to the fine-tuned value -- the LoRA update through peft's per-layer scaling
+(``LoraLayer.set_scale``: ``alpha * lora_alpha / r``), each opened weight by ``torch.lerp(base, tuned,
+alpha)`` -- so ``alpha = 0`` is exactly the pretrained model and ``alpha = 1`` the fine-tuned one
+(:func:`interpolate`). Merging (:func:`merge`, ONNX export) folds the adapters in at the current scale.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,17 +166,56 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source:
 class LoraSam(LoadedSam):
     """A base :class:`LoadedSam` with trained adapters applied (see :func:`load_run`).
 
-    ``model_id`` is ``lora:<first 16 hex of the adapter file's SHA-256>`` so embedding caches never
-    mix base and adapted encoders.
+    ``model_id`` is ``lora:<first 16 hex of the adapter file's SHA-256>`` (with ``@<scale>`` below scale 1)
+    so embedding caches and ONNX exports never mix base, adapted and interpolated encoders. ``scale`` is the
+    WiSE-FT interpolation it was loaded at (:func:`interpolate`).
     """
 
     run_dir: Path = Path()
     adapter_sha256: str = ""
     settings: LoraSettings | None = None
+    scale: float = 1.0
 
     @property
     def model_id(self) -> str:
-        return f"lora:{self.adapter_sha256[:16]}"
+        suffix = "" if self.scale == 1 else f"@{self.scale:g}"
+        return f"lora:{self.adapter_sha256[:16]}{suffix}"
+
+
+def check_scale(scale: float) -> float:
+    """``scale`` as a float if it lies in [0, 1], else :class:`CxrsamError` (the ``--lora-scale`` rule)."""
+    value = float(scale)
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise CxrsamError(f"--lora-scale must be in [0, 1] (0: the pretrained model, 1: the fine-tuned one), "
+                          f"got {scale}")
+    return value
+
+
+def interpolate(model: nn.Module, scale: float, base: dict[str, torch.Tensor],
+                tuned: dict[str, torch.Tensor]) -> None:
+    """Move every trained weight of an adapted ``model`` to ``scale`` of the way from the base, in place.
+
+    LoRA layers get peft's scaling ``scale * lora_alpha / r`` (``LoraLayer.set_scale``; exactly the trained
+    scaling at 1, a zero update at 0); each opened weight ``name`` becomes ``torch.lerp(base[name],
+    tuned[name], scale)``, which is exactly ``base`` at 0 and ``tuned`` at 1. Calling it again with another
+    scale re-interpolates from the same ``base``/``tuned``.
+
+    Args:
+        model: a model prepared by :func:`apply_lora` holding the trained adapters.
+        scale: alpha in [0, 1].
+        base: the pretrained values of the opened weights (may be empty: adapters only).
+        tuned: their fine-tuned values (same keys as ``base``).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    scale = check_scale(scale)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                module.set_scale(adapter, scale)
+    if base:
+        state = {name: torch.lerp(base[name], tuned[name].to(base[name]), scale) for name in base}
+        model.load_state_dict(state, strict=False)
 
 
 def save_adapter(run_dir: str | Path, model: nn.Module, loaded: LoadedSam, settings: LoraSettings,
@@ -195,9 +242,30 @@ def save_adapter(run_dir: str | Path, model: nn.Module, loaded: LoadedSam, setti
     record_checksum(run_dir / ADAPTER_FILE)
     info = {"backend": loaded.spec.name, "base_checkpoint": str(loaded.checkpoint_path),
             "base_sha256": loaded.checkpoint_sha256, "lora": settings.model_dump(),
-            "trainable": trainable_summary(model)}
+            "trainable": trainable_summary(model), "lora_scale": 1.0}
     atomic_write_text(run_dir / ADAPTER_JSON, json.dumps(info, indent=2) + "\n")
     return run_dir / ADAPTER_FILE
+
+
+def record_lora_scale(run_dir: str | Path, scale: float, evidence: dict | None = None) -> Path:
+    """Store the scale a run is served at (and how it was chosen) in its ``adapter.json``, atomically.
+
+    Args:
+        run_dir: a finished LoRA run.
+        scale: alpha in [0, 1] (:func:`interpolate`); :func:`load_run` uses it unless told another.
+        evidence: what the choice rests on (e.g. validation Dice per scale), kept as ``lora_scale_choice``.
+
+    Returns:
+        the ``adapter.json`` path.
+    """
+    read_adapter_info(run_dir)  # a finished, valid run
+    path = Path(run_dir) / ADAPTER_JSON
+    info = json.loads(path.read_text(encoding="utf-8"))
+    info["lora_scale"] = check_scale(scale)
+    if evidence is not None:
+        info["lora_scale_choice"] = evidence
+    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
+    return path
 
 
 class AdapterInfo(BaseModel):
@@ -210,6 +278,7 @@ class AdapterInfo(BaseModel):
     base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     lora: LoraSettings
     trainable: dict[str, float] = Field(default_factory=dict)
+    lora_scale: float = Field(1.0, ge=0, le=1, description="WiSE-FT scale the run is served at (1: as trained)")
 
 
 def read_adapter_info(run_dir: str | Path) -> AdapterInfo:
@@ -232,7 +301,8 @@ def read_adapter_info(run_dir: str | Path) -> AdapterInfo:
         raise CxrsamError(f"unreadable adapter description ({str(exc).splitlines()[0]})", path=path) from None
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> LoraSam:
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
+             scale: float | None = None) -> LoraSam:
     """Rebuild a trained LoRA model: the run's base checkpoint with its adapters and opened weights.
 
     Args:
@@ -240,6 +310,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
         device: torch device.
         checkpoint: base checkpoint to use instead of the recorded path (e.g. the run was moved to
             another machine); it must have the recorded SHA-256.
+        scale: WiSE-FT alpha in [0, 1] (:func:`interpolate`; ``--lora-scale``); None: the run's
+            recorded ``lora_scale``.
 
     Raises:
         CxrsamError: missing files, or a base whose SHA-256 differs from the one trained on.
@@ -259,6 +331,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
                           f"was trained on ({info.base_sha256[:16]}...); pass the original base checkpoint",
                           path=loaded.checkpoint_path)
     settings = info.lora
+    scale = check_scale(info.lora_scale if scale is None else scale)
     model = apply_lora(loaded.model, settings)
     try:
         state = load_file(str(adapter_path))
@@ -266,14 +339,18 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise CxrsamError(f"unreadable adapter file ({type(exc).__name__}: {first})", path=adapter_path) from None
     require_finite(state, adapter_path)
+    current = model.state_dict()
+    base = {k: current[k].clone() for k in state if not is_lora_key(k) and k in current}
     load_adapter_state(model, state, source=adapter_path)
+    if scale != 1:
+        interpolate(model, scale, base, {k: state[k] for k in base})
     for param in model.parameters():
         param.requires_grad_(False)
     device = torch.device(device)
     model.to(device).eval()
     return LoraSam(model=model, spec=loaded.spec, checkpoint_path=loaded.checkpoint_path,
                    checkpoint_sha256=loaded.checkpoint_sha256, device=device, run_dir=run_dir,
-                   adapter_sha256=adapter_sha256, settings=settings)
+                   adapter_sha256=adapter_sha256, settings=settings, scale=scale)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -293,13 +370,14 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_merged(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+def export_merged(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
+                  scale: float | None = None) -> Path:
     """Write the run's adapters merged into its base as a plain state dict in the backend's own format.
 
     The file loads with ``build_sam(backend, checkpoint=out)`` (no peft) and gives the same logits as
-    the adapted model up to float rounding.
+    the adapted model at ``scale`` (None: the run's recorded ``lora_scale``) up to float rounding.
     """
-    lora = load_run(run_dir, device="cpu", checkpoint=checkpoint)
+    lora = load_run(run_dir, device="cpu", checkpoint=checkpoint, scale=scale)
     merged = merge(lora.model)
     out = Path(out)
     with atomic_path(out) as tmp:

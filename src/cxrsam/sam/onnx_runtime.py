@@ -356,17 +356,18 @@ def export_checked(loaded: LoadedSam, folder: str | Path, opset: int = OPSET) ->
     return onnx_sam
 
 
-def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Export a LoRA run, merged, into the folder ``out`` (``encoder.onnx``, ``decoder.onnx``, ``check.json``: the
-    graphs the ONNX runtime uses, checked against PyTorch); ``checkpoint``: the base, as in
-    :func:`~cxrsam.sam.lora.load_run`. Returns ``out``."""
+def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
+                scale: float | None = None) -> Path:
+    """Export a LoRA run, merged at its WiSE-FT ``scale`` (None: the recorded one), into the folder ``out``
+    (``encoder.onnx``, ``decoder.onnx``, ``check.json``: the graphs the ONNX runtime uses, checked against
+    PyTorch); ``checkpoint`` and ``scale`` as in :func:`~cxrsam.sam.lora.load_run`. Returns ``out``."""
     from cxrsam.files import require_output_dir
     from cxrsam.sam.lora import load_run
 
     if not onnx_installed():
         raise CxrsamError(f"ONNX export needs onnx and onnxruntime: {INSTALL_HINT}")
     out = require_output_dir(out)
-    return export_checked(load_run(run_dir, device="cpu", checkpoint=checkpoint), out).folder
+    return export_checked(load_run(run_dir, device="cpu", checkpoint=checkpoint, scale=scale), out).folder
 
 
 def quantize_encoder(folder: str | Path, model: nn.Module, spec: BackendSpec) -> dict[str, Any]:

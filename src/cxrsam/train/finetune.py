@@ -8,6 +8,13 @@ against *that lung's* component with Dice + BCE (MONAI ``DiceCELoss``), optional
 SAM's IoU head against the real IoU. This matches inference, where the engine decodes one set per
 lung and merges the masks by union.
 
+Transfer (issue 16): ``shift_augment`` imitates other sites on that share of training images
+(:func:`cxrsam.data.shift.shift_pair`: aspect ratio, windows, gamma, CLAHE, detector, collimation, text);
+``box_error`` moves the training boxes like CNN drafts (:func:`cxrsam.data.shift.perturb_box`, the U-Net's
+measured error times ``box_error``) instead of the symmetric ``box_jitter``, so the adapters learn to fix draft
+errors; ``consistency_weight`` adds the MSE of the adapted logits to the frozen base's (adapters switched off,
+no gradient) on the same augmented images, keeping what transfers.
+
 Validation: prompts derived (without jitter) from a draft source -- the ground truth (oracle boxes,
 default), a folder of draft masks or a CNN run -- are decoded, the per-lung masks merged by union
 (max of logits) and the Dice against the full ground-truth mask in the model-input frame is averaged.
@@ -22,9 +29,10 @@ when training ends, the best epoch's ``adapter.safetensors`` + ``adapter.json``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +45,8 @@ from torch.utils.data import Dataset
 from cxrsam.config import DataFields, LoopConfig, resolve_device, settings_error
 from cxrsam.data.dataset import augment, load_case
 from cxrsam.data.layouts import Case
-from cxrsam.prompts import MODES, Prompts, PromptSpec, prompts_from_mask
+from cxrsam.data.shift import BoxError, perturb_box, shift_pair
+from cxrsam.prompts import MODES, Prompts, PromptSet, PromptSpec, prompts_from_mask
 from cxrsam.prompts.components import lung_components
 from cxrsam.runs import BEST, forget, load_checkpoint, read_run_config
 from cxrsam.sam.engine import decode, prompt_batch
@@ -70,6 +79,12 @@ class FinetuneConfig(DataFields):
                                                       "CNN run folder; None = ground truth (oracle prompts)")
     iou_loss_weight: float = Field(0.0, ge=0, description="Weight of the IoU-head MSE term (0: off)")
     augment: bool = True
+    shift_augment: float = Field(0.0, ge=0, le=1, description="Share of training images given an imitated "
+                                 "other-site shift (cxrsam.data.shift; 0: off)")
+    box_error: float = Field(0.0, ge=0, description="Training boxes moved like CNN drafts: the U-Net's measured "
+                             "box error times this (cxrsam.data.shift.BoxError); 0: box_jitter instead")
+    consistency_weight: float = Field(0.0, ge=0, description="Weight of the MSE between the adapted and the frozen "
+                                      "base's logits on the training images (0: off)")
     gradient_checkpointing: bool = Field(False, description="Recompute encoder blocks in backward (less memory)")
     max_train_cases: int | None = Field(None, ge=1, description="Use only the first N training cases")
     max_val_cases: int | None = Field(None, ge=1, description="Validate on the first N validation cases")
@@ -187,14 +202,17 @@ class PromptedDataset(Dataset):
     Item ``i``: ``(image (3, S, S) model input, mask (1, S, S), i, prompts, targets)``. For training
     (``prompts=None``) prompts of kind ``prompt`` are sampled from the (augmented) mask, one set per lung, and
     ``targets`` (P, S, S) are the lungs' components; for validation ``prompts[i]`` are given (model-input
-    pixels, see :func:`_val_prompts`) and ``targets`` is the full mask (1, S, S). Randomness is drawn from
+    pixels, see :func:`_val_prompts`) and ``targets`` is the full mask (1, S, S). With ``shift`` > 0 that share
+    of training items is first shifted (:func:`~cxrsam.data.shift.shift_pair` on the resized pair, which is then
+    resized again to the longest side S); with ``box_error`` > 0 each training box is moved like a CNN draft's
+    (:func:`~cxrsam.data.shift.perturb_box`) instead of by ``jitter``. Randomness is drawn from
     ``(seed, epoch, i)``: reproducible and independent of worker order (call :meth:`set_epoch`). Resized pairs
     are kept in memory after first use.
     """
 
     def __init__(self, cases: Sequence[Case], transform: SamTransform, prompt: str = "box", jitter: float = 0.0,
                  points_per_lung: int = 3, prompts: Sequence[Prompts] | None = None, augment: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, shift: float = 0.0, box_error: float = 0.0):
         self.cases = list(cases)
         self.transform = transform
         self.prompt = prompt
@@ -203,6 +221,8 @@ class PromptedDataset(Dataset):
         self.prompts = prompts
         self.augment = augment
         self.seed = seed
+        self.shift = shift
+        self.box_error = box_error
         self.epoch = 0
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -221,6 +241,11 @@ class PromptedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, Prompts, torch.Tensor]:
         image, mask = self.resized(index)
+        if self.prompts is None and self.shift > 0:
+            rng = np.random.default_rng([self.seed, self.epoch, index, 2])
+            if rng.random() < self.shift:
+                image, mask, _ = shift_pair(image, mask, rng)
+                image, mask = self.transform.resize(image).numpy(), self.transform.resize_mask(mask)
         if self.augment:
             image, mask = augment(image, mask, np.random.default_rng([self.seed, self.epoch, index]))
         model_input = self.transform.finish(torch.from_numpy(np.ascontiguousarray(image)))
@@ -231,7 +256,11 @@ class PromptedDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
         mode = str(rng.choice(MODES)) if self.prompt == "mixed" else self.prompt
         prompts = prompts_from_mask(truth, mode=mode, points_per_lung=self.points_per_lung, strategy="random",
-                                    jitter=self.jitter, rng=rng)
+                                    jitter=0.0 if self.box_error else self.jitter, rng=rng)
+        if self.box_error:
+            error = BoxError().scaled(self.box_error)
+            prompts.sets = [PromptSet(None if p.box is None else perturb_box(p.box, truth.shape, error, rng),
+                                      p.points, p.labels) for p in prompts.sets]
         lungs, _ = lung_components(truth)
         targets = torch.from_numpy(np.stack(lungs).astype(np.float32)) if lungs else full[:0]
         return model_input, full, index, prompts, targets
@@ -275,13 +304,47 @@ def segmentation_loss(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], targ
     return loss + iou_weight * torch.nn.functional.mse_loss(predicted, real_iou)
 
 
-def finetune_step(iou_weight: float = 0.0) -> StepFn:
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Within the block every peft adapter layer of ``model`` is switched off (``enable_adapters(False)``):
+    the frozen base encoder; opened (non-LoRA) weights stay as they are."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def consistency_loss(net: nn.Module, images: torch.Tensor, prompts: Sequence[Prompts],
+                     outputs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """MSE between the adapted logits ``outputs`` and the same model's with adapters off (no gradient) for
+    the same images (B, 3, S, S) and prompts; 0 when no image has a prompt set."""
+    sam = net.module.sam if hasattr(net, "module") else net.sam  # DDP wraps the trainee
+    with torch.no_grad(), adapters_off(sam):
+        reference = net(images, prompts)
+    adapted = [out[0] for out in outputs if len(out[0])]
+    if not adapted:
+        return sum(out[0].sum() for out in outputs) * 0.0
+    return torch.nn.functional.mse_loss(torch.cat(adapted), torch.cat([ref[0] for ref in reference if len(ref[0])]))
+
+
+def finetune_step(iou_weight: float = 0.0, consistency_weight: float = 0.0) -> StepFn:
     """The fine-tuning step's loss, ``(SamTrainee, (images, masks, indices, prompts, targets)) -> scalar``
-    (:func:`segmentation_loss`); used by :func:`finetune` and ``bench/lora_vs_full.py``."""
+    (:func:`segmentation_loss`, plus ``consistency_weight`` x :func:`consistency_loss`); used by :func:`finetune`
+    and ``bench/lora_vs_full.py``."""
 
     def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
         images, _, _, prompts, targets = batch
-        return segmentation_loss(net(images, prompts), targets, iou_weight)
+        outputs = net(images, prompts)
+        loss = segmentation_loss(outputs, targets, iou_weight)
+        if consistency_weight:
+            loss = loss + consistency_weight * consistency_loss(net, images, prompts, outputs)
+        return loss
 
     return step_fn
 
@@ -336,10 +399,11 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     train_cases = splits["train"][:config.max_train_cases]
     val_cases = splits["val"][:config.max_val_cases]
     train_data = PromptedDataset(train_cases, transform, config.train_prompt, config.box_jitter,
-                                 config.points_per_lung, augment=config.augment, seed=loop.seed)
+                                 config.points_per_lung, augment=config.augment, seed=loop.seed,
+                                 shift=config.shift_augment, box_error=config.box_error)
     val_data = PromptedDataset(val_cases, transform, prompts=_val_prompts(config, val_cases, transform))
 
-    step_fn = finetune_step(config.iou_loss_weight)
+    step_fn = finetune_step(config.iou_loss_weight, config.consistency_weight)
 
     def logits_fn(net: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks, _, prompts, _ = batch
