@@ -263,6 +263,20 @@ def eval_cnn_command(
     out.print(f"per-image results: {escape(str(path))}")
 
 
+def _weights(text: str | None) -> dict[str, float] | None:
+    """``name=w,name=w`` as a dict (None when not given); a malformed item raises :class:`CxrsamError`."""
+    if text is None:
+        return None
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise CxrsamError(f"--select wants name=weight items separated by commas, got {item!r}") from None
+    return weights
+
+
 def _prompt_spec(prompt: str, box_mode: str, points_per_lung: int, strategy: str, negatives: list[str] | None,
                  margin: float, multimask: bool, seed: int):
     """The validated :class:`~cxrsam.prompts.PromptSpec` of the prompt options (one line per bad value)."""
@@ -460,12 +474,19 @@ def finetune_command(
     targets: Annotated[list[str] | None, typer.Option(
         "--target", help="Layers with adapters: qkv, proj, mlp, decoder_attn (repeat) [default: qkv]")] = None,
     freeze_decoder: Annotated[bool, typer.Option("--freeze-decoder", help="Train the adapters only (mask decoder frozen)")] = False,
-    train_prompt: Annotated[str | None, typer.Option(help="Training prompts: box | points | box+points | mixed [default: mixed]")] = None,
+    train_prompt_encoder: Annotated[bool, typer.Option(
+        "--train-prompt-encoder", help="Train the prompt encoder's point and box embeddings too")] = False,
+    train_prompt: Annotated[str | None, typer.Option(help="Training prompts: box | points | box+points | mixed (kind, point count "
+                                                          "and negatives drawn per example from train_mix) [default: mixed]")] = None,
     box_jitter: Annotated[float | None, typer.Option(help="Box noise std, fraction of the box side [default: 0.05]")] = None,
     points_per_lung: Annotated[int | None, typer.Option(help="Points per lung [default: 3]")] = None,
     val_prompt: Annotated[str | None, typer.Option(help="Validation prompts: box | points | box+points [default: box]")] = None,
     val_drafts: Annotated[Path | None, typer.Option(
         help="Validation drafts: mask folder or CNN run folder [default: ground truth (oracle)]")] = None,
+    val_points: Annotated[int | None, typer.Option(
+        min=1, help="Also validate with N probability-weighted points per image (kind 'points', val_dice_points)")] = None,
+    select: Annotated[str | None, typer.Option(
+        help="Keep the checkpoint best on this weighted mean of validation kinds, e.g. main=1,points=1 [default: main=1]")] = None,
     iou_loss_weight: Annotated[float | None, typer.Option(help="Weight of the IoU-head MSE loss [default: 0]")] = None,
     augment: Annotated[bool | None, typer.Option(
         "--augment/--no-augment", help="Random rotation, scale, shift, brightness and gamma of training images [default: on]")] = None,
@@ -499,8 +520,9 @@ def finetune_command(
     given = {k: v for k, v in dict(
         data=data, layout=layout, classes=classes, split=_split_ratios(split), split_seed=split_seed, backend=backend,
         checkpoint=checkpoint, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
-        train_decoder=False if freeze_decoder else None, train_prompt=train_prompt, box_jitter=box_jitter,
-        points_per_lung=points_per_lung, val_prompt=val_prompt, val_drafts=val_drafts, iou_loss_weight=iou_loss_weight,
+        train_decoder=False if freeze_decoder else None, train_prompt_encoder=True if train_prompt_encoder else None,
+        train_prompt=train_prompt, box_jitter=box_jitter, points_per_lung=points_per_lung, val_prompt=val_prompt,
+        val_drafts=val_drafts, val_points=val_points, select_weights=_weights(select), iou_loss_weight=iou_loss_weight,
         augment=augment, gradient_checkpointing=gradient_checkpointing, max_train_cases=max_train_cases, max_val_cases=max_val_cases,
         epochs=epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch, validate_start=validate_start,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
