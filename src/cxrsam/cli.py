@@ -37,7 +37,13 @@ BoxOpt = Annotated[str | None, typer.Option("--box", help="One box x0,y0,x1,y1 (
 PromptOpt = Annotated[str, typer.Option("--prompt", help="Prompts from drafts: box | points | box+points")]
 BoxModeOpt = Annotated[str, typer.Option("--box-mode", help="per_lung (masks merged) | enclosing")]
 PointsOpt = Annotated[int, typer.Option("--points-per-lung", help="Positive points per lung")]
-StrategyOpt = Annotated[str, typer.Option(help="Point placement: distance | kmeans | random")]
+StrategyOpt = Annotated[str, typer.Option(
+    help="Point placement: distance | kmeans | random (per lung) | probability (--points per image, drawn with the "
+         "draft's foreground probability: the paper's protocol)")]
+PointsTotalOpt = Annotated[int | None, typer.Option(
+    "--points", min=1, help="Positive points per image of --strategy probability (the paper swept 15..105)")]
+RandomNegativesOpt = Annotated[int, typer.Option(
+    "--random-negatives", min=0, help="Negative points drawn from the draft's low-probability region near the lungs")]
 NegativesOpt = Annotated[list[str] | None, typer.Option(
     "--negative", help="Negative points: mediastinum and/or outside (repeat the option)")]
 MarginOpt = Annotated[float, typer.Option(help="Pixels added to each box side")]
@@ -278,7 +284,7 @@ def _weights(text: str | None) -> dict[str, float] | None:
 
 
 def _prompt_spec(prompt: str, box_mode: str, points_per_lung: int, strategy: str, negatives: list[str] | None,
-                 margin: float, multimask: bool, seed: int):
+                 margin: float, multimask: bool, seed: int, points: int | None = None, random_negatives: int = 0):
     """The validated :class:`~cxrsam.prompts.PromptSpec` of the prompt options (one line per bad value)."""
     from pydantic import ValidationError
 
@@ -287,7 +293,8 @@ def _prompt_spec(prompt: str, box_mode: str, points_per_lung: int, strategy: str
 
     try:
         return PromptSpec(mode=prompt, box_mode=box_mode, points_per_lung=points_per_lung, strategy=strategy,
-                          negatives=tuple(negatives or ()), margin=margin, multimask=multimask, seed=seed)
+                          points=points, negatives=tuple(negatives or ()), random_negatives=random_negatives,
+                          margin=margin, multimask=multimask, seed=seed)
     except ValidationError as exc:
         raise settings_error(exc) from None
 
@@ -365,7 +372,9 @@ def predict_command(
     box_mode: BoxModeOpt = "per_lung",
     points_per_lung: PointsOpt = 3,
     strategy: StrategyOpt = "distance",
+    points: PointsTotalOpt = None,
     negatives: NegativesOpt = None,
+    random_negatives: RandomNegativesOpt = 0,
     margin: MarginOpt = 0.0,
     multimask: MultimaskOpt = False,
     seed: SeedOpt = 0,
@@ -382,7 +391,8 @@ def predict_command(
     """Lung masks for new images: prompts from a CNN run's drafts, draft masks or a box; SAM = LoRA run or pretrained."""
     if ctx.info_name == "zero-shot" and run is not None:
         raise CxrsamError("zero-shot uses pretrained SAM: drop --run, or use `cxrsam predict --run`")
-    spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
+    spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed, points,
+                        random_negatives)
     _segment_command([*images, *(more_images or [])], out_dir, run, drafts_from, drafts, box, spec, backend, checkpoint,
                      output_format, device, cache_dir, batch_size, runtime, uncertainty_samples)
 
@@ -393,6 +403,8 @@ def app_command(
     drafts_from: Annotated[Path | None, typer.Option(
         "--drafts-from", help="CNN run folder: automatic mask on upload (without it, drag a box first)")] = None,
     prompt: PromptOpt = "box",
+    strategy: StrategyOpt = "distance",
+    points: PointsTotalOpt = None,
     backend: BackendOpt = "litemedsam",
     checkpoint: Annotated[Path | None, typer.Option(help="SAM checkpoint (see predict --help)")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; other hosts expose the app)")] = "127.0.0.1",
@@ -413,7 +425,8 @@ def app_command(
 
     allowed = served_hosts(host, port, allow_host or [])
     segmenter = build_segmenter(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
-                                spec=_prompt_spec(prompt, "per_lung", 3, "distance", None, 0.0, False, 0), device=device,
+                                spec=_prompt_spec(prompt, "per_lung", 3, strategy, None, 0.0, False, 0, points),
+                                device=device,
                                 runtime=runtime, uncertainty_samples=uncertainty_samples)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] binding to {escape(host)} exposes the app to other machines")

@@ -250,3 +250,44 @@ def test_a_non_square_image_reaches_the_model_as_the_same_tensor_in_finetuning_a
     expected = transform.boxes(np.array([[15, 20, 59, 69], [80, 20, 124, 69]], np.float32), (90, 140))
     got = np.stack([s.box for s in prompts.sets])
     assert np.abs(got - expected).max() <= 1.0  # prompts from the letterboxed mask sit where inference puts them
+
+
+def test_mixed_prompt_run_validates_each_kind_and_keeps_the_declared_combination(phantoms, tiny_ckpt, tmp_path):
+    """Issue 18: per-kind validation columns, val_dice = the select_weights mean, the prompt encoder opened."""
+    config = tiny_config(phantoms, tiny_ckpt, epochs=1, max_train_cases=3, max_val_cases=2, train_prompt_encoder=True,
+                         train_mix={"weights": {"points": 1.0, "box+points": 1.0}, "max_points": 12},
+                         val_points=9, select_weights={"main": 1.0, "points": 3.0})
+    assert config.val_kinds()["points"].strategy == "probability" and config.val_kinds()["points"].points == 9
+    run = ft.finetune(config, tmp_path / "run")
+    import pandas as pd
+
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert {"val_dice_main", "val_dice_points"} <= set(metrics.columns)
+    expected = (metrics.val_dice_main + 3 * metrics.val_dice_points) / 4
+    assert np.allclose(metrics.val_dice, expected, atol=1e-5)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "adapter.safetensors"))
+    assert any(k.startswith("prompt_encoder.point_embeddings") for k in saved)
+    assert not any(k.startswith("prompt_encoder.mask_downscaling") for k in saved)
+    assert lora.read_adapter_info(run).lora.train_prompt_encoder
+    with pytest.raises(CxrsamError, match="unknown validation kinds"):
+        tiny_config(phantoms, tiny_ckpt, select_weights={"points": 1.0})
+    with pytest.raises(CxrsamError, match="positive sum"):
+        tiny_config(phantoms, tiny_ckpt, select_weights={"main": 0.0})
+
+
+def test_sets_with_different_point_counts_decode_in_their_own_order(phantoms, tiny_ckpt):
+    from cxrsam.prompts import Prompts, PromptSet
+
+    loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
+    trainee = ft.SamTrainee(loaded).eval()
+    image = prompted_data(phantoms)[0][0][None]
+    a = PromptSet(points=np.array([[10, 20], [12, 30], [14, 28]], np.float32), labels=np.array([1, 1, 0]))
+    b = PromptSet(points=np.array([[40, 20]], np.float32), labels=np.array([1]))
+    size = (TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        both = trainee(image, [Prompts([a, b], size, "points", 2)])[0][0]
+        alone = [trainee(image, [Prompts([s], size, "points", 1)])[0][0][0] for s in (a, b)]
+    assert both.shape[0] == 2
+    assert torch.allclose(both[0], alone[0], atol=1e-5) and torch.allclose(both[1], alone[1], atol=1e-5)

@@ -1,0 +1,162 @@
+"""Dice against the number of probability-weighted point prompts (the paper's protocol), zero-shot and LoRA.
+
+Images: the ``test`` part of ``--manifest`` (a run's ``manifest.csv``). Drafts and foreground probability maps
+from ``--cnn-run`` (:class:`cxrsam.baselines.drafts.CnnDrafts`). For each model (zero-shot ``--backend`` and each
+``--lora NAME=RUN``) every image is encoded once and decoded with ``points N`` (N positive points per image drawn
+at random with the CNN's probability as the weight, split over the two lungs, seeded by the image's stem; rules in
+docs/prompts.md) for each N of ``--points``, and with per-lung boxes from the same draft. Dice at the original
+image size; means with 95 % bootstrap CIs; paired two-sided Wilcoxon tests of ``--compare A:B`` pairs of
+``model/variant`` columns. Writes the per-image CSV, a Dice-vs-N figure and, with ``--docs``, replaces the
+section "Point prompts: the paper's protocol" of that file.
+
+    nice -n 10 python bench/point_sweep.py --manifest runs/cpu/stages/split/manifest.csv \\
+        --cnn-run runs/cpu/stages/cnn-unet --lora mixed=runs/lora-mixed --lora box=runs/cpu/stages/lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from cxrsam.baselines.drafts import CnnDrafts
+from cxrsam.data.dataset import load_case
+from cxrsam.data.split import read_manifest
+from cxrsam.evaluation.evaluate import write_csv
+from cxrsam.evaluation.stats import paired_comparison, summarize
+from cxrsam.sam.engine import SamEngine
+from cxrsam.sam.lora import load_run
+from cxrsam.sam.registry import build_sam
+from cxrsam.sam.zeroshot import dice_by_prompt_variant
+from results_md import replace_section
+
+SECTION = "## Point prompts: the paper's protocol"
+PAPER_POINTS = tuple(range(15, 106, 15))
+"""The paper's sweep: 15, 30, ..., 105 points per image."""
+
+
+def variants(points: list[int], box: bool) -> dict[str, dict]:
+    """Prompt variants: ``points N`` (probability strategy, N per image) and per-lung ``box``."""
+    out = {f"points {n}": {"mode": "points", "strategy": "probability", "points": n} for n in points}
+    return {**out, **({"box": {"mode": "box"}} if box else {})}
+
+
+def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], backend: str, points: list[int],
+             limit: int | None) -> pd.DataFrame:
+    """Per-image Dice, one row per (stem, model, variant)."""
+    cases = read_manifest(manifest)["test"][:limit]
+    pairs = [load_case(case) for case in cases]
+    xrays, truths = [x for x, _ in pairs], [m for _, m in pairs]
+    source = CnnDrafts(cnn_run)
+    drafts, probabilities = [], []
+    for xray in xrays:
+        drafts.append(source(xray))
+        probabilities.append(source.probability(xray))
+    frames = []
+    for name, run in models.items():
+        engine = SamEngine(build_sam(backend) if run is None else load_run(run))
+        frame = dice_by_prompt_variant(engine, xrays, truths, {cnn_run.name: drafts}, variants(points, True),
+                                       weights={cnn_run.name: probabilities}, progress=False)
+        frames.append(frame.assign(model=name))
+    return pd.concat(frames, ignore_index=True)
+
+
+def figure(frame: pd.DataFrame, path: Path) -> Path:
+    """Mean Dice (95 % CI) against N, one line per model; each model's box Dice as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (model, group) in enumerate(frame.groupby("model", sort=False)):
+        pts = group[group.variant.str.startswith("points")]
+        stats = [(int(v.split()[1]), summarize(g.dice.to_numpy())) for v, g in pts.groupby("variant", sort=False)]
+        n = [s[0] for s in stats]
+        mean = [s[1]["mean"] for s in stats]
+        err = [[s[1]["mean"] - s[1]["ci_low"] for s in stats], [s[1]["ci_high"] - s[1]["mean"] for s in stats]]
+        line = ax.errorbar(n, mean, yerr=err, marker="o", capsize=3, label=f"{model}: points", color=f"C{i}")
+        box = group[group.variant == "box"].dice.mean()
+        ax.axhline(box, ls="--", lw=1, color=line[0].get_color(), label=f"{model}: box ({box:.3f})")
+    ax.set_xlabel("positive points per image (N)")
+    ax.set_ylabel("Dice (test split, mean, 95 % CI)")
+    ax.set_xticks(PAPER_POINTS)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def markdown(frame: pd.DataFrame, compare: list[tuple[str, str]], command: str, seconds: float,
+             figure_link: str | None) -> str:
+    frame = frame.assign(column=frame.model + "/" + frame.variant)
+    wide = frame.pivot(index="stem", columns="column", values="dice")
+    lines = [SECTION, "", "```", command, "```", "",
+             f"Test split, {len(wide)} images; Dice at the original image size (masks of the per-lung prompt sets "
+             "merged by union).", "",
+             "| model | prompt | Dice mean | 95 % CI | median | min |", "|---|---|---|---|---|---|"]
+    for column in dict.fromkeys(frame.column):
+        model, _, variant = column.partition("/")
+        stats = summarize(wide[column].to_numpy())
+        lines.append(f"| {model} | {variant} | {stats['mean']:.4f} | [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}] "
+                     f"| {stats['median']:.4f} | {wide[column].min():.4f} |")
+    if compare:
+        lines += ["", "Paired per-image comparisons (two-sided Wilcoxon signed-rank; mean of per-image differences "
+                  "with its 95 % bootstrap CI):", "",
+                  "| comparison | mean difference | 95 % CI | images better / worse | p |", "|---|---|---|---|---|"]
+        for a, b in compare:
+            c = paired_comparison(wide[a].to_numpy(), wide[b].to_numpy())
+            lines.append(f"| {a} vs {b} | {c.mean_diff:+.4f} | [{c.ci_low:+.4f}, {c.ci_high:+.4f}] | "
+                         f"{c.n_better} / {c.n_worse} | {c.p:.2g} |")
+    if figure_link is not None:
+        lines += ["", f"![Dice against the number of points per image]({figure_link})"]
+    lines += ["", f"Wall time {seconds / 60:.1f} min on a shared 2-core CPU (load average "
+              f"{os.getloadavg()[0]:.1f} at the end).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, required=True, help="manifest.csv whose test part is scored")
+    parser.add_argument("--cnn-run", type=Path, required=True, help="CNN run folder: drafts and probability maps")
+    parser.add_argument("--lora", action="append", default=[], help="NAME=RUN: a LoRA run to score (repeatable)")
+    parser.add_argument("--no-zero-shot", action="store_true", help="Skip the pretrained backend")
+    parser.add_argument("--backend", default="litemedsam", help="Pretrained SAM backend (zero-shot)")
+    parser.add_argument("--points", type=int, nargs="+", default=list(PAPER_POINTS), help="Points per image")
+    parser.add_argument("--compare", action="append", default=[], help="A:B pair of model/variant columns")
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N test images")
+    parser.add_argument("--csv", type=Path, required=True, help="Per-image CSV")
+    parser.add_argument("--figure", type=Path, default=None, help="Dice-vs-N figure (PNG)")
+    parser.add_argument("--docs", type=Path, default=None, help="Update this results.md")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    models: dict[str, Path | None] = {} if args.no_zero_shot else {"zero-shot": None}
+    models.update({name: Path(run) for name, _, run in (item.partition("=") for item in args.lora)})
+    frame = evaluate(args.manifest, args.cnn_run, models, args.backend, args.points, args.limit)
+    write_csv(frame, args.csv)
+    figure_path = None if args.figure is None else figure(frame, args.figure)
+    compare = [tuple(item.split(":", 1)) for item in args.compare]
+    command = "nice -n 10 python bench/point_sweep.py " + " ".join(
+        [f"--manifest {args.manifest} --cnn-run {args.cnn_run}"] + [f"--lora {item}" for item in args.lora]
+        + ["--no-zero-shot"] * args.no_zero_shot + [f"--points {' '.join(map(str, args.points))}"]
+        + [f"--compare '{item}'" for item in args.compare] + [f"--limit {args.limit}"] * (args.limit is not None)
+        + [f"--csv {args.csv}"] + [f"--figure {args.figure}"] * (args.figure is not None)
+        + [f"--docs {args.docs}"] * (args.docs is not None))
+    link = None
+    if figure_path is not None:
+        base = args.docs.parent.resolve() if args.docs else Path.cwd()
+        link = os.path.relpath(figure_path.resolve(), base)
+    section = markdown(frame, compare, command, time.perf_counter() - started, link)
+    print(section)
+    if args.docs:
+        replace_section(args.docs, SECTION, section)
+
+
+if __name__ == "__main__":
+    main()
