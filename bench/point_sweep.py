@@ -27,6 +27,7 @@ from cxrsam.data.dataset import load_case
 from cxrsam.data.split import read_manifest
 from cxrsam.evaluation.evaluate import write_csv
 from cxrsam.evaluation.stats import paired_comparison, summarize
+from cxrsam.report.figures import point_sweep_curve
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.lora import load_run
 from cxrsam.sam.registry import build_sam
@@ -65,32 +66,14 @@ def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], back
 
 
 def figure(frame: pd.DataFrame, path: Path) -> Path:
-    """Mean Dice (95 % CI) against N, one line per model; each model's box Dice as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (model, group) in enumerate(frame.groupby("model", sort=False)):
-        pts = group[group.variant.str.startswith("points")]
-        stats = [(int(v.split()[1]), summarize(g.dice.to_numpy())) for v, g in pts.groupby("variant", sort=False)]
-        n = [s[0] for s in stats]
-        mean = [s[1]["mean"] for s in stats]
-        err = [[s[1]["mean"] - s[1]["ci_low"] for s in stats], [s[1]["ci_high"] - s[1]["mean"] for s in stats]]
-        line = ax.errorbar(n, mean, yerr=err, marker="o", capsize=3, label=f"{model}: points", color=f"C{i}")
-        box = group[group.variant == "box"].dice.mean()
-        ax.axhline(box, ls="--", lw=1, color=line[0].get_color(), label=f"{model}: box ({box:.3f})")
-    ax.set_xlabel("positive points per image (N)")
-    ax.set_ylabel("Dice (test split, mean, 95 % CI)")
-    ax.set_xticks(PAPER_POINTS)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    """Mean Dice (95 % CI) against N, one line per model, its box Dice dashed
+    (:func:`cxrsam.report.figures.point_sweep_curve`)."""
+    frame = frame.assign(method=frame.model + "/" + frame.variant)
+    models = list(dict.fromkeys(frame.model))
+    curves = {m: {int(v.split()[1]): f"{m}/{v}" for v in dict.fromkeys(frame[frame.model == m].variant)
+                  if v.startswith("points ")} for m in models}
+    references = {m: f"{m}/box" for m in models if (frame.method == f"{m}/box").any()}
+    return point_sweep_curve(frame, {m: c for m, c in curves.items() if c}, path, references)
 
 
 def markdown(frame: pd.DataFrame, compare: list[tuple[str, str]], command: str, seconds: float,
@@ -130,6 +113,8 @@ def main() -> None:
     parser.add_argument("--backend", default="litemedsam", help="Pretrained SAM backend (zero-shot)")
     parser.add_argument("--points", type=int, nargs="+", default=list(PAPER_POINTS), help="Points per image")
     parser.add_argument("--compare", action="append", default=[], help="A:B pair of model/variant columns")
+    parser.add_argument("--include", type=Path, action="append", default=[],
+                        help="Per-image CSV of an earlier run of this script to add to the tables and figure")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N test images")
     parser.add_argument("--csv", type=Path, required=True, help="Per-image CSV")
     parser.add_argument("--figure", type=Path, default=None, help="Dice-vs-N figure (PNG)")
@@ -140,11 +125,13 @@ def main() -> None:
     models.update({name: Path(run) for name, _, run in (item.partition("=") for item in args.lora)})
     frame = evaluate(args.manifest, args.cnn_run, models, args.backend, args.points, args.limit)
     write_csv(frame, args.csv)
+    frame = pd.concat([*(pd.read_csv(path) for path in args.include), frame], ignore_index=True)
     figure_path = None if args.figure is None else figure(frame, args.figure)
     compare = [tuple(item.split(":", 1)) for item in args.compare]
     command = "nice -n 10 python bench/point_sweep.py " + " ".join(
         [f"--manifest {args.manifest} --cnn-run {args.cnn_run}"] + [f"--lora {item}" for item in args.lora]
-        + ["--no-zero-shot"] * args.no_zero_shot + [f"--points {' '.join(map(str, args.points))}"]
+        + ["--no-zero-shot"] * args.no_zero_shot + [f"--include {path}" for path in args.include]
+        + [f"--points {' '.join(map(str, args.points))}"]
         + [f"--compare '{item}'" for item in args.compare] + [f"--limit {args.limit}"] * (args.limit is not None)
         + [f"--csv {args.csv}"] + [f"--figure {args.figure}"] * (args.figure is not None)
         + [f"--docs {args.docs}"] * (args.docs is not None))
