@@ -6,7 +6,8 @@ from ``--cnn-run`` (:class:`cxrsam.baselines.drafts.CnnDrafts`). For each model 
 at random with the CNN's probability as the weight, split over the two lungs, seeded by the image's stem; rules in
 docs/prompts.md) for each N of ``--points``, and with per-lung boxes from the same draft. Dice at the original
 image size; means with 95 % bootstrap CIs; paired two-sided Wilcoxon tests of ``--compare A:B`` pairs of
-``model/variant`` columns. Writes the per-image CSV, a Dice-vs-N figure and, with ``--docs``, replaces the
+``model/variant`` columns; and one simulated corrective click per image and model (:func:`corrective_click`).
+Writes the per-image CSVs, a Dice-vs-N figure and, with ``--docs``, replaces the
 section "Point prompts: the paper's protocol" of that file.
 
     nice -n 10 python bench/point_sweep.py --manifest runs/cpu/stages/split/manifest.csv \\
@@ -20,13 +21,17 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cxrsam.baselines.drafts import CnnDrafts
 from cxrsam.data.dataset import load_case
 from cxrsam.data.split import read_manifest
 from cxrsam.evaluation.evaluate import write_csv
+from cxrsam.evaluation.metrics import dice_score
 from cxrsam.evaluation.stats import paired_comparison, summarize
+from cxrsam.pipeline.segmenter import add_points
+from cxrsam.prompts import prompts_from_mask
 from cxrsam.report.figures import point_sweep_curve
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.lora import load_run
@@ -45,9 +50,42 @@ def variants(points: list[int], box: bool) -> dict[str, dict]:
     return {**out, **({"box": {"mode": "box"}} if box else {})}
 
 
+def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarray) -> dict:
+    """One simulated corrective click on the box prediction (the interactive-SAM protocol): at the deepest pixel
+    of the largest error region, positive (label 1, "more lung") on a missed region, negative (label 0, "less
+    lung") on a false one; the click joins the lung set it falls in (:func:`cxrsam.pipeline.segmenter.add_points`).
+
+    Returns: ``dice`` before and after, ``kind`` (more/less), ``obeyed``: the clicked pixel became lung (more) or
+    background (less) and the mask grew (more) or shrank (less).
+    """
+    from scipy import ndimage
+
+    prompts = prompts_from_mask(draft, mode="box")
+    before = engine.segment(xray, prompts)
+    errors = {"more": truth & ~before, "less": before & ~truth}
+    sizes = {}
+    for kind, error in errors.items():
+        labels, count = ndimage.label(error)
+        sizes[kind] = (np.bincount(labels.ravel())[1:].max() if count else 0, labels, count)
+    kind = max(sizes, key=lambda k: sizes[k][0])
+    size, labels, _ = sizes[kind]
+    if size == 0:
+        return {"dice_before": dice_score(before, truth), "dice_after": dice_score(before, truth), "kind": "none",
+                "obeyed": True}
+    region = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    depth = ndimage.distance_transform_edt(region)
+    row, col = np.unravel_index(np.argmax(depth), depth.shape)
+    label = 1 if kind == "more" else 0
+    after = engine.segment(xray, add_points(prompts, np.array([[col, row]], np.float32), np.array([label])))
+    grew = after.sum() > before.sum()
+    obeyed = bool(after[row, col] and grew) if kind == "more" else bool(not after[row, col] and not grew)
+    return {"dice_before": dice_score(before, truth), "dice_after": dice_score(after, truth), "kind": kind,
+            "obeyed": obeyed}
+
+
 def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], backend: str, points: list[int],
-             limit: int | None) -> pd.DataFrame:
-    """Per-image Dice, one row per (stem, model, variant)."""
+             limit: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-image Dice, one row per (stem, model, variant); and one corrective click per (stem, model)."""
     cases = read_manifest(manifest)["test"][:limit]
     pairs = [load_case(case) for case in cases]
     xrays, truths = [x for x, _ in pairs], [m for _, m in pairs]
@@ -56,13 +94,25 @@ def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], back
     for xray in xrays:
         drafts.append(source(xray))
         probabilities.append(source.probability(xray))
-    frames = []
+    frames, clicks = [], []
     for name, run in models.items():
         engine = SamEngine(build_sam(backend) if run is None else load_run(run))
         frame = dice_by_prompt_variant(engine, xrays, truths, {cnn_run.name: drafts}, variants(points, True),
                                        weights={cnn_run.name: probabilities}, progress=False)
         frames.append(frame.assign(model=name))
-    return pd.concat(frames, ignore_index=True)
+        clicks += [{"stem": x.path.stem, "model": name, **corrective_click(engine, x, t, d)}
+                   for x, t, d in zip(xrays, truths, drafts)]  # embeddings come from the engine's memory cache
+    return pd.concat(frames, ignore_index=True), pd.DataFrame(clicks)
+
+
+def click_table(clicks: pd.DataFrame) -> list[str]:
+    """Markdown rows: per model, Dice before/after one corrective click and how often the click was obeyed."""
+    lines = ["| model | clicks (more / less lung) | obeyed | Dice box | Dice box + click |", "|---|---|---|---|---|"]
+    for model, group in clicks.groupby("model", sort=False):
+        acted = group[group.kind != "none"]
+        lines.append(f"| {model} | {(acted.kind == 'more').sum()} / {(acted.kind == 'less').sum()} | "
+                     f"{acted.obeyed.mean():.0%} | {group.dice_before.mean():.4f} | {group.dice_after.mean():.4f} |")
+    return lines
 
 
 def figure(frame: pd.DataFrame, path: Path) -> Path:
@@ -76,8 +126,8 @@ def figure(frame: pd.DataFrame, path: Path) -> Path:
     return point_sweep_curve(frame, {m: c for m, c in curves.items() if c}, path, references)
 
 
-def markdown(frame: pd.DataFrame, compare: list[tuple[str, str]], command: str, seconds: float,
-             figure_link: str | None) -> str:
+def markdown(frame: pd.DataFrame, clicks: pd.DataFrame, compare: list[tuple[str, str]], command: str,
+             seconds: float, figure_link: str | None) -> str:
     frame = frame.assign(column=frame.model + "/" + frame.variant)
     wide = frame.pivot(index="stem", columns="column", values="dice")
     lines = [SECTION, "", "```", command, "```", "",
@@ -97,6 +147,9 @@ def markdown(frame: pd.DataFrame, compare: list[tuple[str, str]], command: str, 
             c = paired_comparison(wide[a].to_numpy(), wide[b].to_numpy())
             lines.append(f"| {a} vs {b} | {c.mean_diff:+.4f} | [{c.ci_low:+.4f}, {c.ci_high:+.4f}] | "
                          f"{c.n_better} / {c.n_worse} | {c.p:.2g} |")
+    lines += ["", "One corrective click on the box prediction (U-Net draft boxes), at the deepest pixel of the largest "
+              "error region: positive where lung was missed, negative where background was taken; *obeyed* = the "
+              "clicked pixel changed as asked and the mask grew (more) or shrank (less):", "", *click_table(clicks)]
     if figure_link is not None:
         lines += ["", f"![Dice against the number of points per image]({figure_link})"]
     lines += ["", f"Wall time {seconds / 60:.1f} min on a shared 2-core CPU (load average "
@@ -123,9 +176,12 @@ def main() -> None:
     started = time.perf_counter()
     models: dict[str, Path | None] = {} if args.no_zero_shot else {"zero-shot": None}
     models.update({name: Path(run) for name, _, run in (item.partition("=") for item in args.lora)})
-    frame = evaluate(args.manifest, args.cnn_run, models, args.backend, args.points, args.limit)
+    frame, clicks = evaluate(args.manifest, args.cnn_run, models, args.backend, args.points, args.limit)
     write_csv(frame, args.csv)
+    write_csv(clicks, args.csv.with_name(f"{args.csv.stem}-clicks.csv"))
     frame = pd.concat([*(pd.read_csv(path) for path in args.include), frame], ignore_index=True)
+    earlier = [path.with_name(f"{path.stem}-clicks.csv") for path in args.include]
+    clicks = pd.concat([*(pd.read_csv(path) for path in earlier if path.is_file()), clicks], ignore_index=True)
     figure_path = None if args.figure is None else figure(frame, args.figure)
     compare = [tuple(item.split(":", 1)) for item in args.compare]
     command = "nice -n 10 python bench/point_sweep.py " + " ".join(
@@ -139,7 +195,7 @@ def main() -> None:
     if figure_path is not None:
         base = args.docs.parent.resolve() if args.docs else Path.cwd()
         link = os.path.relpath(figure_path.resolve(), base)
-    section = markdown(frame, compare, command, time.perf_counter() - started, link)
+    section = markdown(frame, clicks, compare, command, time.perf_counter() - started, link)
     print(section)
     if args.docs:
         replace_section(args.docs, SECTION, section)
