@@ -169,16 +169,20 @@ def main() -> None:
     parser.add_argument("--include", type=Path, action="append", default=[],
                         help="Per-image CSV of an earlier run of this script to add to the tables and figure")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N test images")
-    parser.add_argument("--csv", type=Path, required=True, help="Per-image CSV")
+    parser.add_argument("--csv", type=Path, default=Path("point_sweep.csv"),
+                        help="Per-image CSV (and <stem>-clicks.csv) of the models scored now")
     parser.add_argument("--figure", type=Path, default=None, help="Dice-vs-N figure (PNG)")
     parser.add_argument("--docs", type=Path, default=None, help="Update this results.md")
     args = parser.parse_args()
     started = time.perf_counter()
     models: dict[str, Path | None] = {} if args.no_zero_shot else {"zero-shot": None}
     models.update({name: Path(run) for name, _, run in (item.partition("=") for item in args.lora)})
-    frame, clicks = evaluate(args.manifest, args.cnn_run, models, args.backend, args.points, args.limit)
-    write_csv(frame, args.csv)
-    write_csv(clicks, args.csv.with_name(f"{args.csv.stem}-clicks.csv"))
+    if models:
+        frame, clicks = evaluate(args.manifest, args.cnn_run, models, args.backend, args.points, args.limit)
+        write_csv(frame, args.csv)
+        write_csv(clicks, args.csv.with_name(f"{args.csv.stem}-clicks.csv"))
+    else:  # --no-zero-shot without --lora: tables and figure of the --include CSVs only
+        frame, clicks = pd.DataFrame(), pd.DataFrame()
     frame = pd.concat([*(pd.read_csv(path) for path in args.include), frame], ignore_index=True)
     earlier = [path.with_name(f"{path.stem}-clicks.csv") for path in args.include]
     clicks = pd.concat([*(pd.read_csv(path) for path in earlier if path.is_file()), clicks], ignore_index=True)
@@ -189,7 +193,7 @@ def main() -> None:
         + ["--no-zero-shot"] * args.no_zero_shot + [f"--include {path}" for path in args.include]
         + [f"--points {' '.join(map(str, args.points))}"]
         + [f"--compare '{item}'" for item in args.compare] + [f"--limit {args.limit}"] * (args.limit is not None)
-        + [f"--csv {args.csv}"] + [f"--figure {args.figure}"] * (args.figure is not None)
+        + [f"--csv {args.csv}"] * bool(models) + [f"--figure {args.figure}"] * (args.figure is not None)
         + [f"--docs {args.docs}"] * (args.docs is not None))
     link = None
     if figure_path is not None:
