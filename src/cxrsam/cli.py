@@ -37,7 +37,13 @@ BoxOpt = Annotated[str | None, typer.Option("--box", help="One box x0,y0,x1,y1 (
 PromptOpt = Annotated[str, typer.Option("--prompt", help="Prompts from drafts: box | points | box+points")]
 BoxModeOpt = Annotated[str, typer.Option("--box-mode", help="per_lung (masks merged) | enclosing")]
 PointsOpt = Annotated[int, typer.Option("--points-per-lung", help="Positive points per lung")]
-StrategyOpt = Annotated[str, typer.Option(help="Point placement: distance | kmeans | random")]
+StrategyOpt = Annotated[str, typer.Option(
+    help="Point placement: distance | kmeans | random (per lung) | probability (--points per image, drawn with the "
+         "draft's foreground probability: the paper's protocol)")]
+PointsTotalOpt = Annotated[int | None, typer.Option(
+    "--points", min=1, help="Positive points per image of --strategy probability (the paper swept 15..105)")]
+RandomNegativesOpt = Annotated[int, typer.Option(
+    "--random-negatives", min=0, help="Negative points drawn from the draft's low-probability region near the lungs")]
 NegativesOpt = Annotated[list[str] | None, typer.Option(
     "--negative", help="Negative points: mediastinum and/or outside (repeat the option)")]
 MarginOpt = Annotated[float, typer.Option(help="Pixels added to each box side")]
@@ -275,8 +281,22 @@ def eval_cnn_command(
     out.print(f"per-image results: {escape(str(path))}")
 
 
+def _weights(text: str | None) -> dict[str, float] | None:
+    """``name=w,name=w`` as a dict (None when not given); a malformed item raises :class:`CxrsamError`."""
+    if text is None:
+        return None
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise CxrsamError(f"--select wants name=weight items separated by commas, got {item!r}") from None
+    return weights
+
+
 def _prompt_spec(prompt: str, box_mode: str, points_per_lung: int, strategy: str, negatives: list[str] | None,
-                 margin: float, multimask: bool, seed: int):
+                 margin: float, multimask: bool, seed: int, points: int | None = None, random_negatives: int = 0):
     """The validated :class:`~cxrsam.prompts.PromptSpec` of the prompt options (one line per bad value)."""
     from pydantic import ValidationError
 
@@ -285,7 +305,8 @@ def _prompt_spec(prompt: str, box_mode: str, points_per_lung: int, strategy: str
 
     try:
         return PromptSpec(mode=prompt, box_mode=box_mode, points_per_lung=points_per_lung, strategy=strategy,
-                          negatives=tuple(negatives or ()), margin=margin, multimask=multimask, seed=seed)
+                          points=points, negatives=tuple(negatives or ()), random_negatives=random_negatives,
+                          margin=margin, multimask=multimask, seed=seed)
     except ValidationError as exc:
         raise settings_error(exc) from None
 
@@ -381,7 +402,9 @@ def predict_command(
     box_mode: BoxModeOpt = "per_lung",
     points_per_lung: PointsOpt = 3,
     strategy: StrategyOpt = "distance",
+    points: PointsTotalOpt = None,
     negatives: NegativesOpt = None,
+    random_negatives: RandomNegativesOpt = 0,
     margin: MarginOpt = 0.0,
     multimask: MultimaskOpt = False,
     seed: SeedOpt = 0,
@@ -406,7 +429,8 @@ def predict_command(
     if ctx.info_name == "zero-shot" and (run is not None or lora_scale is not None):
         raise CxrsamError(f"zero-shot uses pretrained SAM: drop {'--run' if run is not None else '--lora-scale'}, "
                           "or use `cxrsam predict --run`")
-    spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed)
+    spec = _prompt_spec(prompt, box_mode, points_per_lung, strategy, negatives, margin, multimask, seed, points,
+                        random_negatives)
     _segment_command([*images, *(more_images or [])], out_dir, run, drafts_from, drafts, box, spec, backend, checkpoint,
                      output_format, device, cache_dir, batch_size, runtime, uncertainty_samples, precision, overwrite,
                      lora_scale)
@@ -418,6 +442,8 @@ def app_command(
     drafts_from: Annotated[Path | None, typer.Option(
         "--drafts-from", help="CNN run folder: automatic mask on upload (without it, drag a box first)")] = None,
     prompt: PromptOpt = "box",
+    strategy: StrategyOpt = "distance",
+    points: PointsTotalOpt = None,
     backend: BackendOpt = "litemedsam",
     checkpoint: Annotated[Path | None, typer.Option(help="SAM checkpoint (see predict --help)")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; other hosts expose the app)")] = "127.0.0.1",
@@ -440,9 +466,9 @@ def app_command(
 
     allowed = served_hosts(host, port, allow_host or [])
     segmenter = build_segmenter(run=run, drafts_from=drafts_from, backend=backend, checkpoint=checkpoint,
-                                spec=_prompt_spec(prompt, "per_lung", 3, "distance", None, 0.0, False, 0), device=device,
-                                runtime=runtime, uncertainty_samples=uncertainty_samples, precision=precision,
-                                lora_scale=lora_scale)
+                                spec=_prompt_spec(prompt, "per_lung", 3, strategy, None, 0.0, False, 0, points),
+                                device=device, runtime=runtime, uncertainty_samples=uncertainty_samples,
+                                precision=precision, lora_scale=lora_scale)
     _print_precision_cost(segmenter)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] binding to {escape(host)} exposes the app to other machines")
@@ -503,12 +529,19 @@ def finetune_command(
     targets: Annotated[list[str] | None, typer.Option(
         "--target", help="Layers with adapters: qkv, proj, mlp, decoder_attn (repeat) [default: qkv]")] = None,
     freeze_decoder: Annotated[bool, typer.Option("--freeze-decoder", help="Train the adapters only (mask decoder frozen)")] = False,
-    train_prompt: Annotated[str | None, typer.Option(help="Training prompts: box | points | box+points | mixed [default: mixed]")] = None,
+    train_prompt_encoder: Annotated[bool, typer.Option(
+        "--train-prompt-encoder", help="Train the prompt encoder's point and box embeddings too")] = False,
+    train_prompt: Annotated[str | None, typer.Option(help="Training prompts: box | points | box+points | mixed (kind, point count "
+                                                          "and negatives drawn per example from train_mix) [default: mixed]")] = None,
     box_jitter: Annotated[float | None, typer.Option(help="Box noise std, fraction of the box side [default: 0.05]")] = None,
     points_per_lung: Annotated[int | None, typer.Option(help="Points per lung [default: 3]")] = None,
     val_prompt: Annotated[str | None, typer.Option(help="Validation prompts: box | points | box+points [default: box]")] = None,
     val_drafts: Annotated[Path | None, typer.Option(
         help="Validation drafts: mask folder or CNN run folder [default: ground truth (oracle)]")] = None,
+    val_points: Annotated[int | None, typer.Option(
+        min=1, help="Also validate with N probability-weighted points per image (kind 'points', val_dice_points)")] = None,
+    select: Annotated[str | None, typer.Option(
+        help="Keep the checkpoint best on this weighted mean of validation kinds, e.g. main=1,points=1 [default: main=1]")] = None,
     iou_loss_weight: Annotated[float | None, typer.Option(help="Weight of the IoU-head MSE loss [default: 0]")] = None,
     augment: Annotated[bool | None, typer.Option(
         "--augment/--no-augment", help="Random rotation, scale, shift, brightness and gamma of training images [default: on]")] = None,
@@ -542,8 +575,9 @@ def finetune_command(
     given = {k: v for k, v in dict(
         data=data, layout=layout, classes=classes, split=_split_ratios(split), split_seed=split_seed, backend=backend,
         checkpoint=checkpoint, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
-        train_decoder=False if freeze_decoder else None, train_prompt=train_prompt, box_jitter=box_jitter,
-        points_per_lung=points_per_lung, val_prompt=val_prompt, val_drafts=val_drafts, iou_loss_weight=iou_loss_weight,
+        train_decoder=False if freeze_decoder else None, train_prompt_encoder=True if train_prompt_encoder else None,
+        train_prompt=train_prompt, box_jitter=box_jitter, points_per_lung=points_per_lung, val_prompt=val_prompt,
+        val_drafts=val_drafts, val_points=val_points, select_weights=_weights(select), iou_loss_weight=iou_loss_weight,
         augment=augment, gradient_checkpointing=gradient_checkpointing, max_train_cases=max_train_cases, max_val_cases=max_val_cases,
         epochs=epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch, validate_start=validate_start,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,

@@ -36,6 +36,9 @@ class MaskDrafts:
         assert xray.size == self.mask.shape, "the tests upload the image these drafts belong to"
         return self.mask.copy()
 
+    def probability(self, xray) -> np.ndarray:
+        return self(xray).astype(np.float32)  # a plain mask draft is its own probability
+
     def describe(self) -> dict:
         return {"kind": self.kind, "test": "reference mask"}
 

@@ -17,8 +17,8 @@ MINI = {
     "name": "mini",
     "data": {"split": [0.5, 0.2, 0.3], "max_test_cases": 2, "synthetic": {"n": 12, "size": 64, "seed": 3}},
     "cnn": {"archs": ["unet", "deeplabv3plus"], "train": {"size": 64, "epochs": 1, "batch_size": 4}},
-    "zero_shot": {"prompts": ["points", "box"], "draft_sources": ["unet", "oracle"]},
-    "lora": {"prompts": ["box"], "draft_sources": ["unet"], "val_draft_source": "oracle",
+    "zero_shot": {"prompts": ["points", "box"], "draft_sources": ["unet", "oracle"], "sweep_points": [2, 4]},
+    "lora": {"prompts": ["box"], "draft_sources": ["unet"], "val_draft_source": "oracle", "sweep_points": [4],
              "train": {"rank": 2, "max_steps": 1, "epochs": 1, "batch_size": 1, "max_train_cases": 2,
                        "max_val_cases": 1}},
 }
@@ -39,13 +39,15 @@ def test_table_rows_and_report(mini_run):
     assert list(first.table["method"]) == [
         "U-Net", "DeepLabv3+",
         "Zero-shot SAM, points (U-Net drafts)", "Zero-shot SAM, box (U-Net drafts)",
+        "Zero-shot SAM, 2 points (U-Net drafts)", "Zero-shot SAM, 4 points (U-Net drafts)",
         "Zero-shot SAM, points (ground-truth drafts)", "Zero-shot SAM, box (ground-truth drafts)",
-        "LoRA-SAM, box (U-Net drafts)",
+        "Zero-shot SAM, 2 points (ground-truth drafts)", "Zero-shot SAM, 4 points (ground-truth drafts)",
+        "LoRA-SAM, box (U-Net drafts)", "LoRA-SAM, 4 points (U-Net drafts)",
     ]
     assert first.reference == "LoRA-SAM, box (U-Net drafts)"
     assert (first.table["n"] == 2).all()
     per_image = pd.read_csv(first.out_dir / "evaluation" / "per_image.csv")
-    assert len(per_image) == 7 * 2 and per_image["dice"].between(0, 1).all()
+    assert len(per_image) == 12 * 2 and per_image["dice"].between(0, 1).all()
     # Oracle boxes on phantoms: pretrained LiteMedSAM segments the dark lung fields well.
     oracle = per_image[per_image["method"] == "Zero-shot SAM, box (ground-truth drafts)"]
     assert oracle["dice"].mean() > 0.7
@@ -53,6 +55,10 @@ def test_table_rows_and_report(mini_run):
     assert "LoRA-SAM, box (U-Net drafts)" in html and html.count("data:image/png;base64,") >= 3
     md = first.report_md.read_text()
     assert "figures/dice_boxplot.png" in md and "figures/overlays.png" in md and "figures/lung_area.png" in md
+    assert "figures/point_sweep.png" in md  # the sweep's Dice-vs-N curve (issue 18)
+    assert len(list((first.out_dir / "stages" / "drafts-unet" / "masks").glob("*_prob.png"))) == 2
+    sweep_json = next((first.out_dir / "stages" / "zs-4points-unet" / "masks").glob("*.json"))
+    assert json.loads(sweep_json.read_text())["prompt_spec"]["points"] == 4
     assert "Quality flags (test images sent to review / images" in md  # SAM stages' JSONs carry the flags
     assert (first.out_dir / "manifest.csv").exists() and (first.out_dir / "config.yaml").exists()
     lora_dir = first.out_dir / "stages" / "lora"

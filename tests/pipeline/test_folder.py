@@ -83,7 +83,7 @@ def test_predict_output_feeds_zero_shot_drafts_and_finetune_validation(cli, tiny
 
     cases = [Case(p.stem, p, [drafts / p.name], ["both"], "folder") for p in list_images(images)]
     config = make_config(data=tmp_path, backend="tiny_sam", checkpoint=tiny_backend, val_drafts=tmp_path / "round1")
-    prompts = _val_prompts(config, cases, tiny_spec().transform)
+    prompts = _val_prompts(config, cases, tiny_spec().transform)["main"]  # by validation kind (issue 18)
     assert len(prompts) == len(cases) and all(p.image_size == (64, 64) for p in prompts)
 
 

@@ -238,3 +238,29 @@ def test_lora_scale_needs_a_run_and_is_recorded_in_each_result(lora_run, phantom
     assert res.returncode == 0, res.stderr
     sam = json.loads((tmp_path / "d" / f"{image.stem}.json").read_text())["models"]["sam"]
     assert sam["lora_scale"] == 0.5 and sam["model_id"].endswith("@0.5")
+
+
+def test_predict_with_probability_points_from_the_cnn(cnn_run, phantoms, cli, tmp_path):
+    """``--strategy probability --points N``: N positives per image, drawn where the CNN's probability is > 0."""
+    from cxrsam.baselines.drafts import CnnDrafts
+
+    image = sorted((phantoms / "images").iterdir())[0]
+    res = cli("predict", "--images", image, "--drafts-from", cnn_run, "--prompt", "points", "--strategy",
+              "probability", "--points", "12", "--random-negatives", "2", "--out", tmp_path / "out")
+    source = CnnDrafts(cnn_run, device="cpu")
+    xray = read_image(image)
+    draft, probability = source(xray), source.probability(xray)
+    if not draft.any():
+        assert res.returncode == 1 and "no lung found" in res.stderr
+        return
+    assert res.returncode == 0, res.stderr
+    record = json.loads((tmp_path / "out" / f"{image.stem}.json").read_text())
+    assert record["prompt_spec"]["strategy"] == "probability" and record["prompt_spec"]["points"] == 12
+    points = [(p, label) for s in record["prompts"] for p, label in zip(s["points"], s["labels"])]
+    positives = [p for p, label in points if label == 1]
+    assert len(positives) == 12
+    assert all(probability[int(y), int(x)] > 0 for x, y in positives)
+    assert all(probability[int(y), int(x)] < 0.5 for (x, y), label in points if label == 0)
+    res = cli("predict", "--images", image, "--drafts-from", cnn_run, "--prompt", "points", "--points", "12",
+              "--out", tmp_path / "bad")
+    assert res.returncode != 0 and "probability strategy" in res.stderr and "Traceback" not in res.stderr

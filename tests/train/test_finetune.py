@@ -31,12 +31,12 @@ def tiny_config(data, checkpoint, **overrides) -> ft.FinetuneConfig:
     return ft.make_config(**{**options, **overrides})
 
 
-def prompted_data(phantoms, seed: int = 0) -> ft.PromptedDataset:
+def prompted_data(phantoms, seed: int = 0, prompt: str = "mixed") -> ft.PromptedDataset:
     from cxrsam.data.layouts import discover
     from cxrsam.sam.testing import tiny_spec
 
     cases = discover(phantoms).cases[:4]
-    return ft.PromptedDataset(cases, tiny_spec().transform, "mixed", jitter=0.05, augment=True, seed=seed)
+    return ft.PromptedDataset(cases, tiny_spec().transform, prompt, jitter=0.05, augment=True, seed=seed)
 
 
 def test_training_steps_change_adapters_and_decoder_but_never_the_frozen_base(phantoms, tiny_ckpt):
@@ -200,8 +200,9 @@ def test_cli_finetune_export_and_errors(phantoms, tiny_ckpt, tmp_path, folder_di
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_recomputes_the_blocks(phantoms, tiny_ckpt):
     """With LoRA in the encoder blocks (frozen base, no gradient on the input: where reentrant checkpointing would
     give the adapters no gradient), checkpointing keeps loss and gradients, keeps fewer tensors for the backward pass
-    and runs every block's attention again in the backward pass."""
-    batch = ft.collate_prompted([prompted_data(phantoms)[i] for i in range(2)])
+    and runs every block's attention again in the backward pass. Box prompts, so that the decoder's saved tensors
+    (which checkpointing leaves alone) stay small beside the encoder's."""
+    batch = ft.collate_prompted([prompted_data(phantoms, prompt="box")[i] for i in range(2)])
 
     def step(checkpointing: bool) -> tuple[float, dict[str, torch.Tensor], int, int]:
         """Loss, LoRA gradients, bytes kept for the backward pass, attention calls of one training step."""
@@ -335,3 +336,44 @@ def test_consistency_term_is_zero_for_the_base_and_pulls_adapters_back(phantoms,
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
     step = ft.finetune_step(consistency_weight=2.0)(trainee, batch)
     assert step.item() > ft.segmentation_loss(trainee(images, prompts), batch[4]).item()
+
+
+def test_mixed_prompt_run_validates_each_kind_and_keeps_the_declared_combination(phantoms, tiny_ckpt, tmp_path):
+    """Issue 18: per-kind validation columns, val_dice = the select_weights mean, the prompt encoder opened."""
+    config = tiny_config(phantoms, tiny_ckpt, epochs=1, max_train_cases=3, max_val_cases=2, train_prompt_encoder=True,
+                         train_mix={"weights": {"points": 1.0, "box+points": 1.0}, "max_points": 12},
+                         val_points=9, select_weights={"main": 1.0, "points": 3.0})
+    assert config.val_kinds()["points"].strategy == "probability" and config.val_kinds()["points"].points == 9
+    run = ft.finetune(config, tmp_path / "run")
+    import pandas as pd
+
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert {"val_dice_main", "val_dice_points"} <= set(metrics.columns)
+    expected = (metrics.val_dice_main + 3 * metrics.val_dice_points) / 4
+    assert np.allclose(metrics.val_dice, expected, atol=1e-5)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "adapter.safetensors"))
+    assert any(k.startswith("prompt_encoder.point_embeddings") for k in saved)
+    assert not any(k.startswith("prompt_encoder.mask_downscaling") for k in saved)
+    assert lora.read_adapter_info(run).lora.train_prompt_encoder
+    with pytest.raises(CxrsamError, match="unknown validation kinds"):
+        tiny_config(phantoms, tiny_ckpt, select_weights={"points": 1.0})
+    with pytest.raises(CxrsamError, match="positive sum"):
+        tiny_config(phantoms, tiny_ckpt, select_weights={"main": 0.0})
+
+
+def test_sets_with_different_point_counts_decode_in_their_own_order(phantoms, tiny_ckpt):
+    from cxrsam.prompts import Prompts, PromptSet
+
+    loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
+    trainee = ft.SamTrainee(loaded).eval()
+    image = prompted_data(phantoms)[0][0][None]
+    a = PromptSet(points=np.array([[10, 20], [12, 30], [14, 28]], np.float32), labels=np.array([1, 1, 0]))
+    b = PromptSet(points=np.array([[40, 20]], np.float32), labels=np.array([1]))
+    size = (TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        both = trainee(image, [Prompts([a, b], size, "points", 2)])[0][0]
+        alone = [trainee(image, [Prompts([s], size, "points", 1)])[0][0][0] for s in (a, b)]
+    assert both.shape[0] == 2
+    assert torch.allclose(both[0], alone[0], atol=1e-5) and torch.allclose(both[1], alone[1], atol=1e-5)

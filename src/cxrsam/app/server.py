@@ -129,11 +129,13 @@ class Prompt(BaseModel):
 
 @dataclass
 class Upload:
-    """One uploaded image: its pixels, shown name, CNN draft and latest segmentation."""
+    """One uploaded image: its pixels, shown name, CNN draft (and its probability map when the prompts draw
+    points with it) and latest segmentation."""
 
     xray: XRay
     name: str
     draft: np.ndarray | None
+    probability: np.ndarray | None = None
     segmentation: Segmentation | None = None
 
 
@@ -359,7 +361,7 @@ def create_app(segmenter: Segmenter, max_upload_mb: float = 64.0, max_sessions: 
             with lock:
                 upload.segmentation = segmenter.segment(
                     upload.xray, box=prompt.box, points=prompt.points or None,
-                    labels=prompt.labels or None, draft=upload.draft)
+                    labels=prompt.labels or None, draft=upload.draft, probability=upload.probability)
         except CxrsamError as exc:
             upload.segmentation = None
             return f"{exc.problem}; drag a box around the lungs"
@@ -375,8 +377,10 @@ def create_app(segmenter: Segmenter, max_upload_mb: float = 64.0, max_sessions: 
             except CxrsamError as exc:
                 raise HTTPException(400, f"{name}: {exc.problem}") from None
             draft = segmenter.draft(xray)
+            probability = segmenter.probability(xray)
             segmenter.engine.embed([xray])
-        upload = Upload(xray=xray, name=name, draft=draft if draft is not None and draft.any() else None)
+        upload = Upload(xray=xray, name=name, draft=draft if draft is not None and draft.any() else None,
+                        probability=probability)
         message = segment(upload, None)
         image_id = uuid.uuid4().hex
         with lock:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from cxrsam.baselines.predict import load_cnn_run
-from cxrsam.data.io import XRay, index_masks, read_draft
+from cxrsam.data.io import XRay, index_masks, probability_file, read_draft, read_probability
 from cxrsam.errors import CxrsamError
 from cxrsam.files import sha256_file
 from cxrsam.runs import ADAPTER_JSON, BEST, CHECKSUMS_JSON, CONFIG_YAML
@@ -24,6 +24,10 @@ class DraftSource(Protocol):
     kind: str
 
     def __call__(self, xray: XRay) -> np.ndarray: ...
+
+    def probability(self, xray: XRay) -> np.ndarray:
+        """The draft's foreground probability float32 (H, W) in [0, 1] at the image's size (point weights)."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -48,6 +52,14 @@ class MaskFolderDrafts:
             raise CxrsamError(f"no draft mask for this image in {self.folder}", path=xray.path)
         return read_draft(path, xray.size)
 
+    def probability(self, xray: XRay) -> np.ndarray:
+        """The stored probability map beside the draft (``<stem>_prob.png``,
+        :func:`cxrsam.data.io.probability_file`), else the draft mask itself as 0/1."""
+        path = self.files.get(xray.path.stem)
+        if path is not None and probability_file(path).is_file():
+            return read_probability(probability_file(path), xray.size)
+        return self(xray).astype(np.float32)
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "folder": str(self.folder.resolve())}
 
@@ -61,8 +73,17 @@ class CnnDrafts:
         self.run_dir = Path(run_dir)
         self.predictor = load_cnn_run(self.run_dir, device=device, postprocess=postprocess)
 
+        self._last: tuple[np.ndarray, np.ndarray] | None = None
+
+    def probability(self, xray: XRay) -> np.ndarray:
+        """The CNN's lung probability map float32 (H, W) (kept for the last pixel array, so the mask and the map
+        of one image cost one pass)."""
+        if self._last is None or self._last[0] is not xray.pixels:
+            self._last = (xray.pixels, self.predictor.probabilities([xray.pixels])[0])
+        return self._last[1]
+
     def __call__(self, xray: XRay) -> np.ndarray:
-        return np.asarray(self.predictor.predict(xray.pixels)) > 0
+        return np.asarray(self.predictor.mask_of(self.probability(xray))) > 0
 
     def describe(self) -> dict[str, Any]:
         config = self.predictor.config

@@ -58,10 +58,13 @@ class CnnPredictor:
         """Masks bool (H_i, W_i) for images float32 (H_i, W_i) in [0, 1] (sizes may differ)."""
         masks: list[np.ndarray] = []
         for start in range(0, len(images), batch_size):
-            for prob in self.probabilities(images[start:start + batch_size]):
-                mask = prob >= self.threshold
-                masks.append(clean_mask(mask) if self.postprocess else mask)
+            masks += [self.mask_of(prob) for prob in self.probabilities(images[start:start + batch_size])]
         return masks
+
+    def mask_of(self, probability: np.ndarray) -> np.ndarray:
+        """The mask bool (H, W) of a probability map float32 (H, W): thresholded, then post-processed."""
+        mask = probability >= self.threshold
+        return clean_mask(mask) if self.postprocess else mask
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Mask bool (H, W) for one image float32 (H, W) in [0, 1]."""

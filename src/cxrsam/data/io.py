@@ -174,7 +174,44 @@ UNCERTAINTY_SUFFIX = "_uncertainty"
 """``<image stem>_uncertainty.png``: the prompt-disagreement map cxrsam writes beside each mask; never a mask."""
 SEG_SUFFIX = "_seg"
 """``<image stem>_seg.dcm``: the DICOM Segmentation cxrsam writes for a DICOM input; never read as a mask."""
-NOT_MASK_SUFFIXES = (OVERLAY_SUFFIX, UNCERTAINTY_SUFFIX, SEG_SUFFIX)
+PROBABILITY_SUFFIX = "_prob"
+"""``<image stem>_prob.png``: a CNN draft's foreground probability beside its mask (:func:`write_probability`,
+uint8 = round(255 p) at the draft's size); never read as a mask."""
+NOT_MASK_SUFFIXES = (OVERLAY_SUFFIX, UNCERTAINTY_SUFFIX, SEG_SUFFIX, PROBABILITY_SUFFIX)
+
+
+def probability_file(mask_path: str | Path) -> Path:
+    """The one name of the probability map that belongs to a draft mask file: ``<stem>_prob.png`` beside it."""
+    mask_path = Path(mask_path)
+    return mask_path.with_name(f"{mask_path.stem.removesuffix(MASK_SUFFIX)}{PROBABILITY_SUFFIX}.png")
+
+
+def write_probability(path: str | Path, probability: np.ndarray) -> Path:
+    """Write a foreground probability map float (H, W) in [0, 1] as an 8-bit PNG (round(255 p)), atomically."""
+    path = Path(path)
+    quantised = np.round(np.clip(np.asarray(probability, dtype=np.float32), 0, 1) * 255).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(quantised).save(tmp, format="PNG")
+    return path
+
+
+def read_probability(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """A probability map written by :func:`write_probability` as float32 (H, W) in [0, 1] at the image ``size``
+    (bilinear resize; another aspect ratio raises :class:`CxrsamError` naming the file)."""
+    import cv2
+
+    path = Path(path)
+    require_file(path, "probability map")
+    array = _open_pil(path)
+    if array.ndim != 2:
+        raise CxrsamError(f"probability map must be one grey channel, got shape {array.shape}", path=path)
+    if aspect_differs(array.shape, size):
+        raise CxrsamError(f"probability map is {array.shape[1]}x{array.shape[0]} but the image is "
+                          f"{size[1]}x{size[0]} (different aspect ratio)", path=path)
+    prob = array.astype(np.float32) / 255.0
+    if prob.shape != tuple(size):
+        prob = cv2.resize(prob, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
+    return np.clip(prob, 0.0, 1.0)
 
 
 def mask_file_name(stem: str, extension: str = ".png") -> str:

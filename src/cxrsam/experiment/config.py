@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from cxrsam.config import SplitFields, load_yaml
 from cxrsam.prompts import BoxMode, NegativeKind, PointStrategy, PromptMode, PromptSpec
@@ -62,15 +62,39 @@ class PromptSection(_Section):
     box_mode: BoxMode = BoxMode.PER_LUNG
     points_per_lung: int = Field(3, ge=1)
     strategy: PointStrategy = PointStrategy.DISTANCE
+    points: int | None = Field(None, ge=1, description="Points per image of the probability strategy")
     negatives: list[NegativeKind] = []
+    random_negatives: int = Field(0, ge=0, description="Negatives from the draft's low-probability region")
     margin: float = 0.0
     multimask: bool = False
+    sweep_points: list[PositiveInt] = Field(
+        [], description="Also score points-only prompts with N probability-weighted points per image for each N "
+                        "(the paper: 15, 30, ..., 105)")
+
+    @model_validator(mode="after")
+    def _check_spec(self) -> PromptSection:
+        for prompt in self.prompts:
+            self.spec(prompt, 0)  # one validated spec per prompt kind (e.g. probability needs points)
+        for n in self.sweep_points:
+            self.sweep_spec(n, 0)
+        return self
 
     def spec(self, prompt: PromptMode | str, seed: int) -> PromptSpec:
         """The prompt spec of this section for one prompt kind."""
         return PromptSpec(mode=prompt, box_mode=self.box_mode, points_per_lung=self.points_per_lung,
-                          strategy=self.strategy, negatives=tuple(self.negatives), margin=self.margin,
-                          multimask=self.multimask, seed=seed)
+                          strategy=self.strategy, points=self.points, negatives=tuple(self.negatives),
+                          random_negatives=self.random_negatives, margin=self.margin, multimask=self.multimask,
+                          seed=seed)
+
+    def sweep_spec(self, n: int, seed: int) -> PromptSpec:
+        """The spec of one sweep point: points only, ``n`` per image by the probability strategy."""
+        return PromptSpec.model_validate({**self.spec(PromptMode.POINTS, seed).model_dump(), "negatives": (),
+                                          "strategy": PointStrategy.PROBABILITY, "points": n})
+
+    @property
+    def uses_probability(self) -> bool:
+        """Whether any of this section's prompts draw points with the drafts' probability maps."""
+        return bool(self.sweep_points) or any(self.spec(p, 0).uses_weight for p in self.prompts)
 
 
 class LoraSection(PromptSection):

@@ -2,15 +2,17 @@
 
 Stages (each cached by :class:`~cxrsam.experiment.cache.StageCache` under ``<out>/stages/``)::
 
-    data -> split -> cnn-<arch> -> drafts-<source> -> embed -> zs-<prompt>-<source>
-                                 \\-> lora -> lora-embed -> lora-<prompt>-<source>
+    data -> split -> cnn-<arch> -> drafts-<source> -> embed -> zs-<prompt>-<source>, zs-points<N>-<source>
+                                 \\-> lora -> lora-embed -> lora-<prompt>-<source>, lora-points<N>-<source>
     -> evaluation (per_image.csv, table.csv, table.md) -> report (report.md, report.html)
 
 Timing rules of the comparison table: *inference (s/img)* of a SAM method is the draft CNN's time +
 the SAM encoder's time + the prompt decoding time per test image (zero-shot methods share one cached
 encoding per image, measured once in ``embed``; LoRA methods likewise share ``lora-embed``, made with
-their own weights). *Params trained* and *train time* include the draft CNN that a method depends on;
-train time is the sum of the epochs' wall times in ``metrics.csv`` (so it survives a resume).
+their own weights). A section's ``sweep_points`` adds one points-only method per N (N probability-weighted
+points per image, the paper's protocol; the CNN draft stages then keep each draft's probability map beside its
+mask) and the report draws their Dice against N. *Params trained* and *train time* include the draft CNN that a
+method depends on; train time is the sum of the epochs' wall times in ``metrics.csv`` (so it survives a resume).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import yaml
 
 from cxrsam.config import resolve_device
 from cxrsam.data.dataset import load_case
-from cxrsam.data.io import mask_file_name, read_image, read_mask, write_mask
+from cxrsam.data.io import mask_file_name, probability_file, read_image, read_mask, write_mask, write_probability
 from cxrsam.data.layouts import Case, discover, require_cases
 from cxrsam.data.split import read_manifest, split_cases, write_manifest
 from cxrsam.errors import CxrsamError
@@ -48,6 +50,7 @@ from cxrsam.report import (
     training_curves,
     write_report,
 )
+from cxrsam.report.figures import point_sweep_curve
 from cxrsam.report.tables import quality_note, table_markdown
 from cxrsam.runs import CONFIG_YAML, MANIFEST_CSV, RunFolder
 from cxrsam.sam.onnx_runtime import Runtime, resolve_runtime
@@ -87,6 +90,8 @@ class Experiment:
         self.methods: list[MethodInfo] = []
         self.pred_dirs: dict[str, Path] = {}
         self.curves: dict[str, Path] = {}
+        self.sweeps: dict[str, dict[int, str]] = {}
+        self.sweep_references: dict[str, str] = {}
         self._engine = None
 
     # ----------------------------------------------------------------------------------- data
@@ -149,8 +154,11 @@ class Experiment:
         return self.cache.run(f"cnn-{arch}", {"split": split_key, "config": config.model_dump(mode="json")}, train)
 
     def _drafts(self, source: str, test: list[Case], upstream: dict | None) -> dict:
-        """Draft masks of the test images from a CNN run, or the ground truth (``oracle``)."""
+        """Draft masks of the test images from a CNN run, or the ground truth (``oracle``); a CNN's probability
+        maps beside them (:func:`cxrsam.data.io.probability_file`) when a prompt section draws points with them."""
         names = [c.case_id for c in test]
+        cfg = self.config
+        maps = cfg.zero_shot.uses_probability or (cfg.lora.enabled and cfg.lora.uses_probability)
 
         def predict(stage_dir: Path) -> dict:
             from cxrsam.baselines.predict import load_cnn_run
@@ -158,9 +166,12 @@ class Experiment:
             predictor = load_cnn_run(upstream["run"], device=self.device)
             pixels = [read_image(c.image).pixels for c in test]
             with measure(self.device) as usage:
-                masks = predictor.predict_many(pixels)
-            for case, mask in zip(test, masks):
-                write_mask(stage_dir / "masks" / mask_file_name(case.image.stem), mask)
+                probabilities = [p for i in range(0, len(pixels), 8) for p in predictor.probabilities(pixels[i:i + 8])]
+                masks = [predictor.mask_of(p) for p in probabilities]
+            for case, mask, probability in zip(test, masks, probabilities):
+                path = write_mask(stage_dir / "masks" / mask_file_name(case.image.stem), mask)
+                if maps:
+                    write_probability(probability_file(path), probability)
             return {"dir": str(stage_dir / "masks"), "seconds_per_image": usage.seconds / len(test),
                     "peak_mb": usage.peak_mb, "params": _params(predictor.model)}
 
@@ -171,7 +182,8 @@ class Experiment:
 
         if source == "oracle":
             return self.cache.run("drafts-oracle", {"test": names}, oracle)
-        return self.cache.run(f"drafts-{source}", {"test": names, "cnn": upstream["key"]}, predict)
+        key = {"test": names, "cnn": upstream["key"], **({"probability_maps": True} if maps else {})}
+        return self.cache.run(f"drafts-{source}", key, predict)
 
     # ------------------------------------------------------------------------------------- SAM
     def engine(self):
@@ -206,8 +218,8 @@ class Experiment:
         return self.cache.run(name, {**key, "test": [c.case_id for c in test]}, embed)
 
     def _segment(self, name: str, key: dict, test: list[Case], prompt: str, drafts: dict, section: PromptSection,
-                 engine_factory) -> dict:
-        spec = section.spec(prompt, self.config.seed)
+                 engine_factory, sweep: int | None = None) -> dict:
+        spec = section.spec(prompt, self.config.seed) if sweep is None else section.sweep_spec(sweep, self.config.seed)
 
         def run(stage_dir: Path) -> dict:
             from cxrsam.baselines.drafts import MaskFolderDrafts
@@ -269,14 +281,20 @@ class Experiment:
                       seconds=drafts[arch]["seconds_per_image"], peak=drafts[arch]["peak_mb"])
             self.curves[name] = RunFolder(Path(cnn_runs[arch]["run"])).metrics_file
 
-        if cfg.zero_shot.prompts and cfg.zero_shot.draft_sources:
+        zs = cfg.zero_shot
+        if (zs.prompts or zs.sweep_points) and zs.draft_sources:
             embedded = self._embed(test)
-            for source in cfg.zero_shot.draft_sources:
-                for prompt in cfg.zero_shot.prompts:
-                    done = self._segment(f"zs-{prompt.replace('+', '-')}-{source}", {"embed": embedded["key"]}, test,
-                                         prompt, drafts[source], cfg.zero_shot, self.engine)
+            for source in zs.draft_sources:
+                runs = [(prompt, None) for prompt in zs.prompts] + [("points", n) for n in zs.sweep_points]
+                for prompt, sweep in runs:
+                    label = prompt if sweep is None else f"{sweep} points"
+                    done = self._segment(f"zs-{label.replace('+', '-').replace(' ', '')}-{source}",
+                                         {"embed": embedded["key"]}, test, prompt, drafts[source], zs, self.engine,
+                                         sweep)
                     cnn = cnn_runs.get(source, {})
-                    self._add(f"Zero-shot SAM, {prompt} ({SOURCE_NAMES[source]} drafts)", done["dir"],
+                    name = f"Zero-shot SAM, {label} ({SOURCE_NAMES[source]} drafts)"
+                    self._sweep_member(f"Zero-shot SAM ({SOURCE_NAMES[source]} drafts)", name, prompt, sweep)
+                    self._add(name, done["dir"],
                               params_total=embedded["params"] + drafts[source]["params"],
                               params_trainable=drafts[source]["params"], train_seconds=cnn.get("train_seconds", 0.0),
                               seconds=drafts[source]["seconds_per_image"] + embedded["seconds_per_image"]
@@ -292,12 +310,16 @@ class Experiment:
             scale_key = {} if cfg.lora.scale is None else {"scale": cfg.lora.scale}
             lora_embedded = self._embed(test, "lora-embed", {"lora": tuned["key"], **scale_key}, lora_engine)
             for source in cfg.lora.draft_sources:
-                for prompt in cfg.lora.prompts:
-                    done = self._segment(f"lora-{prompt.replace('+', '-')}-{source}", {"embed": lora_embedded["key"]},
-                                         test, prompt, drafts[source], cfg.lora, lora_engine)
+                runs = [(prompt, None) for prompt in cfg.lora.prompts] + [("points", n) for n in cfg.lora.sweep_points]
+                for prompt, sweep in runs:
+                    label = prompt if sweep is None else f"{sweep} points"
+                    done = self._segment(f"lora-{label.replace('+', '-').replace(' ', '')}-{source}",
+                                         {"embed": lora_embedded["key"]}, test, prompt, drafts[source], cfg.lora,
+                                         lora_engine, sweep)
                     cnn = cnn_runs.get(source, {})
                     trainable = tuned["trainable"]
-                    name = f"LoRA-SAM, {prompt} ({SOURCE_NAMES[source]} drafts)"
+                    name = f"LoRA-SAM, {label} ({SOURCE_NAMES[source]} drafts)"
+                    self._sweep_member(f"LoRA-SAM ({SOURCE_NAMES[source]} drafts)", name, prompt, sweep)
                     reference = reference or name
                     self._add(name, done["dir"], params_total=int(trainable.get("total", 0)) + drafts[source]["params"],
                               params_trainable=int(trainable.get("trainable", 0)) + drafts[source]["params"],
@@ -305,6 +327,13 @@ class Experiment:
                               seconds=drafts[source]["seconds_per_image"] + lora_embedded["seconds_per_image"]
                               + done["seconds_per_image"], peak=max(done["peak_mb"], lora_embedded["peak_mb"]))
         return self._evaluate_and_report(test, splits, split_done, reference)
+
+    def _sweep_member(self, curve: str, name: str, prompt: str, sweep: int | None) -> None:
+        """Note a method of a point-count curve (or the curve's box reference line)."""
+        if sweep is not None:
+            self.sweeps.setdefault(curve, {})[sweep] = name
+        elif prompt == "box":
+            self.sweep_references[curve] = name
 
     def _add(self, name: str, pred_dir: str | Path, params_total: int, params_trainable: int, train_seconds: float,
              seconds: float, peak: float) -> None:
@@ -349,6 +378,11 @@ class Experiment:
         for case in test:
             areas.setdefault(case.group, []).append(float(gts[case.image.stem].mean()))
         figures["Lung area per dataset (test ground truth)"] = lung_area_histogram(areas, fig_dir / "lung_area.png")
+        if self.sweeps:
+            figures["Dice against the number of points per image (probability-weighted, the paper's protocol; "
+                    "dashed: the same model with boxes)"] = point_sweep_curve(
+                per_image, self.sweeps, fig_dir / "point_sweep.png",
+                {k: v for k, v in self.sweep_references.items() if k in self.sweeps})
         curves = training_curves(self.curves, fig_dir / "training_curves.png")
         if curves:
             figures["Training curves"] = curves

@@ -160,18 +160,24 @@ class Segmenter:
         """The draft lung mask bool (H, W) for ``xray`` from the draft source, or None without one."""
         return None if self.drafter is None else self.drafter(xray)
 
+    def probability(self, xray: XRay) -> np.ndarray | None:
+        """The draft's foreground probability float32 (H, W) when the prompt spec draws points with it (the
+        ``probability`` strategy or random negatives) and there is a draft source; else None."""
+        return self.drafter.probability(xray) if self.drafter is not None and self.spec.uses_weight else None
+
     def segment(self, xray: XRay, box: Sequence[float] | np.ndarray | None = None,
                 points: Sequence[Sequence[float]] | np.ndarray | None = None,
                 labels: Sequence[int] | np.ndarray | None = None, draft: np.ndarray | None = None,
-                draft_source: str | None = None) -> Segmentation:
+                draft_source: str | None = None, probability: np.ndarray | None = None) -> Segmentation:
         """Segment the lungs of one X-ray.
 
         Prompt rules: a hand-given ``box`` (x0, y0, x1, y1 in original pixels; refused when outside the image)
         replaces draft prompts and forms one prompt set with the given ``points``; without a box the prompts come
         from ``draft`` (named ``draft_source`` in the record; or the draft source's draft when ``draft`` is None)
-        by :attr:`spec`, and ``points`` (x, y; ``labels`` 1 = lung, 0 = background, default 1) are added to the
-        lung they fall on; with neither a box nor a usable draft, the points alone form one prompt set. Without a
-        SAM model the draft is the mask.
+        by :attr:`spec` (points of the ``probability`` strategy weighted by ``probability``, the draft's foreground
+        probability float32 (H, W), or the draft source's; the draft mask itself when neither), and ``points``
+        (x, y; ``labels`` 1 = lung, 0 = background, default 1) are added to the lung they fall on; with neither a
+        box nor a usable draft, the points alone form one prompt set. Without a SAM model the draft is the mask.
 
         Raises :class:`CxrsamError` naming the image when there is nothing to prompt SAM with.
         """
@@ -181,6 +187,7 @@ class Segmenter:
         source = draft_source or (self.drafter.kind if self.drafter is not None else "draft-file")
         if box is None and draft is None and self.drafter is not None:
             draft = self.draft(xray)
+            probability = self.probability(xray) if probability is None else probability
         if self.engine is None:  # the CNN baseline: its draft is the result
             if draft is None:
                 raise CxrsamError("no draft: a segmenter without SAM needs a draft source", path=xray.path)
@@ -200,7 +207,7 @@ class Segmenter:
             source = "box"
         else:
             spec = self.spec if draft is not None else None
-            prompts = None if draft is None else self.spec.prompts(draft, xray.path.stem)
+            prompts = None if draft is None else self.spec.prompts(draft, xray.path.stem, probability)
             warnings += [] if prompts is None else prompts.warnings
             if prompts is not None and not prompts.empty:
                 if clicks is not None:

@@ -19,11 +19,14 @@ class BoxMode(StrEnum):
 
 
 class PointStrategy(StrEnum):
-    """Where positive points go inside a lung (:func:`cxrsam.prompts.points.positive_points`)."""
+    """Where positive points go: inside a lung (:func:`cxrsam.prompts.points.positive_points`, ``points_per_lung``
+    each), or ``probability``: a total per image drawn at random with the draft's foreground probability as the
+    weight (:func:`cxrsam.prompts.points.probability_points`, the paper's protocol)."""
 
     DISTANCE = "distance"
     KMEANS = "kmeans"
     RANDOM = "random"
+    PROBABILITY = "probability"
 
 
 class NegativeKind(StrEnum):
@@ -31,3 +34,13 @@ class NegativeKind(StrEnum):
 
     MEDIASTINUM = "mediastinum"
     OUTSIDE = "outside"
+
+
+class TrainPrompt(StrEnum):
+    """Prompts of a fine-tuning example: one kind for all, or ``mixed``: the kind drawn per example from a
+    :class:`~cxrsam.prompts.spec.PromptMixture`."""
+
+    BOX = "box"
+    POINTS = "points"
+    BOX_POINTS = "box+points"
+    MIXED = "mixed"

@@ -14,7 +14,8 @@ from scipy.cluster.vq import kmeans2
 
 from cxrsam.prompts.modes import NegativeKind, PointStrategy
 
-STRATEGIES = tuple(s.value for s in PointStrategy)
+STRATEGIES = tuple(s.value for s in PointStrategy if s != PointStrategy.PROBABILITY)
+"""Strategies that place a number of points inside each lung (:func:`positive_points`)."""
 NEGATIVE_KINDS = tuple(k.value for k in NegativeKind)
 CORE_FRACTION = 0.5
 """``distance`` strategy: candidates lie at least this fraction of the deepest point's depth inside."""
@@ -61,7 +62,7 @@ def positive_points(component: np.ndarray, n: int, strategy: str = "distance",
     pixel of ``component``.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown point strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown per-lung point strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if n < 1:
         raise ValueError(f"points per lung must be >= 1, got {n}")
     xy = _pixels_xy(component)
@@ -131,3 +132,89 @@ def negative_points(components: Sequence[np.ndarray], kinds: Sequence[str]) -> t
         else:
             kept.append((float(col), float(row)))
     return np.array(kept, dtype=np.float32).reshape(-1, 2), warnings
+
+
+NEGATIVE_BAND = 0.1
+"""Random negatives lie within this fraction of the image's longer side from the draft's lungs."""
+
+
+def _nearest_group(groups: Sequence[np.ndarray]) -> np.ndarray:
+    """Index int (H, W) of the group (a bool mask (H, W)) nearest to each pixel (its own on group pixels)."""
+    labels = np.zeros(groups[0].shape, np.int32)
+    for i, group in enumerate(groups):
+        labels[group & (labels == 0)] = i + 1
+    if len(groups) == 1:
+        return np.zeros(labels.shape, np.int64)
+    _, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    return labels[rows, cols].astype(np.int64) - 1
+
+
+def _weighted_pick(weight: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` distinct pixels (k, 2) float32 xy drawn without replacement with probability proportional to
+    ``weight`` (H, W) >= 0; all pixels of positive weight when there are at most ``n``."""
+    flat = weight.ravel().astype(np.float64)
+    candidates = np.flatnonzero(flat > 0)
+    if len(candidates) > n:
+        candidates = np.sort(rng.choice(candidates, size=n, replace=False, p=flat[candidates] / flat[candidates].sum()))
+    rows, cols = np.unravel_index(candidates, weight.shape)
+    return np.stack([cols, rows], axis=1).astype(np.float32)
+
+
+def _split_count(n: int, masses: np.ndarray) -> list[int]:
+    """``n`` split over groups in proportion to ``masses`` (largest remainder), each group at least one when
+    ``n`` allows."""
+    k = len(masses)
+    floor = 1 if n >= k else 0
+    share = (n - floor * k) * masses / masses.sum() if masses.sum() > 0 else np.full(k, (n - floor * k) / k)
+    counts = np.floor(share).astype(int)
+    for i in np.argsort(-(share - counts), kind="stable")[:n - floor * k - counts.sum()]:
+        counts[i] += 1
+    return [int(c) + floor for c in counts]
+
+
+def probability_points(weight: np.ndarray, groups: Sequence[np.ndarray], n: int,
+                       rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` positive points per image drawn at random with the foreground probability as the weight, split
+    over the prompt sets' lung groups (the paper's protocol; a plain mask draft is its own weight).
+
+    Rules: every pixel belongs to the group (a bool mask (H, W): one lung, or all lungs for an enclosing set)
+    nearest to it. ``n`` is split over the groups in proportion to their probability mass (the sum of
+    ``weight`` over their pixels; largest remainder, at least one point each when ``n`` >= the number of groups);
+    each group's points are distinct pixels drawn without replacement with probability proportional to
+    ``weight``. Fewer pixels of positive weight than asked: all of them.
+
+    Args:
+        weight: foreground probability float (H, W) in [0, 1] (or a bool mask).
+        groups: one bool mask (H, W) per prompt set, non-empty.
+        n: total positive points of the image (>= 1).
+        rng: random generator.
+
+    Returns:
+        per group, points (k, 2) float32 xy.
+    """
+    if n < 1:
+        raise ValueError(f"points per image must be >= 1, got {n}")
+    weight = np.clip(np.asarray(weight, dtype=np.float64), 0.0, 1.0)
+    nearest = _nearest_group(groups)
+    regions = [np.where(nearest == i, weight, 0.0) for i in range(len(groups))]
+    counts = _split_count(n, np.array([r.sum() for r in regions]))
+    return [_weighted_pick(region, count, rng) if count else np.zeros((0, 2), np.float32)
+            for region, count in zip(regions, counts)]
+
+
+def low_probability_points(weight: np.ndarray, lungs: Sequence[np.ndarray], n: int,
+                           rng: np.random.Generator) -> np.ndarray:
+    """``n`` negative points (label 0) drawn at random from the low-probability region near the lungs.
+
+    Candidates: pixels with ``weight`` < 0.5 within :data:`NEGATIVE_BAND` x the image's longer side of a lung
+    of the draft; drawn without replacement with probability proportional to ``1 - weight``.
+
+    Returns:
+        points (k, 2) float32 xy, k = min(n, candidates).
+    """
+    weight = np.clip(np.asarray(weight, dtype=np.float64), 0.0, 1.0)
+    if n < 1 or not lungs:
+        return np.zeros((0, 2), np.float32)
+    band = NEGATIVE_BAND * max(weight.shape)
+    near = ndimage.distance_transform_edt(~np.logical_or.reduce(lungs)) <= band
+    return _weighted_pick(np.where(near & (weight < 0.5), 1.0 - weight, 0.0), n, rng)

@@ -15,7 +15,7 @@ import numpy as np
 from cxrsam.prompts.boxes import adjust_box, enclosing_box, mask_box
 from cxrsam.prompts.components import DEFAULT_MIN_AREA_FRAC, lung_components
 from cxrsam.prompts.modes import BoxMode, PromptMode
-from cxrsam.prompts.points import negative_points, positive_points
+from cxrsam.prompts.points import low_probability_points, negative_points, positive_points, probability_points
 
 MODES = tuple(m.value for m in PromptMode)
 BOX_MODES = tuple(m.value for m in BoxMode)
@@ -68,7 +68,8 @@ class Prompts:
 def prompts_from_mask(mask: np.ndarray, mode: str = "box", box_mode: str = "per_lung", points_per_lung: int = 3,
                       strategy: str = "distance", negatives: Sequence[str] = (), margin: float = 0.0,
                       jitter: float = 0.0, min_area_frac: float = DEFAULT_MIN_AREA_FRAC,
-                      seed: int | None = 0, rng: np.random.Generator | None = None) -> Prompts:
+                      seed: int | None = 0, rng: np.random.Generator | None = None, points: int | None = None,
+                      random_negatives: int = 0, weight: np.ndarray | None = None) -> Prompts:
     """Build SAM prompts from a draft lung mask.
 
     Rules:
@@ -83,7 +84,11 @@ def prompts_from_mask(mask: np.ndarray, mode: str = "box", box_mode: str = "per_
     3. ``points``: per lung, ``points_per_lung`` positive points chosen by ``strategy``
        (:func:`~cxrsam.prompts.points.positive_points`), then the ``negatives`` (label 0,
        :func:`~cxrsam.prompts.points.negative_points`) appended to every set. With
-       ``box_mode="enclosing"`` the single set holds the points of all lungs.
+       ``box_mode="enclosing"`` the single set holds the points of all lungs. ``strategy="probability"``:
+       ``points`` positives per image drawn with ``weight`` (the draft's foreground probability; the mask
+       when None) and split over the sets (:func:`~cxrsam.prompts.points.probability_points`).
+       ``random_negatives``: that many negatives drawn from the low-probability region near the lungs
+       (:func:`~cxrsam.prompts.points.low_probability_points`), appended to every set.
     4. ``box+points``: both, in the same set(s).
 
     Args:
@@ -99,13 +104,20 @@ def prompts_from_mask(mask: np.ndarray, mode: str = "box", box_mode: str = "per_
         seed: seed of the random generator used by ``kmeans``/``random``/``jitter``
             (ignored when ``rng`` is given). Same inputs and seed give the same prompts.
         rng: random generator to draw from instead of ``seed``.
+        points: positive points per image of the ``probability`` strategy (required by it, refused by others).
+        random_negatives: negatives drawn from the low-probability region (0 = none).
+        weight: foreground probability float (H, W) in [0, 1] of the draft (None: the mask itself).
     """
     if mode not in MODES:
         raise ValueError(f"unknown prompt mode {mode!r}; choose one of {', '.join(MODES)}")
     if box_mode not in BOX_MODES:
         raise ValueError(f"unknown box mode {box_mode!r}; choose one of {', '.join(BOX_MODES)}")
+    if (strategy == "probability") != (points is not None):
+        raise ValueError("the probability strategy takes points per image (points), the others points_per_lung")
     rng = rng if rng is not None else np.random.default_rng(seed)
     mask = np.asarray(mask) > 0
+    if weight is not None and np.shape(weight) != mask.shape:
+        raise ValueError(f"probability map {np.shape(weight)} and draft {mask.shape} differ in size")
     size = (int(mask.shape[0]), int(mask.shape[1]))
     lungs, found = lung_components(mask, min_area_frac)
     warnings: list[str] = []
@@ -123,14 +135,22 @@ def prompts_from_mask(mask: np.ndarray, mode: str = "box", box_mode: str = "per_
     if use_points and negatives:
         negs, neg_warnings = negative_points(lungs, negatives)
         warnings += neg_warnings
+    weight = mask if weight is None else weight
+    if use_points and random_negatives:
+        negs = np.concatenate([negs, low_probability_points(weight, lungs, random_negatives, rng)])
+    drawn = (probability_points(weight, [np.logical_or.reduce(g) for g in groups], points, rng)
+             if use_points and points is not None else None)
     sets = []
-    for group in groups:
+    for i, group in enumerate(groups):
         prompt = PromptSet()
         if use_box:
             box = enclosing_box([mask_box(lung) for lung in group])
             prompt.box = adjust_box(box, size, margin=margin, jitter=jitter, rng=rng)
         if use_points:
-            pos = np.concatenate([positive_points(lung, points_per_lung, strategy, rng) for lung in group])
+            pos = drawn[i] if drawn is not None else np.concatenate(
+                [positive_points(lung, points_per_lung, strategy, rng) for lung in group])
+            if not len(pos) and not use_box:  # fewer points than lungs: this lung got none
+                continue
             prompt.points = np.concatenate([pos, negs]).astype(np.float32)
             prompt.labels = np.concatenate([np.ones(len(pos), np.int64), np.zeros(len(negs), np.int64)])
         sets.append(prompt)

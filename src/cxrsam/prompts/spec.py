@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cxrsam.prompts.components import DEFAULT_MIN_AREA_FRAC
 from cxrsam.prompts.modes import BoxMode, NegativeKind, PointStrategy, PromptMode
@@ -29,19 +29,74 @@ class PromptSpec(BaseModel):
 
     mode: PromptMode = Field(PromptMode.BOX, description="box | points | box+points")
     box_mode: BoxMode = Field(BoxMode.PER_LUNG, description="per_lung (masks merged) | enclosing")
-    points_per_lung: int = Field(3, ge=1, description="Positive points per lung")
+    points_per_lung: int = Field(3, ge=1, description="Positive points per lung (distance, kmeans, random)")
     strategy: PointStrategy = Field(PointStrategy.DISTANCE, description="Point placement")
+    points: int | None = Field(None, ge=1, description="Positive points per image (probability strategy only)")
     negatives: tuple[NegativeKind, ...] = Field((), description="Kinds of negative (background) points")
+    random_negatives: int = Field(0, ge=0, description="Negatives drawn from the low-probability region")
     margin: float = Field(0.0, description="Pixels added to every box side")
     min_area_frac: float = Field(DEFAULT_MIN_AREA_FRAC, gt=0, lt=1,
                                  description="Smallest lung component, fraction of the image area")
     multimask: bool = Field(False, description="Keep the best of SAM's 3 candidates by predicted IoU")
     seed: int = Field(0, description="Seed of random point strategies (each image draws from it and its stem)")
 
-    def prompts(self, draft: np.ndarray, stem: str) -> Prompts:
-        """The prompt sets of one image's draft mask bool (H, W), in its original pixels (seeded by ``stem``)."""
+    @model_validator(mode="after")
+    def _check_points(self) -> PromptSpec:
+        if self.strategy == PointStrategy.PROBABILITY and self.points is None:
+            raise ValueError("the probability strategy needs points per image (--points N)")
+        if self.strategy != PointStrategy.PROBABILITY and self.points is not None:
+            raise ValueError("points per image (--points) go with the probability strategy; "
+                             "other strategies take points per lung")
+        return self
+
+    @property
+    def uses_weight(self) -> bool:
+        """Whether the prompts depend on the draft's foreground probability, not only on its mask."""
+        return self.mode != PromptMode.BOX and (self.strategy == PointStrategy.PROBABILITY
+                                               or self.random_negatives > 0)
+
+    def prompts(self, draft: np.ndarray, stem: str, weight: np.ndarray | None = None) -> Prompts:
+        """The prompt sets of one image's draft mask bool (H, W), in its original pixels (seeded by ``stem``);
+        ``weight``: the draft's foreground probability float32 (H, W) (None: the mask)."""
         return prompts_from_mask(draft, mode=self.mode.value, box_mode=self.box_mode.value,
                                  points_per_lung=self.points_per_lung, strategy=self.strategy.value,
                                  negatives=[n.value for n in self.negatives], margin=self.margin,
-                                 min_area_frac=self.min_area_frac,
+                                 min_area_frac=self.min_area_frac, points=self.points,
+                                 random_negatives=self.random_negatives, weight=weight,
                                  rng=np.random.default_rng(image_seed(self.seed, stem)))
+
+
+class PromptMixture(BaseModel):
+    """The prompt of each fine-tuning example drawn from a mixture (``train_prompt="mixed"``), as interactive
+    SAM training does (SAM-Med2D, MedSAM2, micro-sam): a kind by ``weights``; points (positives per image
+    uniform in [``min_points``, ``max_points``], drawn by the probability rule with the truth mask as the
+    weight) plus negatives uniform in [0, ``max_negatives``] from the background near the lungs; boxes jittered.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: dict[PromptMode, float] = Field(
+        default_factory=lambda: {PromptMode.BOX: 1.0, PromptMode.POINTS: 1.0, PromptMode.BOX_POINTS: 1.0},
+        description="Relative frequency of each prompt kind")
+    min_points: int = Field(2, ge=2, description="Fewest positive points per image (one per lung at least, so "
+                                                 "every lung keeps its prompt set and target)")
+    max_points: int = Field(105, ge=1, description="Most positive points per image")
+    max_negatives: int = Field(10, ge=0, description="Most negative points per image")
+
+    @model_validator(mode="after")
+    def _check(self) -> PromptMixture:
+        if self.max_points < self.min_points:
+            raise ValueError(f"max_points {self.max_points} < min_points {self.min_points}")
+        if not self.weights or min(self.weights.values()) < 0 or sum(self.weights.values()) <= 0:
+            raise ValueError("mixture weights must be >= 0 with a positive sum")
+        return self
+
+    def draw(self, truth: np.ndarray, rng: np.random.Generator, jitter: float = 0.0) -> Prompts:
+        """One example's prompts (one set per lung) from its truth mask bool (H, W), drawn from ``rng``."""
+        kinds = list(self.weights)
+        p = np.array([self.weights[k] for k in kinds], dtype=np.float64)
+        mode = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
+        points = int(rng.integers(self.min_points, self.max_points + 1))
+        negatives = int(rng.integers(0, self.max_negatives + 1))
+        return prompts_from_mask(truth, mode=mode.value, strategy=PointStrategy.PROBABILITY.value, points=points,
+                                 random_negatives=negatives, jitter=jitter, rng=rng)

@@ -102,3 +102,35 @@ def lung_area_histogram(fractions: dict[str, Sequence[float]], path: str | Path,
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, Path(path))
+
+
+def point_sweep_curve(per_image: pd.DataFrame, curves: dict[str, dict[int, str]], path: str | Path,
+                      references: dict[str, str] | None = None) -> Path:
+    """Mean Dice (with its 95 % bootstrap CI) against the number of points per image, one line per curve.
+
+    Args:
+        per_image: rows ``method, dice``.
+        curves: curve label -> {points per image N: method name}.
+        path: PNG to write.
+        references: curve label -> a method drawn as a dashed horizontal line in the curve's colour (e.g. the
+            same model with boxes).
+    """
+    from cxrsam.evaluation.stats import bootstrap_ci
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (label, methods) in enumerate(curves.items()):
+        n = sorted(methods)
+        values = [per_image.loc[per_image["method"] == methods[k], "dice"].to_numpy(dtype=float) for k in n]
+        mean = np.array([v.mean() for v in values])
+        ci = np.array([bootstrap_ci(v) for v in values]).reshape(-1, 2)
+        ax.errorbar(n, mean, yerr=[mean - ci[:, 0], ci[:, 1] - mean], marker="o", capsize=3, color=f"C{i}",
+                    label=f"{label}: points")
+        reference = (references or {}).get(label)
+        if reference is not None:
+            dice = per_image.loc[per_image["method"] == reference, "dice"].mean()
+            ax.axhline(dice, ls="--", lw=1, color=f"C{i}", label=f"{label}: box ({dice:.3f})")
+    ax.set_xlabel("positive points per image (drawn with the draft's probability)")
+    ax.set_ylabel("Dice (mean, 95 % CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, Path(path))

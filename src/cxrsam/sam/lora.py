@@ -3,14 +3,15 @@
 The adapters go into the image encoder's transformer attention (``qkv`` by default) of any backend
 of :mod:`cxrsam.sam.registry`; TinyViT's first stage (convolutional MBConv blocks) has no attention
 and is never touched. Everything else is frozen except what :class:`LoraSettings` opens: the mask
-decoder is trainable by default (as in SAMed), ``train_decoder=False`` is the strict variant.
+decoder is trainable by default (as in SAMed), ``train_decoder=False`` is the strict variant;
+``train_prompt_encoder=True`` opens the prompt encoder too (as the paper's LoRA model, for point prompts).
 
 A trained run directory holds only what was trained, never a copy of the frozen base:
 
 ``adapter.safetensors``
     LoRA weights in ``peft``'s format (``get_peft_model_state_dict``: adapter name removed, e.g.
     ``image_encoder.layers.1.blocks.0.attn.qkv.lora_A.weight``) plus the opened weights under their
-    plain names (``mask_decoder.*``).
+    plain names (``mask_decoder.*``, ``prompt_encoder.*``).
 ``adapter.json``
     backend name, base checkpoint path and SHA-256, the :class:`LoraSettings`, the trainable
     parameter summary and the ``lora_scale`` the run is served at (1 unless chosen otherwise,
@@ -70,6 +71,8 @@ class LoraSettings(BaseModel):
     targets: list[LoraTarget] = Field(default_factory=lambda: ["qkv"], min_length=1,
                                       description="Layers that get adapters (see TARGET_PATTERNS)")
     train_decoder: bool = Field(True, description="Train the whole mask decoder too (False: adapters only)")
+    train_prompt_encoder: bool = Field(False, description="Train the prompt encoder's point, box and no-mask "
+                                                          "embeddings too (its mask input stays frozen: unused)")
 
     def target_regex(self) -> str:
         """One regex matching every targeted module name (for ``LoraConfig.target_modules``)."""
@@ -84,7 +87,8 @@ def is_lora_key(name: str) -> bool:
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """Inject LoRA layers into ``model`` in place (``peft.inject_adapter_in_model``) and set what trains.
 
-    Afterwards only the adapters (and the mask decoder when ``settings.train_decoder``) have
+    Afterwards only the adapters (and the mask decoder when ``settings.train_decoder``, the prompt
+    encoder's embeddings when ``settings.train_prompt_encoder``) have
     ``requires_grad``; module names and the ``.image_encoder/.prompt_encoder/.mask_decoder``
     interface are unchanged (targeted ``nn.Linear`` become ``peft`` LoRA ``Linear`` wrapping them).
 
@@ -102,7 +106,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     for name, param in model.named_parameters():
-        if is_lora_key(name) or (settings.train_decoder and name.startswith("mask_decoder.")):
+        if (is_lora_key(name) or (settings.train_decoder and name.startswith("mask_decoder."))
+                or (settings.train_prompt_encoder and name.startswith("prompt_encoder.")
+                    and not name.startswith("prompt_encoder.mask_downscaling."))):
             param.requires_grad_(True)
     return model
 

@@ -17,7 +17,8 @@ from cxrsam.sam.engine import SamEngine
 def dice_by_prompt_variant(engine: SamEngine, xrays: Sequence[XRay], truths: Sequence[np.ndarray],
                            drafts: Mapping[str, Sequence[np.ndarray]], variants: Mapping[str, Mapping],
                            only: Mapping[str, Collection[str]] | None = None, seed: int = 0,
-                           progress: bool = True) -> pd.DataFrame:
+                           progress: bool = True,
+                           weights: Mapping[str, Sequence[np.ndarray]] | None = None) -> pd.DataFrame:
     """Dice of SAM masks for every (draft source, prompt variant) pair, each image encoded once.
 
     Args:
@@ -29,6 +30,8 @@ def dice_by_prompt_variant(engine: SamEngine, xrays: Sequence[XRay], truths: Seq
             plus ``multimask`` (bool) for the decoder.
         only: draft source -> the variant names to score for it (default: all variants).
         seed: prompt seed (each image draws from ``seed`` and its stem).
+        weights: draft source -> one foreground probability map float32 (H, W) per image, the weight of
+            ``probability`` points and random negatives (sources without one: the draft mask).
 
     Returns:
         one row per image, source and variant: ``stem, source, variant, dice, components``.
@@ -49,8 +52,9 @@ def dice_by_prompt_variant(engine: SamEngine, xrays: Sequence[XRay], truths: Seq
                             continue
                         options = dict(options)
                         multimask = bool(options.pop("multimask", False))
+                        weight = None if weights is None or source not in weights else weights[source][i]
                         prompts = prompts_from_mask(masks[i], rng=np.random.default_rng(image_seed(seed, stem)),
-                                                    **options)
+                                                    weight=weight, **options)
                         mask = engine.segment(xrays[i], prompts, multimask=multimask)
                         rows.append({"stem": stem, "source": source, "variant": variant,
                                      "dice": dice_score(mask, truths[i]), "components": prompts.components_found})

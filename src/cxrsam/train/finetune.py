@@ -3,7 +3,8 @@
 Training (per image): the augmented ground-truth mask is split into lung components
 (:func:`cxrsam.prompts.components.lung_components`); one prompt set per lung is sampled from it
 (:func:`cxrsam.prompts.prompts_from_mask`: a jittered box, random interior points, or both; with
-``train_prompt="mixed"`` the kind is drawn per image) and SAM predicts one mask per set, scored
+``train_prompt="mixed"`` each example draws its kind, point count and negatives from ``train_mix``,
+:class:`cxrsam.prompts.PromptMixture`) and SAM predicts one mask per set, scored
 against *that lung's* component with Dice + BCE (MONAI ``DiceCELoss``), optionally plus the MSE of
 SAM's IoU head against the real IoU. This matches inference, where the engine decodes one set per
 lung and merges the masks by union.
@@ -17,7 +18,10 @@ no gradient) on the same augmented images, keeping what transfers.
 
 Validation: prompts derived (without jitter) from a draft source -- the ground truth (oracle boxes,
 default), a folder of draft masks or a CNN run -- are decoded, the per-lung masks merged by union
-(max of logits) and the Dice against the full ground-truth mask in the model-input frame is averaged.
+(max of logits) and the Dice against the full ground-truth mask in the model-input frame is averaged;
+``val_prompts`` is the ``main`` kind, ``val_extra`` adds named kinds (e.g. probability points), each
+reported as ``val_dice_<name>``, and the kept checkpoint is the best ``val_dice`` = the ``select_weights``
+combination of them (default: ``main`` alone).
 Images and masks reach the model through the backend's transform, exactly as in inference.
 
 The generic loop (:class:`cxrsam.train.loop.Trainer`) checkpoints only what trains (adapters and
@@ -34,11 +38,11 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -46,8 +50,10 @@ from cxrsam.config import DataFields, LoopConfig, resolve_device, settings_error
 from cxrsam.data.dataset import augment, load_case
 from cxrsam.data.layouts import Case
 from cxrsam.data.shift import BoxError, perturb_box, shift_pair
-from cxrsam.prompts import MODES, Prompts, PromptSet, PromptSpec, prompts_from_mask
+from cxrsam.prompts import Prompts, PromptSet, PromptSpec, prompts_from_mask
 from cxrsam.prompts.components import lung_components
+from cxrsam.prompts.modes import TrainPrompt
+from cxrsam.prompts.spec import PromptMixture
 from cxrsam.runs import BEST, forget, load_checkpoint, read_run_config
 from cxrsam.sam.engine import decode, prompt_batch
 from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, save_adapter, trainable_summary
@@ -69,12 +75,18 @@ class FinetuneConfig(DataFields):
     backend: str = Field("litemedsam", description="SAM registry backend")
     checkpoint: Path | None = Field(None, description="Base checkpoint (None: the backend's default)")
     lora: LoraSettings = LoraSettings()
-    train_prompt: Literal["box", "points", "box+points", "mixed"] = Field(
-        "mixed", description="Prompts sampled from the ground truth per lung; mixed draws the kind per image")
+    train_prompt: TrainPrompt = Field(
+        TrainPrompt.MIXED, description="Prompts sampled from the ground truth per lung; mixed draws each "
+                                       "example's prompt from train_mix")
+    train_mix: PromptMixture = Field(PromptMixture(), description="The prompt mixture of train_prompt=mixed")
     box_jitter: float = Field(0.05, ge=0, description="Training box noise std, fraction of the box side")
     points_per_lung: int = Field(3, ge=1, description="Random interior points per lung (training)")
     val_prompts: PromptSpec = Field(PromptSpec(), description="How validation drafts become prompts: the "
                                     "evaluation's spec, so model selection sees the prompts it is judged on")
+    val_extra: dict[str, PromptSpec] = Field(
+        {}, description="More validation prompt kinds by name (reported as val_dice_<name>; main = val_prompts)")
+    select_weights: dict[str, float] = Field(
+        {"main": 1.0}, description="The kept checkpoint maximises this weighted mean of the kinds' val Dice")
     val_drafts: Path | None = Field(None, description="Validation draft source: a mask folder (by stem) or a "
                                                       "CNN run folder; None = ground truth (oracle prompts)")
     iou_loss_weight: float = Field(0.0, ge=0, description="Weight of the IoU-head MSE term (0: off)")
@@ -92,12 +104,31 @@ class FinetuneConfig(DataFields):
                                   validate_start=True)
 
 
+    @model_validator(mode="after")
+    def _check_selection(self) -> FinetuneConfig:
+        kinds = {"main", *self.val_extra}
+        unknown = sorted(set(self.select_weights) - kinds)
+        if unknown:
+            raise ValueError(f"select_weights names unknown validation kinds {unknown}; known: {sorted(kinds)}")
+        if not self.select_weights or min(self.select_weights.values()) < 0 or sum(self.select_weights.values()) <= 0:
+            raise ValueError("select_weights must be >= 0 with a positive sum")
+        return self
+
+    def val_kinds(self) -> dict[str, PromptSpec]:
+        """Every validation prompt kind by name: ``main`` (``val_prompts``) and ``val_extra``."""
+        return {"main": self.val_prompts, **self.val_extra}
+
+
 def make_config(**options: Any) -> FinetuneConfig:
     """Build a config from flat options (loop and LoRA fields may be given flat); invalid -> CxrsamError."""
     loop = {k: options.pop(k) for k in list(options) if k in LoopConfig.model_fields}
     lora = {k: options.pop(k) for k in list(options) if k in LoraSettings.model_fields}
     if "val_prompt" in options:  # the CLI's --val-prompt sets the mode of the validation prompt spec
         options["val_prompts"] = {**dict(options.get("val_prompts") or {}), "mode": options.pop("val_prompt")}
+    if "val_points" in options:  # the CLI's --val-points N adds the kind "points": N probability points per image
+        main = dict(options.get("val_prompts") or {})
+        options["val_extra"] = {**dict(options.get("val_extra") or {}), "points": {
+            **main, "mode": "points", "strategy": "probability", "points": options.pop("val_points")}}
     try:
         defaults = FinetuneConfig.model_fields["loop"].default.model_dump()
         return FinetuneConfig.model_validate({**options, "lora": lora, "loop": {**defaults, **loop}})
@@ -137,7 +168,8 @@ class SamTrainee(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, prompts: Sequence[Prompts]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image: (logits (P, S, S) over the padded model input, predicted IoU (P,)) of its P prompt sets.
+        """Per image: (logits (P, S, S) over the padded model input, predicted IoU (P,)) of its P prompt sets
+        (in their order; sets with different point counts are decoded in separate groups).
 
         Args:
             images: (B, 3, S, S) model input made by the backend's transform
@@ -153,9 +185,19 @@ class SamTrainee(nn.Module):
             if image_prompts.empty:
                 out.append((embeddings.new_zeros((0, *size)), embeddings.new_zeros((0,))))
                 continue
-            batch = prompt_batch(self.loaded.spec, image_prompts.sets, size, embeddings.device)
-            logits, iou = decode(self.sam, embeddings[b:b + 1], batch)
-            out.append((transform.logits_to_input(logits[0, :, 0]), iou[0, :, 0]))
+            groups: dict[tuple[bool, int], list[int]] = {}  # sets decode together when their signatures agree
+            for i, prompt_set in enumerate(image_prompts.sets):
+                groups.setdefault(prompt_set.signature, []).append(i)
+            logits, iou = [], []
+            for members in groups.values():
+                batch = prompt_batch(self.loaded.spec, [image_prompts.sets[i] for i in members], size,
+                                     embeddings.device)
+                group_logits, group_iou = decode(self.sam, embeddings[b:b + 1], batch)
+                logits.append(group_logits[0, :, 0])
+                iou.append(group_iou[0, :, 0])
+            order = torch.tensor(np.argsort([i for members in groups.values() for i in members]),
+                                 device=embeddings.device)
+            out.append((transform.logits_to_input(torch.cat(logits)[order]), torch.cat(iou)[order]))
         return out
 
 
@@ -201,18 +243,20 @@ class PromptedDataset(Dataset):
 
     Item ``i``: ``(image (3, S, S) model input, mask (1, S, S), i, prompts, targets)``. For training
     (``prompts=None``) prompts of kind ``prompt`` are sampled from the (augmented) mask, one set per lung, and
-    ``targets`` (P, S, S) are the lungs' components; for validation ``prompts[i]`` are given (model-input
-    pixels, see :func:`_val_prompts`) and ``targets`` is the full mask (1, S, S). With ``shift`` > 0 that share
-    of training items is first shifted (:func:`~cxrsam.data.shift.shift_pair` on the resized pair, which is then
-    resized again to the longest side S); with ``box_error`` > 0 each training box is moved like a CNN draft's
-    (:func:`~cxrsam.data.shift.perturb_box`) instead of by ``jitter``. Randomness is drawn from
+    ``targets`` (P, S, S) are the lungs' components (``mixed``: each example's prompt drawn from ``mixture``);
+    for validation ``prompts[i]`` are given (model-input pixels, see :func:`_val_prompts`) and ``targets`` is
+    the full mask (1, S, S). With ``shift`` > 0 that share of training items is first shifted
+    (:func:`~cxrsam.data.shift.shift_pair` on the resized pair, which is then resized again to the longest side S);
+    with ``box_error`` > 0 each training box is moved like a CNN draft's (:func:`~cxrsam.data.shift.perturb_box`)
+    instead of by ``jitter``. Randomness is drawn from
     ``(seed, epoch, i)``: reproducible and independent of worker order (call :meth:`set_epoch`). Resized pairs
     are kept in memory after first use.
     """
 
     def __init__(self, cases: Sequence[Case], transform: SamTransform, prompt: str = "box", jitter: float = 0.0,
                  points_per_lung: int = 3, prompts: Sequence[Prompts] | None = None, augment: bool = False,
-                 seed: int = 0, shift: float = 0.0, box_error: float = 0.0):
+                 seed: int = 0, mixture: PromptMixture | None = None, shift: float = 0.0,
+                 box_error: float = 0.0):
         self.cases = list(cases)
         self.transform = transform
         self.prompt = prompt
@@ -221,6 +265,7 @@ class PromptedDataset(Dataset):
         self.prompts = prompts
         self.augment = augment
         self.seed = seed
+        self.mixture = mixture or PromptMixture()
         self.shift = shift
         self.box_error = box_error
         self.epoch = 0
@@ -254,9 +299,12 @@ class PromptedDataset(Dataset):
         if self.prompts is not None:
             return model_input, full, index, self.prompts[index], full
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-        mode = str(rng.choice(MODES)) if self.prompt == "mixed" else self.prompt
-        prompts = prompts_from_mask(truth, mode=mode, points_per_lung=self.points_per_lung, strategy="random",
-                                    jitter=0.0 if self.box_error else self.jitter, rng=rng)
+        jitter = 0.0 if self.box_error else self.jitter
+        if self.prompt == TrainPrompt.MIXED:
+            prompts = self.mixture.draw(truth, rng, jitter=jitter)
+        else:
+            prompts = prompts_from_mask(truth, mode=self.prompt, points_per_lung=self.points_per_lung,
+                                        strategy="random", jitter=jitter, rng=rng)
         if self.box_error:
             error = BoxError().scaled(self.box_error)
             prompts.sets = [PromptSet(None if p.box is None else perturb_box(p.box, truth.shape, error, rng),
@@ -349,18 +397,22 @@ def finetune_step(iou_weight: float = 0.0, consistency_weight: float = 0.0) -> S
     return step_fn
 
 
-def _val_prompts(config: FinetuneConfig, cases: Sequence[Case], transform: SamTransform) -> list[Prompts]:
-    """Validation prompts in model-input pixels: ``config.val_prompts`` applied to each case's draft (from
-    ``config.val_drafts``, else its ground truth) at the image's own size, then mapped by the transform, exactly
-    as inference prompts that image."""
+def _val_prompts(config: FinetuneConfig, cases: Sequence[Case], transform: SamTransform) -> dict[str, list[Prompts]]:
+    """Validation prompts in model-input pixels per kind (:meth:`FinetuneConfig.val_kinds`): each kind's spec
+    applied to each case's draft (from ``config.val_drafts`` with its probability map, else its ground truth)
+    at the image's own size, then mapped by the transform, exactly as inference prompts that image."""
     from cxrsam.baselines.drafts import drafts_from_path
 
     draft_of = None if config.val_drafts is None else drafts_from_path(config.val_drafts)
-    prompts = []
+    kinds = config.val_kinds()
+    prompts: dict[str, list[Prompts]] = {name: [] for name in kinds}
     for case in cases:
         xray, truth = load_case(case)
         draft = truth if draft_of is None else draft_of(xray)
-        prompts.append(transform.prompts(config.val_prompts.prompts(draft, xray.path.stem)))
+        weight = None if draft_of is None else draft_of.probability(xray)
+        for name, spec in kinds.items():
+            prompts[name].append(transform.prompts(spec.prompts(draft, xray.path.stem,
+                                                                weight if spec.uses_weight else None)))
     return prompts
 
 
@@ -400,8 +452,9 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     val_cases = splits["val"][:config.max_val_cases]
     train_data = PromptedDataset(train_cases, transform, config.train_prompt, config.box_jitter,
                                  config.points_per_lung, augment=config.augment, seed=loop.seed,
-                                 shift=config.shift_augment, box_error=config.box_error)
-    val_data = PromptedDataset(val_cases, transform, prompts=_val_prompts(config, val_cases, transform))
+                                 mixture=config.train_mix, shift=config.shift_augment, box_error=config.box_error)
+    val_data = {name: PromptedDataset(val_cases, transform, prompts=prompts)
+                for name, prompts in _val_prompts(config, val_cases, transform).items()}
 
     step_fn = finetune_step(config.iou_loss_weight, config.consistency_weight)
 
@@ -410,8 +463,11 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
         return union_logits(net(images, prompts), size), masks
 
     def validate_fn(net: nn.Module) -> dict[str, float]:
-        return {"val_dice": segmentation_dice(net, val_data, logits_fn, batch_size=loop.batch_size,
-                                              collate_fn=collate_prompted)}
+        dice = {name: segmentation_dice(net, data, logits_fn, batch_size=loop.batch_size,
+                                        collate_fn=collate_prompted) for name, data in val_data.items()}
+        weights = config.select_weights
+        combined = sum(w * dice[name] for name, w in weights.items()) / sum(weights.values())
+        return {"val_dice": combined, **({f"val_dice_{n}": d for n, d in dice.items()} if len(dice) > 1 else {})}
 
     trainer = Trainer(loop, run_dir, trainee, train_data, step_fn, validate_fn,
                       state_fn=lambda net: adapter_state(net.sam),
