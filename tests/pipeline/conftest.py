@@ -33,3 +33,30 @@ def lora_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("lora") / "run"
     save_adapter(run, apply_lora(loaded.model, settings), loaded, settings)
     return run
+
+
+@pytest.fixture()
+def tiny_backend(monkeypatch, tiny_checkpoint) -> Path:
+    """The tiny SAM registered as backend ``tiny_sam``; returns its checkpoint."""
+    from cxrsam.sam.registry import BACKENDS
+    from cxrsam.sam.testing import tiny_spec
+
+    monkeypatch.setitem(BACKENDS, "tiny_sam", tiny_spec("tiny_sam"))
+    return tiny_checkpoint
+
+
+@pytest.fixture()
+def phantom_folders(phantoms, tmp_path):
+    """``make(n) -> (images, drafts)``: the first n phantom images and their draft masks in their own folders."""
+    from cxrsam.data.io import list_images
+
+    def make(n: int) -> tuple[Path, Path]:
+        images, drafts = tmp_path / "images", tmp_path / "drafts"
+        images.mkdir()
+        drafts.mkdir()
+        for path in list_images(phantoms / "images")[:n]:
+            shutil.copy(path, images / path.name)
+            shutil.copy(phantoms / "masks" / path.name, drafts / path.name)
+        return images, drafts
+
+    return make

@@ -16,26 +16,14 @@ from cxrsam.data.io import list_images, read_image, read_mask
 from cxrsam.errors import CxrsamError
 from cxrsam.pipeline import Segmenter, segment_images
 from cxrsam.prompts import PromptSpec
-from cxrsam.sam.registry import BACKENDS, build_sam
+from cxrsam.sam.registry import build_sam
 from cxrsam.sam.testing import tiny_spec
 
 
 @pytest.fixture()
-def tiny_backend(monkeypatch, tiny_checkpoint) -> Path:
-    """The tiny SAM registered as backend ``tiny_sam``; returns its checkpoint."""
-    monkeypatch.setitem(BACKENDS, "tiny_sam", tiny_spec("tiny_sam"))
-    return tiny_checkpoint
-
-
-@pytest.fixture()
-def inputs(phantoms, tmp_path) -> tuple[Path, Path]:
+def inputs(phantom_folders) -> tuple[Path, Path]:
     """Four phantom images (one of them unreadable) and their draft masks, in their own folders."""
-    images, drafts = tmp_path / "images", tmp_path / "drafts"
-    images.mkdir()
-    drafts.mkdir()
-    for path in list_images(phantoms / "images")[:3]:
-        shutil.copy(path, images / path.name)
-        shutil.copy(phantoms / "masks" / path.name, drafts / path.name)
+    images, drafts = phantom_folders(3)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return images, drafts
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,29 +20,15 @@ from cxrsam.data.io import list_images, read_mask
 from cxrsam.pipeline import Segmenter, segment_images
 from cxrsam.pipeline.folder import PROGRESS_DIR
 from cxrsam.prompts import PromptSpec
-from cxrsam.sam.registry import BACKENDS, build_sam
-from cxrsam.sam.testing import tiny_spec
+from cxrsam.sam.registry import build_sam
 
 SEGMENT = Segmenter.segment
 
 
 @pytest.fixture()
-def tiny_backend(monkeypatch, tiny_checkpoint) -> Path:
-    """The tiny SAM registered as backend ``tiny_sam``; returns its checkpoint."""
-    monkeypatch.setitem(BACKENDS, "tiny_sam", tiny_spec("tiny_sam"))
-    return tiny_checkpoint
-
-
-@pytest.fixture()
-def inputs(phantoms, tmp_path) -> tuple[Path, Path]:
+def inputs(phantom_folders) -> tuple[Path, Path]:
     """Six phantom images and their draft masks, in their own folders."""
-    images, drafts = tmp_path / "images", tmp_path / "drafts"
-    images.mkdir()
-    drafts.mkdir()
-    for path in list_images(phantoms / "images")[:6]:
-        shutil.copy(path, images / path.name)
-        shutil.copy(phantoms / "masks" / path.name, drafts / path.name)
-    return images, drafts
+    return phantom_folders(6)
 
 
 def watch_segment(monkeypatch, stop_after: int | None = None) -> list[str]:
