@@ -81,7 +81,7 @@ def markdown(frame: pd.DataFrame, run: Path, command: str, seconds: float) -> st
              f"warm-up + cosine) on "
              f"{f'the first {config.max_train_cases}' if config.max_train_cases else 'all'} training cases, "
              f"{'augmented' if config.augment else 'unaugmented'} images, prompts `{config.train_prompt}` with box "
-             f"jitter {config.box_jitter:g}; best epoch by val Dice ({config.val_prompt} prompts from "
+             f"jitter {config.box_jitter:g}; best epoch by val Dice ({config.val_prompts.mode} prompts from "
              f"{config.val_drafts or 'the ground truth (oracle)'}, {config.max_val_cases or 'all'} val cases): "
              f"{metrics.val_dice.max():.4f}. Split: the run's `manifest.csv` (seed {config.split_seed}, "
              f"ratios {'/'.join(f'{r:g}' for r in config.split)}), data `{config.data}`. Every training "
