@@ -35,7 +35,6 @@ per image: batching LiteMedSAM's TinyViT 2-8 images made each image 6-77 % slowe
 EPYC (its memory-bound attention stages; docs/benchmarks.md, "Why batching was slower")."""
 
 
-
 class Precision(StrEnum):
     """Arithmetic of the image encoder (the prompt decoder always runs in float32).
 
