@@ -145,11 +145,26 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str] |
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"setting {key!r} given twice (line "
+                                                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file holding a mapping of settings, unvalidated (one-line errors)."""
+    """A YAML file holding a mapping of settings, unvalidated (one-line errors; a setting given twice in one
+    section is refused)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except FileNotFoundError:
         raise CxrsamError("config file not found", path=path) from None
     except (OSError, UnicodeDecodeError) as exc:

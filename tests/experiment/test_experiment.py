@@ -128,6 +128,9 @@ def test_bad_configs(tmp_path):
         load_config(tmp_path / "typo.yaml")
     with pytest.raises(CxrsamError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
+    (tmp_path / "twice.yaml").write_text("lora:\n  scale: 0.5\n  enabled: true\n  scale: null\n")
+    with pytest.raises(CxrsamError, match=r"setting 'scale' given twice \(line 4\)"):
+        load_config(tmp_path / "twice.yaml")
 
 
 def test_the_study_never_writes_into_its_data(phantoms, tmp_path, folder_digest):
