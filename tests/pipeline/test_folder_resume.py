@@ -18,7 +18,7 @@ import pytest
 from cxrsam.baselines.drafts import MaskFolderDrafts
 from cxrsam.data.io import list_images, read_mask
 from cxrsam.pipeline import Segmenter, segment_images
-from cxrsam.pipeline.folder import PROGRESS_DIR
+from cxrsam.pipeline.folder import PROGRESS_DIR, Ledger
 from cxrsam.prompts import PromptSpec
 from cxrsam.sam.registry import build_sam
 
@@ -83,6 +83,65 @@ def test_a_killed_run_resumes_without_redoing_finished_images(monkeypatch, tiny_
     seen.clear()
     other = Segmenter(segmenter.sam, MaskFolderDrafts(drafts), spec=PromptSpec(margin=2.0))  # other settings
     assert segment_images(other, paths, out, progress=False).skipped == [] and seen == names
+
+
+KILLED = """
+    import os
+    import signal
+    from contextlib import contextmanager
+    import cxrsam.pipeline.outputs as outputs
+    from cxrsam.sam.registry import BACKENDS
+    from cxrsam.sam.testing import tiny_spec
+
+    BACKENDS["tiny_sam"] = tiny_spec("tiny_sam")
+    plain, opened = outputs.atomic_path, []
+
+    @contextmanager
+    def atomic_path(path):  # SIGKILL half-way through the third image's overlay (the 8th file opened)
+        with plain(path) as tmp:
+            opened.append(path)
+            if len(opened) == 8:
+                tmp.write_bytes(b"half an overlay")
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield tmp
+
+    outputs.atomic_path = atomic_path
+    from cxrsam.cli import main
+
+    main()
+"""
+
+
+def test_a_run_killed_with_sigkill_mid_write_resumes_with_the_masks_of_a_straight_run(monkeypatch, cli, tiny_backend,
+                                                                                      inputs, tmp_path):
+    """A real ``kill -9`` (no ``finally``, no flush) while the write-behind thread writes the third image: the
+    resumed run redoes exactly the images without a record (the killed one among them, none recorded before),
+    leaves no temporary file, and ends with the masks and results.csv of an uninterrupted run."""
+    images, drafts = inputs
+    paths = list_images(images)
+    common = ["--images", images, "--drafts", drafts, "--backend", "tiny_sam", "--checkpoint", tiny_backend]
+    straight = cli("zero-shot", *common, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    script, out = tmp_path / "killed.py", tmp_path / "killed"
+    script.write_text(textwrap.dedent(KILLED))
+    res = subprocess.run([sys.executable, str(script), "zero-shot", *map(str, common), "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == -9, res.stderr
+    third = paths[2].stem
+    assert [p.name for p in out.glob(f".{third}_overlay.png.*.tmp.png")] and not (out / f"{third}_overlay.png").exists()
+    assert not (out / "results.csv").exists()
+    recorded = set(Ledger(out).records(json.loads((out / PROGRESS_DIR / "settings.json").read_text())))
+    assert str(paths[0].resolve()) in recorded and str(paths[2].resolve()) not in recorded
+
+    seen = watch_segment(monkeypatch)
+    resumed = cli("zero-shot", *common, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert seen == [p.name for p in paths if str(p.resolve()) not in recorded]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    for path in paths:
+        assert np.array_equal(read_mask(out / f"{path.stem}_mask.png"),
+                              read_mask(tmp_path / "straight" / f"{path.stem}_mask.png"))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), pd.read_csv(tmp_path / "straight" / "results.csv"))
 
 
 LAUNCHED = """
