@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -378,3 +380,19 @@ def test_sets_with_different_point_counts_decode_in_their_own_order(phantoms, ti
         alone = [trainee(image, [Prompts([s], size, "points", 1)])[0][0][0] for s in (a, b)]
     assert both.shape[0] == 2
     assert torch.allclose(both[0], alone[0], atol=1e-5) and torch.allclose(both[1], alone[1], atol=1e-5)
+
+
+def test_a_short_point_prompt_run_on_real_x_rays_beats_zero_shot_litemedsam_with_points(shared_data, tmp_path):
+    """Issue 18, the short run a test can afford: 8 steps of point-prompt LoRA (adapters, prompt encoder and mask
+    decoder open) on 16 real training images lift LiteMedSAM's Dice with 30 probability points from its box-trained
+    zero-shot level (epoch 0, the untouched model) on held-out validation images (measured: 0.56 -> 0.91)."""
+    config = ft.make_config(data=shared_data, backend="litemedsam", split=(0.8, 0.1, 0.1), train_prompt="mixed",
+                            train_mix={"weights": {"points": 1.0}}, train_decoder=True, train_prompt_encoder=True,
+                            val_prompts={"mode": "points", "strategy": "probability", "points": 30},
+                            max_train_cases=16, max_val_cases=4, epochs=1, steps_per_epoch=8, batch_size=2,
+                            lr=5e-4, warmup_steps=2, augment=False, rank=4, patience=None, progress=False)
+    run = ft.finetune(config, tmp_path / "points")
+    metrics = pd.read_csv(run / "metrics.csv").set_index("epoch")
+    zero_shot, trained = metrics.loc[0, "val_dice"], metrics.loc[1, "val_dice"]
+    assert zero_shot < 0.7 and trained > zero_shot + 0.2, (zero_shot, trained)
+    assert json.loads((run / "adapter.json").read_text())["lora"]["train_prompt_encoder"]
