@@ -110,6 +110,19 @@ def compare(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def compare_runs(frame: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """Per (version, source) and scale > 0 scored in both: this run's Dice minus ``other``'s (another recipe's
+    per-image CSV on the same images), paired per image."""
+    rows = []
+    joined = frame.merge(other, on=["stem", "version", "source", "scale"], suffixes=("", "_other"))
+    for (version, source, scale), cell in joined[joined.scale > 0].groupby(["version", "source", "scale"], sort=False):
+        c = paired_comparison(cell.dice.to_numpy(), cell.dice_other.to_numpy())
+        rows.append({"version": version, "source": source, "scale": scale, "dice": cell.dice.mean(),
+                     "dice_other": cell.dice_other.mean(), "diff": c.mean_diff, "ci_low": c.ci_low,
+                     "ci_high": c.ci_high, "better": c.n_better, "worse": c.n_worse, "p": c.p, "n": c.n})
+    return pd.DataFrame(rows)
+
+
 def choose(table: pd.DataFrame) -> tuple[float, dict]:
     """The scale not significantly worse than zero-shot anywhere with the highest mean Dice over all cells."""
     worse = table[(table["diff"] < 0) & (table["p"] < 0.05)].groupby("scale").size()
@@ -123,7 +136,7 @@ def choose(table: pd.DataFrame) -> tuple[float, dict]:
 
 
 def markdown(table: pd.DataFrame, run: Path, split: str, n: int, command: str, seconds: float,
-             chosen: float | None) -> str:
+             chosen: float | None, versus: pd.DataFrame | None = None, other: Path | None = None) -> str:
     scales = sorted(table.scale.unique())
     lines = [SECTION, "", f"Run `{run}`, {split} split, {n} images in two versions (plain, shifted), per-lung boxes. "
              "Scale 0 is zero-shot LiteMedSAM (bit-identical), 1 the run as trained.", "", "```", command, "```", "",
@@ -140,6 +153,14 @@ def markdown(table: pd.DataFrame, run: Path, split: str, n: int, command: str, s
     for row in table[table.scale > 0].itertuples():
         lines.append(f"| {row.version} | {row.source} | {row.scale:g} | {row.diff:+.4f} | [{row.ci_low:+.4f}, "
                      f"{row.ci_high:+.4f}] | {row.better} / {row.worse} | {row.p:.2g} |")
+    if versus is not None and len(versus):
+        lines += ["", f"This run minus `{other}` at the same scale, paired per image:", "",
+                  "| images | boxes from | scale | this run | other | difference | 95 % CI | better / worse | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in versus.itertuples():
+            lines.append(f"| {row.version} | {row.source} | {row.scale:g} | {row.dice:.4f} | {row.dice_other:.4f} | "
+                         f"{row.diff:+.4f} | [{row.ci_low:+.4f}, {row.ci_high:+.4f}] | {row.better} / {row.worse} | "
+                         f"{row.p:.2g} |")
     if chosen is not None:
         lines += ["", f"Chosen scale (written to the run's `adapter.json`): **{chosen:g}**."]
     lines += ["", f"Wall time {seconds / 60:.1f} min on a shared 2-core CPU.", ""]
@@ -160,6 +181,8 @@ def main() -> None:
                         help="Per-image CSV of an earlier transfer.py call (same split, seed, images) for scale 0")
     parser.add_argument("--rescore", type=Path, default=None,
                         help="Per-image CSV of a finished call: compare (and choose) from it without scoring again")
+    parser.add_argument("--versus", type=Path, default=None,
+                        help="Per-image CSV of another recipe's run (same split, seed, images): paired differences")
     parser.add_argument("--choose", action="store_true", help="Write the chosen scale into the run (val only)")
     parser.add_argument("--csv", type=Path, default=None, help="Per-image CSV [default: RUN/transfer-SPLIT.csv]")
     parser.add_argument("--docs", type=Path, default=None, help="Replace this file's Transfer section")
@@ -187,6 +210,7 @@ def main() -> None:
             frame = evaluate(args.run, sets, scales, csv)
         write_csv(frame, csv)
     table = compare(frame)
+    versus = compare_runs(frame, pd.read_csv(args.versus)) if args.versus is not None else None
     chosen = None
     if args.choose:
         chosen, evidence = choose(table)
@@ -197,8 +221,10 @@ def main() -> None:
         + ["--scales " + " ".join(f"{s:g}" for s in scales), f"--weak-strength {args.weak_strength:g}"]
         + [f"--limit {args.limit}"] * (args.limit is not None)
         + [f"--zero-shot-from {args.zero_shot_from}"] * (args.zero_shot_from is not None)
-        + [f"--rescore {args.rescore}"] * (args.rescore is not None) + ["--choose"] * args.choose)
-    section = markdown(table, args.run, args.split, images, command, time.perf_counter() - started, chosen)
+        + [f"--rescore {args.rescore}"] * (args.rescore is not None)
+        + [f"--versus {args.versus}"] * (args.versus is not None) + ["--choose"] * args.choose)
+    section = markdown(table, args.run, args.split, images, command, time.perf_counter() - started, chosen, versus,
+                       args.versus)
     print(section)
     print(json.dumps({"chosen": chosen}))
     if args.docs:
