@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -30,12 +31,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _forever(loader: torch.utils.data.DataLoader) -> Iterator:
+    """The loader's batches, epoch after epoch (a small dataset still gives every timed step)."""
+    while True:
+        yield from loader
+
+
 def train_images_per_s(arch: str, encoder: str, dataset: SegmentationDataset, batch_size: int, steps: int,
                        device: torch.device, warmup: int = 2) -> float:
     model = build_cnn(arch, encoder).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     step_fn = cnn_step(in_channels=1)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True))
+    loader = _forever(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True))
     started = 0.0
     for step in range(warmup + steps):
         if step == warmup:
@@ -70,10 +77,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--predict-images", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    parser.add_argument("--split", choices=("test", "all"), default="test",
+                        help="test: train on the train split, predict the test split; all: every image for both")
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    splits = split_cases(require_cases(discover(args.data)))
+    cases = require_cases(discover(args.data))
+    splits = {"train": cases, "test": cases} if args.split == "all" else split_cases(cases)
     train = SegmentationDataset(splits["train"][: args.batch_size * (args.steps + 2)], args.size, augment=True)
     images = [load_case(c)[0].pixels for c in splits["test"][: args.predict_images]]
     n_train = len(splits["train"])

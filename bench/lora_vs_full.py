@@ -148,6 +148,8 @@ def main() -> None:
                                 "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                                 "--device", args.device], capture_output=True, text=True, check=True)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        print(f"  {variant}: step {rows[-1]['step_s_median']:.3g} s (median), peak {rows[-1]['peak_mib']:.0f} MiB",
+              flush=True)  # a run cut short (bench/gpu.sh's time limits) keeps the variants done
     print(f"{args.backend}, batch {args.batch_size}, {args.steps} timed steps, {args.device} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); load average "
           f"{load[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
@@ -159,7 +161,7 @@ def main() -> None:
         ratios = ("-", "-") if full is None else (f"{row['step_s_median'] / full['step_s_median']:.2f}",
                                                    f"{row['peak_mib'] / full['peak_mib']:.2f}")
         print(f"| {row['variant']} | {row['trainable']:,} ({row['share_percent']:.1f} %) | "
-              f"{row['checkpointed_blocks']} | {row['step_s_median']:.2f} | {row['peak_mib']:.0f} ({row['memory']}) | "
+              f"{row['checkpointed_blocks']} | {row['step_s_median']:.3g} | {row['peak_mib']:.0f} ({row['memory']}) | "
               f"{row['before_mib']:.0f} | {ratios[0]} | {ratios[1]} |")
 
 

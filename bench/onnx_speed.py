@@ -22,39 +22,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cxrsam.data.dataset import load_case
 from cxrsam.data.io import XRay
-from cxrsam.data.layouts import discover, require_cases
-from cxrsam.data.split import split_cases
 from cxrsam.evaluation.metrics import iou_score
 from cxrsam.pipeline import Segmenter
 from cxrsam.prompts import PromptSpec
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.registry import LoadedSam, build_sam
-from zero_shot_speed import machine
+from zero_shot_speed import load_xrays, machine
 
 RUNTIMES = ("torch", "onnx")
-
-
-def load_xrays(data: Path | None, n: int) -> tuple[list[XRay], list[np.ndarray], str]:
-    """The first ``n`` test-split X-rays and their masks; synthetic phantoms when ``data`` is absent."""
-    if data is None or not data.is_dir():
-        from cxrsam.data.synthetic import generate_phantoms
-
-        data = generate_phantoms(Path(tempfile.mkdtemp()) / "phantoms", n=max(n, 6), size=299, seed=0,
-                                 progress=False)
-        source = f"{n} synthetic phantoms (299 px)"
-    else:
-        source = f"first {n} test-split images of {data.name}"
-    pairs = [load_case(case) for case in split_cases(require_cases(discover(data)), seed=0)["test"][:n]]
-    return [x for x, _ in pairs], [m for _, m in pairs], source
 
 
 def encoder_ms(engine: SamEngine, inputs: list[torch.Tensor]) -> float:

@@ -32,11 +32,10 @@ from cxrsam.baselines.drafts import drafts_from_path
 from cxrsam.evaluation.metrics import dice_score, iou_score
 from cxrsam.files import atomic_write_text
 from cxrsam.prompts import PromptSpec
-from cxrsam.sam.engine import PRECISION_COSTS, Precision, SamEngine
+from cxrsam.sam.engine import PRECISION_COSTS, Precision, SamEngine, precision_cost_key
 from cxrsam.sam.onnx_runtime import make_engine
 from cxrsam.sam.registry import build_sam
-from onnx_speed import load_xrays
-from zero_shot_speed import machine
+from zero_shot_speed import SPLITS, load_xrays, machine
 
 VARIANTS = {"cpu": [("torch", Precision.FP32), ("onnx", Precision.FP32), ("torch", Precision.BF16),
                     ("onnx", Precision.INT8)],
@@ -59,7 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/COVID-19_Radiography_Dataset"))
     parser.add_argument("--drafts-from", type=Path, required=True, help="CNN run whose drafts give the prompts")
-    parser.add_argument("--images", type=int, default=40, help="First N test-split images")
+    parser.add_argument("--images", type=int, default=40, help="First N images of --split")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="Images of --data to read")
     parser.add_argument("--backend", default="litemedsam")
     parser.add_argument("--checkpoint", type=Path, default=None, help="Weights of --backend [default: official]")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -75,7 +75,7 @@ def main() -> None:
                                                               batch_size=args.batch_size)
                                      for rt, p in ([v.split(":") for v in args.variants] if args.variants
                                                    else VARIANTS[kind])}
-    xrays, truths, source = load_xrays(args.data, args.images)
+    xrays, truths, source = load_xrays(args.data, args.images, args.split)
     drafter = drafts_from_path(args.drafts_from, device=args.device)
     spec = PromptSpec(mode="box")
     prompts = [spec.prompts(drafter(x), x.path.stem) for x in xrays]
@@ -104,21 +104,22 @@ def main() -> None:
         change = float(np.mean(np.subtract(dice, ref_dice)))
         speedup = ref_ms / statistics.median(ms[name])
         lines.append(f"| {name} | {np.mean(dice):.4f} | {change:+.5f} | {np.mean(ious):.5f} / {min(ious):.5f} | "
-                     f"{sum(i < 0.999 for i in ious)} of {len(ious)} | {statistics.median(ms[name]):.0f} | "
+                     f"{sum(i < 0.999 for i in ious)} of {len(ious)} | {statistics.median(ms[name]):.1f} | "
                      f"{speedup:.2f}x |")
         precision = engines[name].precision
         if precision is not Precision.FP32:
-            stored[str(precision)] = {
+            stored[precision_cost_key(precision, args.device)] = {
                 "runtime": name.split()[0], "backend": loaded.spec.name, "images": len(xrays),
-                "data": f"test-split images of {args.data.name} (prompts: {args.drafts_from.name} drafts)",
+                "data": f"{args.split} images of {args.data.name} (prompts: {args.drafts_from.name} drafts)",
                 "dice_fp32": float(np.mean(ref_dice)), "dice_change": change, "iou_mean": float(np.mean(ious)),
                 "iou_min": float(min(ious)), "encoder_speedup": speedup,
-                "machine": f"{os.cpu_count()}-core CPU, load {os.getloadavg()[0]:.1f}",
+                "machine": (torch.cuda.get_device_name(args.device) if kind == "cuda"
+                            else f"{os.cpu_count()}-core CPU, load {os.getloadavg()[0]:.1f}"),
                 "command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     print("\n".join(lines))
     print(f"\nTotal {time.perf_counter() - started:.0f} s; load average at the end "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; torch threads {torch.get_num_threads()}.")
-    if args.store and kind == "cpu":
+    if args.store:
         kept = json.loads(PRECISION_COSTS.read_text(encoding="utf-8")) if PRECISION_COSTS.is_file() else {}
         atomic_write_text(PRECISION_COSTS, json.dumps({**kept, **stored}, indent=2) + "\n")
         print(f"stored: {PRECISION_COSTS}")

@@ -64,7 +64,7 @@ def run_predict(variant: str, images: list[Path], out: Path, common: list[str], 
     for image in images:
         (folder / image.name).symlink_to(image.resolve())
     src = old / "src" if variant == "old" else SRC
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "cxrsam", "predict", "--images", str(folder), "--out", str(out),
                *common, *VARIANTS[variant]]
     started = time.perf_counter()

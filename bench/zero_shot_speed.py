@@ -43,6 +43,7 @@ import psutil
 import torch
 
 from cxrsam.data.dataset import load_case
+from cxrsam.data.io import XRay
 from cxrsam.data.layouts import discover, require_cases
 from cxrsam.data.split import split_cases
 from cxrsam.errors import CxrsamError
@@ -55,18 +56,33 @@ from cxrsam.sam.registry import LoadedSam, build_sam, get_backend
 SECTIONS = ("throughput", "reprompt", "scaling")
 
 
-def load_images(data: Path | None, n: int) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    """The first ``n`` test-split images (float (H, W) in [0, 1]) and masks; phantoms when ``data`` is absent."""
+SPLITS = ("test", "val", "train", "all")
+"""Which images a bench reads from ``--data``: a split of the hash split (seed 0; ``test`` by default), or every
+case (``all``: a folder holding only held-out images, as bench/gpu.sh is given on a machine the data cannot reach)."""
+
+
+def load_xrays(data: Path | None, n: int, split: str = "test") -> tuple[list[XRay], list[np.ndarray], str]:
+    """The first ``n`` X-rays of ``split`` (:data:`SPLITS`) and their masks; synthetic phantoms when ``data`` is
+    absent."""
     if data is None or not data.is_dir():
         from cxrsam.data.synthetic import generate_phantoms
 
-        data = generate_phantoms(Path(tempfile.mkdtemp()) / "phantoms", n=n, size=299, seed=0, progress=False)
-        source = f"{n} synthetic phantoms (299 px)"
+        data = generate_phantoms(Path(tempfile.mkdtemp()) / "phantoms", n=max(n, 6), size=299, seed=0,
+                                 progress=False)
+        source, split = f"{n} synthetic phantoms (299 px)", "test"
     else:
-        source = f"first {n} test-split images of {data.name} (299x299)"
-    cases = split_cases(require_cases(discover(data)), seed=0)["test"][:n]
-    pairs = [load_case(case) for case in cases]
-    return [x.pixels for x, _ in pairs], [m for _, m in pairs], source
+        source = f"first {n} {'' if split == 'all' else split + '-split '}images of {data.name}"
+    cases = require_cases(discover(data))
+    if split != "all":
+        cases = split_cases(cases, seed=0)[split]
+    pairs = [load_case(case) for case in cases[:n]]
+    return [x for x, _ in pairs], [m for _, m in pairs], source
+
+
+def load_images(data: Path | None, n: int, split: str = "test") -> tuple[list[np.ndarray], list[np.ndarray], str]:
+    """:func:`load_xrays` as pixel arrays float (H, W) in [0, 1]."""
+    xrays, truths, source = load_xrays(data, n, split)
+    return [x.pixels for x in xrays], truths, source
 
 
 def random_vit(backend: str, device: str, seed: int = 0) -> LoadedSam:
@@ -118,6 +134,7 @@ def sam_predictor_loop(loaded: LoadedSam, images: Sequence[np.ndarray], prompts:
         mask = np.zeros(size, bool)
         for prompt_set in prompt.sets:
             box = predictor.transform.apply_boxes_torch(torch.from_numpy(prompt_set.box)[None], size)
+            box = box.to(predictor.device)
             logits, _, _ = predictor.predict_torch(None, None, box, multimask_output=False, return_logits=True)
             mask |= (logits[0, 0] > 0).cpu().numpy()
         masks.append(mask)
@@ -218,14 +235,14 @@ def scaling(batches: Sequence[int], vit_sizes: Sequence[int], device: str) -> li
     time_encoder(encoder, torch.rand(1, 3, 256, 256, device=device))  # warm-up (oneDNN primitives)
     for batch in batches:
         seconds, peak = time_encoder(encoder, torch.rand(batch, 3, 256, 256).to(device))
-        lines.append(f"| LiteMedSAM TinyViT | 256 | {batch} | {seconds:.2f} | {peak:.0f} |")
+        lines.append(f"| LiteMedSAM TinyViT | 256 | {batch} | {seconds:.3g} | {peak:.0f} |")
     for size in vit_sizes:
         torch.manual_seed(0)
         vit = ImageEncoderViT(img_size=size, depth=12, embed_dim=768, num_heads=12, out_chans=256,
                               global_attn_indexes=(2, 5, 8, 11), window_size=14, use_rel_pos=True,
                               qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).to(device).eval()
         seconds, peak = time_encoder(vit, torch.rand(1, 3, size, size).to(device))
-        lines.append(f"| ViT-B (random weights) | {size} | 1 | {seconds:.2f} | {peak:.0f} |")
+        lines.append(f"| ViT-B (random weights) | {size} | 1 | {seconds:.3g} | {peak:.0f} |")
     return lines + [""]
 
 
@@ -247,6 +264,7 @@ def machine(device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/COVID-19_Radiography_Dataset"))
+    parser.add_argument("--split", choices=SPLITS, default="test", help="Images of --data to read")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--backends", nargs="+", default=["litemedsam", "vit_b"])
     parser.add_argument("--images", type=int, default=8, help="Images for the LiteMedSAM throughput run")
@@ -264,7 +282,7 @@ def main() -> None:
     warnings.simplefilter("ignore", FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
-    images, truths, source = load_images(args.data, max(args.images, args.vit_images))
+    images, truths, source = load_images(args.data, max(args.images, args.vit_images), args.split)
     precision = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
     print(f"Machine: {machine(args.device)}; {'bf16 autocast' if args.bf16 else 'float32'}. Images: {source}.\n")
     started = time.perf_counter()

@@ -383,7 +383,8 @@ def _print_precision_cost(segmenter) -> None:
     """One line with the measured quality cost and speed of a reduced precision (none for fp32)."""
     from cxrsam.sam.engine import precision_cost
 
-    if segmenter.engine is not None and (note := precision_cost(segmenter.engine.precision)):
+    if segmenter.engine is not None and (note := precision_cost(segmenter.engine.precision,
+                                                                  segmenter.engine.loaded.device)):
         console.print(f"[yellow]precision:[/yellow] {escape(note)}", highlight=False)
 
 

@@ -14,7 +14,7 @@ from cxrsam.errors import CxrsamError
 from cxrsam.prompts import prompts_from_mask
 from cxrsam.sam import engine as engine_module
 from cxrsam.sam import onnx_runtime as ort_sam
-from cxrsam.sam.engine import Precision, SamEngine, check_torch_precision, precision_cost
+from cxrsam.sam.engine import Precision, SamEngine, check_torch_precision, precision_cost, precision_cost_key
 from cxrsam.sam.onnx_runtime import OnnxSamEngine, Runtime, make_engine, resolve_runtime
 from cxrsam.sam.registry import build_sam
 from cxrsam.sam.testing import tiny_spec
@@ -105,6 +105,30 @@ def test_precision_cost_prints_the_stored_measurement(tmp_path, monkeypatch):
     note = precision_cost("int8")
     assert "Dice -0.0021" in note and "min 0.9500" in note and "1.70x" in note and "bench/precision.py" in note
     assert "no stored measurement" in precision_cost("bf16")
+    assert "no stored measurement against fp32 on a CUDA" in precision_cost("int8", "cuda")  # a CPU measurement
+
+
+def test_a_gpu_precision_prints_the_gpu_measurement_not_the_cpu_one(tmp_path, monkeypatch):
+    stored = tmp_path / "precision_costs.json"
+    monkeypatch.setattr(engine_module, "PRECISION_COSTS", stored)
+    row = {"images": 64, "data": "test images", "dice_fp32": 0.97, "iou_mean": 0.99, "iou_min": 0.98,
+           "command": "python bench/precision.py"}
+    stored.write_text(json.dumps({
+        "bf16": {**row, "dice_change": -0.0001, "encoder_speedup": 1.97, "machine": "2-core CPU"},
+        precision_cost_key("bf16", "cuda"): {**row, "dice_change": -0.0002, "encoder_speedup": 1.44,
+                                              "machine": "NVIDIA H200"}}))
+    assert precision_cost_key("bf16", "cuda:1") == "cuda:bf16" and precision_cost_key("bf16", "cpu") == "bf16"
+    gpu, cpu = precision_cost("bf16", "cuda"), precision_cost("bf16", "cpu")
+    assert "1.44x" in gpu and "NVIDIA H200" in gpu and "1.97x" not in gpu
+    assert "1.97x" in cpu and "2-core CPU" in cpu
+    assert "no stored measurement against fp32 on a CUDA" in precision_cost("fp16", "cuda")
+
+
+def test_the_shipped_costs_cover_every_reduced_precision_where_it_runs():
+    shipped = json.loads(engine_module.PRECISION_COSTS.read_text(encoding="utf-8"))
+    for precision, device in (("bf16", "cpu"), ("int8", "cpu"), ("bf16", "cuda"), ("fp16", "cuda")):
+        row = shipped[precision_cost_key(precision, device)]
+        assert -0.001 < row["dice_change"] < 0.001 and 0.9 < row["iou_min"] <= row["iou_mean"] <= 1, precision
 
 
 def test_predict_defaults_to_onnx_on_the_cpu_records_the_precision_and_prints_its_cost(

@@ -53,18 +53,27 @@ PRECISION_COSTS = Path(__file__).with_name("precision_costs.json")
 """Measured cost of each reduced precision, written by bench/precision.py (docs/benchmarks.md, "Reduced precision")."""
 
 
-def precision_cost(precision: Precision | str) -> str | None:
-    """One line with the stored measurement of ``precision`` against fp32 (Dice change, mask IoU, encoder speed-up,
-    data and command), a line saying it is unmeasured, or None for fp32."""
+def precision_cost_key(precision: Precision | str, device: str | torch.device = "cpu") -> str:
+    """The key of ``precision`` on ``device``'s kind in :data:`PRECISION_COSTS`: ``bf16`` or ``int8`` for the CPU,
+    ``cuda:bf16`` or ``cuda:fp16`` for a GPU (a measurement holds only for the kind of machine it was made on)."""
+    kind = torch.device(device).type
+    return str(Precision(precision)) if kind == "cpu" else f"{kind}:{Precision(precision)}"
+
+
+def precision_cost(precision: Precision | str, device: str | torch.device = "cpu") -> str | None:
+    """One line with the stored measurement of ``precision`` against fp32 on ``device``'s kind of machine (Dice
+    change, mask IoU, encoder speed-up, data and command), a line saying it is unmeasured there, or None for fp32."""
     import json
 
     precision = Precision(precision)
     if precision is Precision.FP32:
         return None
+    kind = torch.device(device).type
     try:
-        measured = json.loads(PRECISION_COSTS.read_text(encoding="utf-8"))[str(precision)]
+        measured = json.loads(PRECISION_COSTS.read_text(encoding="utf-8"))[precision_cost_key(precision, device)]
     except (OSError, ValueError, KeyError):
-        return f"{precision} has no stored measurement against fp32 (run bench/precision.py); check its masks"
+        return (f"{precision} has no stored measurement against fp32 on a {kind.upper()} (run bench/precision.py "
+                f"--device {kind} --store); check its masks")
     return (f"{precision} vs fp32 on {measured['images']} {measured['data']}: Dice {measured['dice_change']:+.4f} "
             f"(mean; fp32 {measured['dice_fp32']:.4f}), mask IoU vs fp32 mean {measured['iou_mean']:.4f}, min "
             f"{measured['iou_min']:.4f}; encoder {measured['encoder_speedup']:.2f}x PyTorch fp32's speed "
