@@ -70,6 +70,38 @@ def test_bf16_autocast_gives_float32_embeddings_and_masks_close_to_fp32(tiny, ca
     assert bf16.cache_key(image) != fp32.cache_key(image)
 
 
+def test_a_reduced_precision_is_checked_against_fp32_once_and_refused_when_it_overflows(tiny, cases, monkeypatch):
+    import torch.nn as nn
+
+    class Encoder(nn.Module):  # the tiny encoder, made to overflow like fp16 does whenever autocast is on
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner, self.calls, self.overflow = inner, 0, False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            out = self.inner(x)
+            return out * float("inf") if self.overflow and torch.is_autocast_enabled("cpu") else out
+
+    encoder = Encoder(tiny.model.image_encoder)
+    monkeypatch.setattr(tiny.model, "image_encoder", encoder)
+    monkeypatch.setattr(engine_module.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    images = [image for image, _ in cases[:2]]
+    engine = SamEngine(tiny, precision="bf16", memory_items=0, batch_size=1)
+    assert engine.precision_check is None
+    engine.embed(images)
+    assert encoder.calls == 3  # the first batch twice (bf16, then fp32 for the check), the second once
+    assert 0 <= engine.precision_check < 0.5
+    assert SamEngine(tiny).embed(images[:1]) and SamEngine(tiny).precision_check is None  # fp32: nothing to check
+    encoder.overflow = True
+    with pytest.raises(CxrsamError, match="not finite in bf16"):
+        SamEngine(tiny, precision="bf16").embed(images[:1])
+    reference = torch.ones(1, 2, 2, 2)
+    with pytest.raises(CxrsamError, match="values overflow float16.*use bf16 or fp32"):
+        engine_module.check_reduced_embeddings(reference * float("nan"), reference, Precision.FP16)
+    assert engine_module.check_reduced_embeddings(reference * 1.02, reference, Precision.FP16) == pytest.approx(0.02)
+
+
 def test_precision_rules(tiny, monkeypatch):
     assert SamEngine(tiny).cache_key(np.zeros((8, 8), np.float32)) == \
         SamEngine(tiny, precision="fp32").cache_key(np.zeros((8, 8), np.float32))
