@@ -43,28 +43,31 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     info = read_adapter_info(args.box_run)
-    work = Path(tempfile.mkdtemp(prefix="soup-"))
-    base = load_checkpoint_state(Path(info.base_checkpoint))
-    box, mixed = (load_checkpoint_state(export_merged(run, work / f"{name}.pt", scale=1.0))
-                  for name, run in (("box", args.box_run), ("mixed", args.mixed_run)))
-    cases = read_manifest(args.box_run / "manifest.csv")["val"][:args.limit]
-    pairs = [load_case(case) for case in cases]
-    xrays, truths = [x for x, _ in pairs], [m for _, m in pairs]
-    drafts = CnnDrafts(args.cnn_run)
-    masks, weights = [drafts(x) for x in xrays], [drafts.probability(x) for x in xrays]
-    variants = {f"points {args.points}": {"mode": "points", "strategy": "probability", "points": args.points},
-                "box": {"mode": "box"}}
-    print(f"| A (box run) | B (mixed run) | Dice, per-lung boxes | Dice, {args.points} points |\n|---|---|---|---|")
-    for combo in args.combo:
-        a, b = (float(v) for v in combo.split(","))
-        soup = {k: v + a * (box[k] - v) + b * (mixed[k] - v) if v.is_floating_point() else v for k, v in base.items()}
-        path = work / f"soup-{a}-{b}.pt"
-        torch.save(soup, path)
-        engine = SamEngine(build_sam(info.backend, checkpoint=path), memory_items=0)
-        frame = dice_by_prompt_variant(engine, xrays, truths, {args.cnn_run.name: masks}, variants,
-                                       weights={args.cnn_run.name: weights}, progress=False)
-        dice = frame.groupby("variant").dice.mean()
-        print(f"| {a:g} | {b:g} | {dice['box']:.4f} | {dice[f'points {args.points}']:.4f} |", flush=True)
+    with tempfile.TemporaryDirectory(prefix="soup-") as folder:  # merged and mixed weights, ~40 MB each
+        work = Path(folder)
+        base = load_checkpoint_state(Path(info.base_checkpoint))
+        box, mixed = (load_checkpoint_state(export_merged(run, work / f"{name}.pt", scale=1.0))
+                      for name, run in (("box", args.box_run), ("mixed", args.mixed_run)))
+        cases = read_manifest(args.box_run / "manifest.csv")["val"][:args.limit]
+        pairs = [load_case(case) for case in cases]
+        xrays, truths = [x for x, _ in pairs], [m for _, m in pairs]
+        drafts = CnnDrafts(args.cnn_run)
+        masks, weights = [drafts(x) for x in xrays], [drafts.probability(x) for x in xrays]
+        variants = {f"points {args.points}": {"mode": "points", "strategy": "probability", "points": args.points},
+                    "box": {"mode": "box"}}
+        print(f"| A (box run) | B (mixed run) | Dice, per-lung boxes | Dice, {args.points} points |\n|---|---|---|---|")
+        for combo in args.combo:
+            a, b = (float(v) for v in combo.split(","))
+            soup = {k: v + a * (box[k] - v) + b * (mixed[k] - v) if v.is_floating_point() else v
+                    for k, v in base.items()}
+            path = work / f"soup-{a}-{b}.pt"
+            torch.save(soup, path)
+            engine = SamEngine(build_sam(info.backend, checkpoint=path), memory_items=0)
+            path.unlink()  # loaded: the next mix needs the space, not this file
+            frame = dice_by_prompt_variant(engine, xrays, truths, {args.cnn_run.name: masks}, variants,
+                                           weights={args.cnn_run.name: weights}, progress=False)
+            dice = frame.groupby("variant").dice.mean()
+            print(f"| {a:g} | {b:g} | {dice['box']:.4f} | {dice[f'points {args.points}']:.4f} |", flush=True)
     print(f"\n{len(xrays)} validation images; {(time.perf_counter() - started) / 60:.1f} min.")
 
 
