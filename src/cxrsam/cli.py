@@ -524,6 +524,8 @@ def finetune_command(
     split_seed: Annotated[int | None, typer.Option(help="Split seed [default: 0]")] = None,
     backend: Annotated[str | None, typer.Option(help="SAM backend: litemedsam | vit_b | vit_l | vit_h [default: litemedsam]")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Base checkpoint [default: the backend's own]")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", help="Start from a finished LoRA run's weights (same base, rank and targets) [default: the base]")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank [default: 8]")] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scale alpha/rank) [default: 8]")] = None,
     dropout: Annotated[float | None, typer.Option(help="LoRA dropout [default: 0]")] = None,
@@ -575,7 +577,7 @@ def finetune_command(
 
     given = {k: v for k, v in dict(
         data=data, layout=layout, classes=classes, split=_split_ratios(split), split_seed=split_seed, backend=backend,
-        checkpoint=checkpoint, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
+        checkpoint=checkpoint, init_from=init_from, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
         train_decoder=False if freeze_decoder else None, train_prompt_encoder=True if train_prompt_encoder else None,
         train_prompt=train_prompt, box_jitter=box_jitter, points_per_lung=points_per_lung, val_prompt=val_prompt,
         val_drafts=val_drafts, val_points=val_points, select_weights=_weights(select), iou_loss_weight=iou_loss_weight,

@@ -396,3 +396,31 @@ def test_a_short_point_prompt_run_on_real_x_rays_beats_zero_shot_litemedsam_with
     zero_shot, trained = metrics.loc[0, "val_dice"], metrics.loc[1, "val_dice"]
     assert zero_shot < 0.7 and trained > zero_shot + 0.2, (zero_shot, trained)
     assert json.loads((run / "adapter.json").read_text())["lora"]["train_prompt_encoder"]
+
+
+def test_a_run_started_from_another_starts_where_it_ended_and_refuses_what_it_could_not_rebuild(
+        phantoms, tiny_ckpt, tmp_path):
+    """Issue 18: ``init_from`` (a box-trained run continued with mixed prompts and the decoder opened)."""
+    first = ft.finetune(tiny_config(phantoms, tiny_ckpt, train_decoder=False, epochs=1, validate_start=False),
+                        tmp_path / "box")  # kept: its trained epoch 1, not the base
+    base_val = pd.read_csv(ft.finetune(tiny_config(phantoms, tiny_ckpt, epochs=1, max_steps=1), tmp_path / "base")
+                           / "metrics.csv").val_dice[0]
+    first_val = pd.read_csv(first / "metrics.csv").val_dice.tolist()
+    config = tiny_config(phantoms, tiny_ckpt, epochs=1, init_from=first, train_prompt_encoder=True,
+                         keep_resume_state=True)
+    second = ft.finetune(config, tmp_path / "mixed")
+    second_val = pd.read_csv(second / "metrics.csv").set_index("epoch").val_dice
+    assert second_val[0] == pytest.approx(first_val[0], abs=1e-6)  # epoch 0 is the first run's kept weights ...
+    assert first_val[0] != pytest.approx(base_val, abs=1e-4)  # ... which are not the base's
+    from safetensors.torch import load_file
+
+    before = load_file(str(first / "adapter.safetensors"))
+    trained = load_checkpoint(second / "last.pt")["model"]
+    assert set(before) < set(trained)  # the decoder and prompt embeddings are opened on top of the adapters
+    assert all(not torch.equal(before[k], trained[k]) for k in before)  # and training went on from there
+    with pytest.raises(CxrsamError, match="other adapters .*rank 4, here 8"):
+        ft.finetune(tiny_config(phantoms, tiny_ckpt, init_from=first, rank=8), tmp_path / "rank")
+    with pytest.raises(CxrsamError, match="keeps frozen"):
+        ft.finetune(tiny_config(phantoms, tiny_ckpt, init_from=second, train_decoder=False), tmp_path / "frozen")
+    with pytest.raises(CxrsamError, match="not a finished LoRA run"):
+        ft.finetune(tiny_config(phantoms, tiny_ckpt, init_from=tmp_path), tmp_path / "none")

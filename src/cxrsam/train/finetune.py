@@ -50,13 +50,23 @@ from cxrsam.config import DataFields, LoopConfig, resolve_device, settings_error
 from cxrsam.data.dataset import augment, load_case
 from cxrsam.data.layouts import Case
 from cxrsam.data.shift import BoxError, perturb_box, shift_pair
+from cxrsam.errors import CxrsamError
 from cxrsam.prompts import Prompts, PromptSet, PromptSpec, prompts_from_mask
 from cxrsam.prompts.components import lung_components
 from cxrsam.prompts.modes import TrainPrompt
 from cxrsam.prompts.spec import PromptMixture
-from cxrsam.runs import BEST, forget, load_checkpoint, read_run_config
+from cxrsam.runs import ADAPTER_FILE, BEST, forget, load_checkpoint, read_run_config
 from cxrsam.sam.engine import decode, prompt_batch
-from cxrsam.sam.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, save_adapter, trainable_summary
+from cxrsam.sam.lora import (
+    LoraSettings,
+    adapter_state,
+    apply_lora,
+    is_lora_key,
+    load_adapter_state,
+    read_adapter_info,
+    save_adapter,
+    trainable_summary,
+)
 from cxrsam.sam.registry import LoadedSam, build_sam
 from cxrsam.sam.transforms import SamTransform
 from cxrsam.train.loop import StepFn, Trainer, seed_everything, segmentation_dice
@@ -75,6 +85,8 @@ class FinetuneConfig(DataFields):
     backend: str = Field("litemedsam", description="SAM registry backend")
     checkpoint: Path | None = Field(None, description="Base checkpoint (None: the backend's default)")
     lora: LoraSettings = LoraSettings()
+    init_from: Path | None = Field(None, description="Start from a finished LoRA run's weights (same backend, base, "
+                                   "rank and targets; its opened weights must be trainable here); None: the base")
     train_prompt: TrainPrompt = Field(
         TrainPrompt.MIXED, description="Prompts sampled from the ground truth per lung; mixed draws each "
                                        "example's prompt from train_mix")
@@ -421,6 +433,38 @@ def _val_prompts(config: FinetuneConfig, cases: Sequence[Case], transform: SamTr
     return prompts
 
 
+def init_weights(model: nn.Module, loaded: LoadedSam, settings: LoraSettings, run_dir: str | Path) -> None:
+    """Put a finished LoRA run's adapters and opened weights into ``model`` (prepared by :func:`apply_lora` with
+    ``settings``) as the starting point of another run: a warm start, e.g. a box-trained run continued with mixed
+    prompts. The new run's WiSE-FT scale and consistency term still refer to the pretrained base.
+
+    Raises:
+        CxrsamError: the run is not a finished LoRA run, was trained on another backend or base checkpoint, has
+            other adapters (rank, alpha, targets), or opened weights that stay frozen here (the new run's adapter
+            file would not hold them, so it could not be rebuilt).
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    info = read_adapter_info(run_dir)
+    if info.backend != loaded.spec.name or info.base_sha256 != loaded.checkpoint_sha256:
+        raise CxrsamError(f"init_from was trained on another base ({info.backend}, SHA-256 {info.base_sha256[:16]}...)"
+                          f" than this run ({loaded.spec.name}, {loaded.checkpoint_sha256[:16]}...)", path=run_dir)
+    mine, theirs = settings.model_dump(), info.lora.model_dump()
+    differ = [k for k in ("rank", "alpha", "targets") if mine[k] != theirs[k]]
+    if differ:
+        detail = ", ".join(f"{k} {theirs[k]}, here {mine[k]}" for k in differ)
+        raise CxrsamError(f"init_from has other adapters ({detail})", path=run_dir)
+    state = load_file(str(run_dir / ADAPTER_FILE))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = sorted(k for k in state if not is_lora_key(k) and k not in trainable)
+    if frozen:
+        raise CxrsamError(f"init_from opened weights that this run keeps frozen ({frozen[0]!r} and {len(frozen) - 1} "
+                          "more); open the same parts (train_decoder, train_prompt_encoder)", path=run_dir)
+    load_adapter_state(model, state, source=run_dir / ADAPTER_FILE)
+    log.info("started from %s (%d trained tensors)", run_dir, len(state))
+
+
 def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
              on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     """Train LoRA adapters (and the opened weights) of ``config.backend``; return the run folder.
@@ -447,6 +491,8 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     summary = trainable_summary(model)
     log.info("trainable parameters: %d of %d (%.2f %%; LoRA %d, opened %d)", summary["trainable"], summary["total"],
              summary["share_percent"], summary["lora"], summary["opened"])
+    if config.init_from is not None:
+        init_weights(model, loaded, config.lora, config.init_from)
     if config.gradient_checkpointing:
         log.info("gradient checkpointing on %d encoder blocks", enable_gradient_checkpointing(model.image_encoder))
     trainee = SamTrainee(loaded)
