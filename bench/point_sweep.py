@@ -32,6 +32,7 @@ from cxrsam.evaluation.metrics import dice_score
 from cxrsam.evaluation.stats import paired_comparison, summarize
 from cxrsam.pipeline.segmenter import add_points
 from cxrsam.prompts import prompts_from_mask
+from cxrsam.prompts.boxes import clip_box
 from cxrsam.report.figures import point_sweep_curve
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.lora import load_run
@@ -42,6 +43,8 @@ from results_md import replace_section
 SECTION = "## Point prompts: the paper's protocol"
 PAPER_POINTS = tuple(range(15, 106, 15))
 """The paper's sweep: 15, 30, ..., 105 points per image."""
+CLICK_PROBES = {"rim": 0.0, "box bases cut 30 %": -0.3, "box 30 % too low": 0.3}
+"""The click probes: the lower side of every box moved by this fraction of its height before the click."""
 
 
 def variants(points: list[int], box: bool) -> dict[str, dict]:
@@ -50,10 +53,12 @@ def variants(points: list[int], box: bool) -> dict[str, dict]:
     return {**out, **({"box": {"mode": "box"}} if box else {})}
 
 
-def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarray) -> dict:
+def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarray, bottom: float = 0.0) -> dict:
     """One simulated corrective click on the box prediction (the interactive-SAM protocol): at the deepest pixel
     of the largest error region, positive (label 1, "more lung") on a missed region, negative (label 0, "less
     lung") on a false one; the click joins the lung set it falls in (:func:`cxrsam.pipeline.segmenter.add_points`).
+    ``bottom`` moves each lung box's lower side by that fraction of its height first (-0.3: the bases cut off, a
+    visibly wrong box; +0.3: reaching into the abdomen).
 
     Returns: ``dice`` before and after, ``kind`` (more/less), ``obeyed``: the clicked pixel became lung (more) or
     background (less) and the mask grew (more) or shrank (less).
@@ -61,6 +66,9 @@ def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarr
     from scipy import ndimage
 
     prompts = prompts_from_mask(draft, mode="box")
+    for prompt_set in prompts.sets:
+        y0, y1 = prompt_set.box[1], prompt_set.box[3]
+        prompt_set.box = clip_box(prompt_set.box + np.array([0, 0, 0, bottom * (y1 - y0)]), draft.shape)
     before = engine.segment(xray, prompts)
     errors = {"more": truth & ~before, "less": before & ~truth}
     sizes = {}
@@ -84,9 +92,9 @@ def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarr
 
 
 def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], backend: str, points: list[int],
-             limit: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-image Dice, one row per (stem, model, variant); and one corrective click per (stem, model)."""
-    cases = read_manifest(manifest)["test"][:limit]
+             limit: int | None, split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-image Dice, one row per (stem, model, variant); and one corrective click per (stem, model, probe)."""
+    cases = read_manifest(manifest)[split][:limit]
     pairs = [load_case(case) for case in cases]
     xrays, truths = [x for x, _ in pairs], [m for _, m in pairs]
     source = CnnDrafts(cnn_run)
@@ -100,17 +108,20 @@ def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], back
         frame = dice_by_prompt_variant(engine, xrays, truths, {cnn_run.name: drafts}, variants(points, True),
                                        weights={cnn_run.name: probabilities}, progress=False)
         frames.append(frame.assign(model=name))
-        clicks += [{"stem": x.path.stem, "model": name, **corrective_click(engine, x, t, d)}
+        clicks += [{"stem": x.path.stem, "model": name, "probe": probe, **corrective_click(engine, x, t, d, bottom)}
+                   for probe, bottom in CLICK_PROBES.items()
                    for x, t, d in zip(xrays, truths, drafts)]  # embeddings come from the engine's memory cache
     return pd.concat(frames, ignore_index=True), pd.DataFrame(clicks)
 
 
 def click_table(clicks: pd.DataFrame) -> list[str]:
     """Markdown rows: per model, Dice before/after one corrective click and how often the click was obeyed."""
-    lines = ["| model | clicks (more / less lung) | obeyed | Dice box | Dice box + click |", "|---|---|---|---|---|"]
-    for model, group in clicks.groupby("model", sort=False):
+    lines = ["| model | boxes | clicks (more / less lung) | obeyed | Dice box | Dice box + click |",
+             "|---|---|---|---|---|---|"]
+    clicks = clicks.assign(probe=clicks["probe"].fillna("rim")) if "probe" in clicks else clicks.assign(probe="rim")
+    for (model, probe), group in clicks.groupby(["model", "probe"], sort=False):
         acted = group[group.kind != "none"]
-        lines.append(f"| {model} | {(acted.kind == 'more').sum()} / {(acted.kind == 'less').sum()} | "
+        lines.append(f"| {model} | {probe} | {(acted.kind == 'more').sum()} / {(acted.kind == 'less').sum()} | "
                      f"{acted.obeyed.mean():.0%} | {group.dice_before.mean():.4f} | {group.dice_after.mean():.4f} |")
     return lines
 
@@ -127,12 +138,12 @@ def figure(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def markdown(frame: pd.DataFrame, clicks: pd.DataFrame, compare: list[tuple[str, str]], command: str,
-             seconds: float, figure_link: str | None) -> str:
+             seconds: float, figure_link: str | None, split: str = "test") -> str:
     frame = frame.assign(column=frame.model + "/" + frame.variant)
     wide = frame.pivot(index="stem", columns="column", values="dice")
     lines = [SECTION, "", "```", command, "```", "",
-             f"Test split, {len(wide)} images; Dice at the original image size (masks of the per-lung prompt sets "
-             "merged by union).", "",
+             f"{split.capitalize()} split, {len(wide)} images; Dice at the original image size (masks of the per-lung "
+             "prompt sets merged by union).", "",
              "| model | prompt | Dice mean | 95 % CI | median | min |", "|---|---|---|---|---|---|"]
     for column in dict.fromkeys(frame.column):
         model, _, variant = column.partition("/")
@@ -147,7 +158,8 @@ def markdown(frame: pd.DataFrame, clicks: pd.DataFrame, compare: list[tuple[str,
             c = paired_comparison(wide[a].to_numpy(), wide[b].to_numpy())
             lines.append(f"| {a} vs {b} | {c.mean_diff:+.4f} | [{c.ci_low:+.4f}, {c.ci_high:+.4f}] | "
                          f"{c.n_better} / {c.n_worse} | {c.p:.2g} |")
-    lines += ["", "One corrective click on the box prediction (U-Net draft boxes), at the deepest pixel of the largest "
+    lines += ["", "One corrective click on the box prediction (U-Net draft boxes as drawn: *rim*; or each box's lower "
+              "side moved by 30 % of its height: cut short, or too low), at the deepest pixel of the largest "
               "error region: positive where lung was missed, negative where background was taken; *obeyed* = the "
               "clicked pixel changed as asked and the mask grew (more) or shrank (less):", "", *click_table(clicks)]
     if figure_link is not None:
@@ -159,7 +171,8 @@ def markdown(frame: pd.DataFrame, clicks: pd.DataFrame, compare: list[tuple[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", type=Path, required=True, help="manifest.csv whose test part is scored")
+    parser.add_argument("--manifest", type=Path, required=True, help="manifest.csv whose --split part is scored")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="Which part of the manifest")
     parser.add_argument("--cnn-run", type=Path, required=True, help="CNN run folder: drafts and probability maps")
     parser.add_argument("--lora", action="append", default=[], help="NAME=RUN: a LoRA run to score (repeatable)")
     parser.add_argument("--no-zero-shot", action="store_true", help="Skip the pretrained backend")
@@ -168,7 +181,7 @@ def main() -> None:
     parser.add_argument("--compare", action="append", default=[], help="A:B pair of model/variant columns")
     parser.add_argument("--include", type=Path, action="append", default=[],
                         help="Per-image CSV of an earlier run of this script to add to the tables and figure")
-    parser.add_argument("--limit", type=int, default=None, help="Only the first N test images")
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N images of the split")
     parser.add_argument("--csv", type=Path, default=Path("point_sweep.csv"),
                         help="Per-image CSV (and <stem>-clicks.csv) of the models scored now")
     parser.add_argument("--figure", type=Path, default=None, help="Dice-vs-N figure (PNG)")
@@ -178,7 +191,8 @@ def main() -> None:
     models: dict[str, Path | None] = {} if args.no_zero_shot else {"zero-shot": None}
     models.update({name: Path(run) for name, _, run in (item.partition("=") for item in args.lora)})
     if models:
-        frame, clicks = evaluate(args.manifest, args.cnn_run, models, args.backend, args.points, args.limit)
+        frame, clicks = evaluate(args.manifest, args.cnn_run, models, args.backend, args.points, args.limit,
+                                 args.split)
         write_csv(frame, args.csv)
         write_csv(clicks, args.csv.with_name(f"{args.csv.stem}-clicks.csv"))
     else:  # --no-zero-shot without --lora: tables and figure of the --include CSVs only
@@ -189,7 +203,8 @@ def main() -> None:
     figure_path = None if args.figure is None else figure(frame, args.figure)
     compare = [tuple(item.split(":", 1)) for item in args.compare]
     command = "nice -n 10 python bench/point_sweep.py " + " ".join(
-        [f"--manifest {args.manifest} --cnn-run {args.cnn_run}"] + [f"--lora {item}" for item in args.lora]
+        [f"--manifest {args.manifest} --cnn-run {args.cnn_run}"] + [f"--split {args.split}"] * (args.split != "test")
+        + [f"--lora {item}" for item in args.lora]
         + ["--no-zero-shot"] * args.no_zero_shot + [f"--include {path}" for path in args.include]
         + [f"--points {' '.join(map(str, args.points))}"]
         + [f"--compare '{item}'" for item in args.compare] + [f"--limit {args.limit}"] * (args.limit is not None)
@@ -199,7 +214,7 @@ def main() -> None:
     if figure_path is not None:
         base = args.docs.parent.resolve() if args.docs else Path.cwd()
         link = os.path.relpath(figure_path.resolve(), base)
-    section = markdown(frame, clicks, compare, command, time.perf_counter() - started, link)
+    section = markdown(frame, clicks, compare, command, time.perf_counter() - started, link, args.split)
     print(section)
     if args.docs:
         replace_section(args.docs, SECTION, section)

@@ -12,7 +12,8 @@ import hashlib
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cxrsam.prompts.components import DEFAULT_MIN_AREA_FRAC
+from cxrsam.prompts.components import DEFAULT_MIN_AREA_FRAC, lung_components
+from cxrsam.prompts.corrections import corrected_set
 from cxrsam.prompts.modes import BoxMode, NegativeKind, PointStrategy, PromptMode
 from cxrsam.prompts.prompts import Prompts, prompts_from_mask
 
@@ -71,6 +72,8 @@ class PromptMixture(BaseModel):
     SAM training does (SAM-Med2D, MedSAM2, micro-sam): a kind by ``weights``; points (positives per image
     uniform in [``min_points``, ``max_points``], drawn by the probability rule with the truth mask as the
     weight) plus negatives uniform in [0, ``max_negatives``] from the background near the lungs; boxes jittered.
+    A share ``corrections`` of the examples instead gets a visibly wrong box per lung with the clicks that correct it
+    (:func:`cxrsam.prompts.corrections.corrected_set`), so that clicks outside or inside the box act.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -82,6 +85,9 @@ class PromptMixture(BaseModel):
                                                  "every lung keeps its prompt set and target)")
     max_points: int = Field(105, ge=1, description="Most positive points per image")
     max_negatives: int = Field(10, ge=0, description="Most negative points per image")
+    corrections: float = Field(0.0, ge=0, le=1, description="Share of examples given a wrong box per lung and the "
+                                                             "clicks that correct it (0: none)")
+    max_clicks: int = Field(3, ge=1, description="Most positive clicks of a correction")
 
     @model_validator(mode="after")
     def _check(self) -> PromptMixture:
@@ -93,6 +99,14 @@ class PromptMixture(BaseModel):
 
     def draw(self, truth: np.ndarray, rng: np.random.Generator, jitter: float = 0.0) -> Prompts:
         """One example's prompts (one set per lung) from its truth mask bool (H, W), drawn from ``rng``."""
+        if self.corrections and rng.random() < self.corrections:
+            prompts = prompts_from_mask(truth, mode=PromptMode.BOX.value, jitter=jitter, rng=rng)
+            lungs, _ = lung_components(truth)  # the sets' lungs, in their order
+            every = np.any(lungs, axis=0) if lungs else truth
+            prompts.sets = [corrected_set(lung, every, s.box, rng, self.max_clicks)
+                            for lung, s in zip(lungs, prompts.sets)]
+            prompts.mode = PromptMode.BOX_POINTS.value
+            return prompts
         kinds = list(self.weights)
         p = np.array([self.weights[k] for k in kinds], dtype=np.float64)
         mode = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
