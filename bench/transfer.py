@@ -59,14 +59,15 @@ def weak_prompts(truth: np.ndarray, error: BoxError, rng: np.random.Generator) -
     return Prompts(sets, oracle.image_size, "box", oracle.components_found, list(oracle.warnings))
 
 
-def build_sets(run: Path, split: str, cnn_runs: list[Path], limit: int | None, seed: int, strength: float
-               ) -> dict[str, list[tuple]]:
-    """version -> [(xray, truth, {source: prompts})] for the plain and shifted images of ``split``."""
-    cases = read_manifest(RunFolder(run).manifest_file)[split][:limit]
+def build_sets(run: Path, split: str, cnn_runs: list[Path], limit: int | None, seed: int, strength: float,
+               skip: int = 0) -> dict[str, list[tuple]]:
+    """version -> [(xray, truth, {source: prompts})] for the plain and shifted images of ``split`` (``limit`` of
+    them after the first ``skip``; each image's shift and weak boxes seeded by its place in the whole split)."""
+    cases = read_manifest(RunFolder(run).manifest_file)[split][skip:None if limit is None else skip + limit]
     cnns = {cnn.name: CnnDrafts(cnn) for cnn in cnn_runs}
     error = BoxError().scaled(strength)
     out: dict[str, list[tuple]] = {"plain": [], "shifted": []}
-    for index, case in enumerate(cases):
+    for index, case in enumerate(cases, start=skip):
         xray, truth = load_case(case)
         versions = {"plain": (xray, truth), "shifted": shifted_case(xray, truth, index, seed)[:2]}
         for version, (image, mask) in versions.items():
@@ -176,7 +177,8 @@ def main() -> None:
                         help="Scales to score, in this order (0 is always scored, first)")
     parser.add_argument("--weak-strength", type=float, default=2.0, help="Weak CNN's box error / the U-Net's")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the shifted images and weak boxes")
-    parser.add_argument("--limit", type=int, default=None, help="Only the first N images")
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N images (after --skip)")
+    parser.add_argument("--skip", type=int, default=0, help="Leave out the first N images of the split")
     parser.add_argument("--zero-shot-from", type=Path, default=None,
                         help="Per-image CSV of an earlier transfer.py call (same split, seed, images) for scale 0")
     parser.add_argument("--rescore", type=Path, default=None,
@@ -196,7 +198,8 @@ def main() -> None:
         frame = pd.read_csv(args.rescore)
         images = frame.stem.nunique()
     else:
-        sets = build_sets(args.run, args.split, args.cnn_run, args.limit, args.seed, args.weak_strength)
+        sets = build_sets(args.run, args.split, args.cnn_run, args.limit, args.seed, args.weak_strength,
+                          args.skip)
         images = len(sets["plain"])
         if args.zero_shot_from is not None:
             zero = pd.read_csv(args.zero_shot_from).query("scale == 0.0")
@@ -219,7 +222,7 @@ def main() -> None:
     command = "nice -n 10 python bench/transfer.py " + " ".join(
         [f"--run {args.run}"] + [f"--cnn-run {r}" for r in args.cnn_run] + [f"--split {args.split}"]
         + ["--scales " + " ".join(f"{s:g}" for s in scales), f"--weak-strength {args.weak_strength:g}"]
-        + [f"--limit {args.limit}"] * (args.limit is not None)
+        + [f"--limit {args.limit}"] * (args.limit is not None) + [f"--skip {args.skip}"] * bool(args.skip)
         + [f"--zero-shot-from {args.zero_shot_from}"] * (args.zero_shot_from is not None)
         + [f"--rescore {args.rescore}"] * (args.rescore is not None)
         + [f"--versus {args.versus}"] * (args.versus is not None) + ["--choose"] * args.choose)
