@@ -138,7 +138,7 @@ def figure(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def markdown(frame: pd.DataFrame, clicks: pd.DataFrame, compare: list[tuple[str, str]], command: str,
-             seconds: float, figure_link: str | None, split: str = "test") -> str:
+             seconds: float | None, figure_link: str | None, split: str = "test") -> str:
     frame = frame.assign(column=frame.model + "/" + frame.variant)
     wide = frame.pivot(index="stem", columns="column", values="dice")
     lines = [SECTION, "", "```", command, "```", "",
@@ -164,8 +164,12 @@ def markdown(frame: pd.DataFrame, clicks: pd.DataFrame, compare: list[tuple[str,
               "clicked pixel changed as asked and the mask grew (more) or shrank (less):", "", *click_table(clicks)]
     if figure_link is not None:
         lines += ["", f"![Dice against the number of points per image]({figure_link})"]
-    lines += ["", f"Wall time {seconds / 60:.1f} min on a shared 2-core CPU (load average "
-              f"{os.getloadavg()[0]:.1f} at the end).", ""]
+    if seconds is None:
+        lines += ["", "Tables from the per-image CSVs of earlier calls (--include); their wall times are given where "
+                  "those calls are described.", ""]
+    else:
+        lines += ["", f"Wall time {seconds / 60:.1f} min on a shared 2-core CPU (load average "
+                  f"{os.getloadavg()[0]:.1f} at the end).", ""]
     return "\n".join(lines)
 
 
@@ -214,7 +218,8 @@ def main() -> None:
     if figure_path is not None:
         base = args.docs.parent.resolve() if args.docs else Path.cwd()
         link = os.path.relpath(figure_path.resolve(), base)
-    section = markdown(frame, clicks, compare, command, time.perf_counter() - started, link, args.split)
+    seconds = time.perf_counter() - started if models else None
+    section = markdown(frame, clicks, compare, command, seconds, link, args.split)
     print(section)
     if args.docs:
         replace_section(args.docs, SECTION, section)
