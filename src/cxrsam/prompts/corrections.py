@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from cxrsam.prompts.boxes import clip_box
-from cxrsam.prompts.points import _weighted_pick
+from cxrsam.prompts.points import weighted_pick
 from cxrsam.prompts.prompts import PromptSet
 
 CUT = (0.15, 0.4)
@@ -68,7 +68,7 @@ def corrected_set(lung: np.ndarray, lungs: np.ndarray, box: np.ndarray, rng: np.
                                  (inside & ~box_region(box, size) & ~lungs, int(rng.integers(0, 2)), 0)):
         if count and region.any():
             depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-            picked = _weighted_pick(depth ** 2, count, rng)
+            picked = weighted_pick(depth ** 2, count, rng)
             points.append(picked)
             labels.append(np.full(len(picked), label, np.int64))
     if not points:

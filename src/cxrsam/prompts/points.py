@@ -149,7 +149,7 @@ def _nearest_group(groups: Sequence[np.ndarray]) -> np.ndarray:
     return labels[rows, cols].astype(np.int64) - 1
 
 
-def _weighted_pick(weight: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def weighted_pick(weight: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` distinct pixels (k, 2) float32 xy drawn without replacement with probability proportional to
     ``weight`` (H, W) >= 0; all pixels of positive weight when there are at most ``n``."""
     flat = weight.ravel().astype(np.float64)
@@ -198,7 +198,7 @@ def probability_points(weight: np.ndarray, groups: Sequence[np.ndarray], n: int,
     nearest = _nearest_group(groups)
     regions = [np.where(nearest == i, weight, 0.0) for i in range(len(groups))]
     counts = _split_count(n, np.array([r.sum() for r in regions]))
-    return [_weighted_pick(region, count, rng) if count else np.zeros((0, 2), np.float32)
+    return [weighted_pick(region, count, rng) if count else np.zeros((0, 2), np.float32)
             for region, count in zip(regions, counts)]
 
 
@@ -217,4 +217,4 @@ def low_probability_points(weight: np.ndarray, lungs: Sequence[np.ndarray], n: i
         return np.zeros((0, 2), np.float32)
     band = NEGATIVE_BAND * max(weight.shape)
     near = ndimage.distance_transform_edt(~np.logical_or.reduce(lungs)) <= band
-    return _weighted_pick(np.where(near & (weight < 0.5), 1.0 - weight, 0.0), n, rng)
+    return weighted_pick(np.where(near & (weight < 0.5), 1.0 - weight, 0.0), n, rng)

@@ -307,6 +307,22 @@ def read_adapter_info(run_dir: str | Path) -> AdapterInfo:
         raise CxrsamError(f"unreadable adapter description ({str(exc).splitlines()[0]})", path=path) from None
 
 
+def read_adapter_state(run_dir: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The SHA-256 and the tensors of a finished run's ``adapter.safetensors`` (adapters and opened weights),
+    checked against ``checksums.json`` and for non-finite values (one-line :class:`CxrsamError` naming the file)."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / ADAPTER_FILE
+    sha256 = verify_checksum(path)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CxrsamError(f"unreadable adapter file ({type(exc).__name__}: {first})", path=path) from None
+    require_finite(state, path)
+    return sha256, state
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
              scale: float | None = None) -> LoraSam:
     """Rebuild a trained LoRA model: the run's base checkpoint with its adapters and opened weights.
@@ -322,12 +338,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     Raises:
         CxrsamError: missing files, or a base whose SHA-256 differs from the one trained on.
     """
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     info = read_adapter_info(run_dir)
+    adapter_sha256, state = read_adapter_state(run_dir)
     adapter_path = run_dir / ADAPTER_FILE
-    adapter_sha256 = verify_checksum(adapter_path)
     spec = get_backend(info.backend)
     recorded = info.base_checkpoint
     base = checkpoint if checkpoint is not None else (recorded if recorded.is_file() else None)
@@ -339,12 +353,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     settings = info.lora
     scale = check_scale(info.lora_scale if scale is None else scale)
     model = apply_lora(loaded.model, settings)
-    try:
-        state = load_file(str(adapter_path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise CxrsamError(f"unreadable adapter file ({type(exc).__name__}: {first})", path=adapter_path) from None
-    require_finite(state, adapter_path)
     current = model.state_dict()
     base = {k: current[k].clone() for k in state if not is_lora_key(k) and k in current}
     load_adapter_state(model, state, source=adapter_path)

@@ -64,6 +64,7 @@ from cxrsam.sam.lora import (
     is_lora_key,
     load_adapter_state,
     read_adapter_info,
+    read_adapter_state,
     save_adapter,
     trainable_summary,
 )
@@ -443,8 +444,6 @@ def init_weights(model: nn.Module, loaded: LoadedSam, settings: LoraSettings, ru
             other adapters (rank, alpha, targets), or opened weights that stay frozen here (the new run's adapter
             file would not hold them, so it could not be rebuilt).
     """
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     info = read_adapter_info(run_dir)
     if info.backend != loaded.spec.name or info.base_sha256 != loaded.checkpoint_sha256:
@@ -455,7 +454,7 @@ def init_weights(model: nn.Module, loaded: LoadedSam, settings: LoraSettings, ru
     if differ:
         detail = ", ".join(f"{k} {theirs[k]}, here {mine[k]}" for k in differ)
         raise CxrsamError(f"init_from has other adapters ({detail})", path=run_dir)
-    state = load_file(str(run_dir / ADAPTER_FILE))
+    _, state = read_adapter_state(run_dir)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = sorted(k for k in state if not is_lora_key(k) and k not in trainable)
     if frozen:
