@@ -418,6 +418,12 @@ def test_a_run_started_from_another_starts_where_it_ended_and_refuses_what_it_co
     trained = load_checkpoint(second / "last.pt")["model"]
     assert set(before) < set(trained)  # the decoder and prompt embeddings are opened on top of the adapters
     assert all(not torch.equal(before[k], trained[k]) for k in before)  # and training went on from there
+    import shutil
+
+    moved = tmp_path / "box-moved"
+    shutil.move(first, moved)  # a resumed run needs only its own folder, not the run it started from
+    assert ft.finetune(ft.read_config(second), second, resume=True) == second
+    shutil.move(moved, first)
     with pytest.raises(CxrsamError, match="other adapters .*rank 4, here 8"):
         ft.finetune(tiny_config(phantoms, tiny_ckpt, init_from=first, rank=8), tmp_path / "rank")
     with pytest.raises(CxrsamError, match="keeps frozen"):

@@ -490,7 +490,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     summary = trainable_summary(model)
     log.info("trainable parameters: %d of %d (%.2f %%; LoRA %d, opened %d)", summary["trainable"], summary["total"],
              summary["share_percent"], summary["lora"], summary["opened"])
-    if config.init_from is not None:
+    if config.init_from is not None and not resume:  # a resumed run continues from its own last.pt
         init_weights(model, loaded, config.lora, config.init_from)
     if config.gradient_checkpointing:
         log.info("gradient checkpointing on %d encoder blocks", enable_gradient_checkpointing(model.image_encoder))
