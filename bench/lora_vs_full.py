@@ -64,7 +64,7 @@ def prepare(variant: str, backend: str, batch_size: int, device: str) -> tuple[C
     optimizer = torch.optim.AdamW([p for p in loaded.model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
-        loss = step_fn(trainee, (images, None, None, prompts, targets))
+        loss = step_fn(trainee, (images, None, None, prompts, targets, [False] * len(prompts)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

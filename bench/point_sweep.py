@@ -30,9 +30,9 @@ from cxrsam.data.split import read_manifest
 from cxrsam.evaluation.evaluate import write_csv
 from cxrsam.evaluation.metrics import dice_score
 from cxrsam.evaluation.stats import paired_comparison, summarize
-from cxrsam.pipeline.segmenter import add_points
-from cxrsam.prompts import prompts_from_mask
+from cxrsam.prompts import add_points, prompts_from_mask
 from cxrsam.prompts.boxes import clip_box
+from cxrsam.prompts.corrections import error_click
 from cxrsam.report.figures import point_sweep_curve
 from cxrsam.sam.engine import SamEngine
 from cxrsam.sam.lora import load_run
@@ -54,41 +54,31 @@ def variants(points: list[int], box: bool) -> dict[str, dict]:
 
 
 def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarray, bottom: float = 0.0) -> dict:
-    """One simulated corrective click on the box prediction (the interactive-SAM protocol): at the deepest pixel
-    of the largest error region, positive (label 1, "more lung") on a missed region, negative (label 0, "less
-    lung") on a false one; the click joins the lung set it falls in (:func:`cxrsam.pipeline.segmenter.add_points`).
-    ``bottom`` moves each lung box's lower side by that fraction of its height first (-0.3: the bases cut off, a
-    visibly wrong box; +0.3: reaching into the abdomen).
+    """One simulated corrective click on the box prediction (:func:`cxrsam.prompts.corrections.error_click`: the
+    deepest pixel of the largest error region, positive "more lung" on a missed region, negative "less lung" on a
+    false one); the click joins the lung set it falls in (:func:`cxrsam.prompts.add_points`). ``bottom`` moves each
+    lung box's lower side by that fraction of its height first (-0.3: the bases cut off, a visibly wrong box;
+    +0.3: reaching into the abdomen).
 
     Returns: ``dice`` before and after, ``kind`` (more/less), ``obeyed``: the clicked pixel became lung (more) or
     background (less) and the mask grew (more) or shrank (less).
     """
-    from scipy import ndimage
-
     prompts = prompts_from_mask(draft, mode="box")
     for prompt_set in prompts.sets:
         y0, y1 = prompt_set.box[1], prompt_set.box[3]
         prompt_set.box = clip_box(prompt_set.box + np.array([0, 0, 0, bottom * (y1 - y0)]), draft.shape)
     before = engine.segment(xray, prompts)
-    errors = {"more": truth & ~before, "less": before & ~truth}
-    sizes = {}
-    for kind, error in errors.items():
-        labels, count = ndimage.label(error)
-        sizes[kind] = (np.bincount(labels.ravel())[1:].max() if count else 0, labels, count)
-    kind = max(sizes, key=lambda k: sizes[k][0])
-    size, labels, _ = sizes[kind]
-    if size == 0:
+    click = error_click(truth, before)
+    if click is None:
         return {"dice_before": dice_score(before, truth), "dice_after": dice_score(before, truth), "kind": "none",
                 "obeyed": True}
-    region = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-    depth = ndimage.distance_transform_edt(region)
-    row, col = np.unravel_index(np.argmax(depth), depth.shape)
-    label = 1 if kind == "more" else 0
-    after = engine.segment(xray, add_points(prompts, np.array([[col, row]], np.float32), np.array([label])))
+    point, label = click
+    after = engine.segment(xray, add_points(prompts, point[None], np.array([label])))
+    col, row = int(point[0]), int(point[1])
     grew = after.sum() > before.sum()
-    obeyed = bool(after[row, col] and grew) if kind == "more" else bool(not after[row, col] and not grew)
-    return {"dice_before": dice_score(before, truth), "dice_after": dice_score(after, truth), "kind": kind,
-            "obeyed": obeyed}
+    obeyed = bool(after[row, col] and grew) if label == 1 else bool(not after[row, col] and not grew)
+    return {"dice_before": dice_score(before, truth), "dice_after": dice_score(after, truth),
+            "kind": "more" if label == 1 else "less", "obeyed": obeyed}
 
 
 def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], backend: str, points: list[int],

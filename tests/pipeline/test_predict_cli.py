@@ -16,7 +16,7 @@ from cxrsam.errors import CxrsamError
 from cxrsam.evaluation.metrics import dice_score
 from cxrsam.files import sha256_file
 from cxrsam.pipeline.outputs import Segmentation, lung_areas, output_format, output_paths, write_outputs
-from cxrsam.pipeline.segmenter import add_points, parse_box, validate_box
+from cxrsam.pipeline.segmenter import parse_box, validate_box
 from cxrsam.prompts import Prompts, PromptSet
 
 
@@ -41,16 +41,6 @@ def test_lung_areas_without_spacing_or_second_lung():
     areas = lung_areas(mask, spacing_mm=None)
     assert areas["total"] == {"pixels": 40 * 65, "mm2": None}
     assert areas["lungs"] is None and "not separable" in areas["lungs_note"]
-
-
-def test_add_points_join_the_lung_whose_box_holds_them():
-    prompts = Prompts([PromptSet(box=np.array([5, 10, 29, 49], np.float32)),
-                       PromptSet(box=np.array([50, 15, 69, 44], np.float32))], (60, 80), "box", 2)
-    refined = add_points(prompts, np.array([[60, 30], [20, 20], [35, 5]], np.float32), np.array([0, 1, 1]))
-    assert refined.sets[1].points.tolist() == [[60, 30]] and refined.sets[1].labels.tolist() == [0]
-    # (35, 5) is in no box: it joins the nearest box centre, (17, 29.5) of the image-left lung.
-    assert refined.sets[0].points.tolist() == [[20, 20], [35, 5]] and refined.mode == "box+points"
-    assert prompts.sets[0].points is None  # the draft prompts are not modified
 
 
 def test_parse_box_rules():

@@ -84,3 +84,21 @@ def test_a_mixture_with_corrections_gives_every_lung_a_wrong_box_and_its_clicks(
     half = PromptMixture(weights={"points": 1.0}, corrections=0.5)
     modes = [half.draw(every, rng).mode for _ in range(60)]
     assert 15 < modes.count("box+points") < 45 and modes.count("points") == 60 - modes.count("box+points")
+
+
+def test_the_error_click_sits_deepest_in_the_largest_error_and_asks_for_what_is_wrong():
+    from cxrsam.prompts.corrections import error_click
+
+    _, _, truth = lungs()
+    missed = truth.copy()
+    missed[55:71, 10:31] = False  # the left base missed: 16 x 21 px
+    missed[15:18, 60:86] = False  # a thin strip of the right apex missed too (smaller)
+    point, label = error_click(truth, missed)
+    assert label == 1 and 55 + 5 <= point[1] <= 70 - 5 and 10 + 5 <= point[0] <= 30 - 5  # the base's middle
+    taken = truth.copy()
+    taken[80:95, 40:60] = True  # non-lung below, larger than the missed strip
+    taken[15:17, 60:86] = False
+    point, label = error_click(truth, taken)
+    assert label == 0 and not truth[int(point[1]), int(point[0])] and taken[int(point[1]), int(point[0])]
+    assert 84 <= point[1] <= 90 and 45 <= point[0] <= 54
+    assert error_click(truth, truth.copy()) is None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from cxrsam.prompts import PromptMixture, PromptSpec, prompts_from_mask
+from cxrsam.prompts import PromptMixture, Prompts, PromptSet, PromptSpec, add_points, prompts_from_mask
 from cxrsam.prompts.boxes import adjust_box, clip_box, mask_box
 from cxrsam.prompts.components import lung_components
 from cxrsam.prompts.points import (
@@ -294,3 +294,13 @@ def test_mixture_draws_kinds_counts_and_negatives_within_its_settings():
         PromptMixture(min_points=10, max_points=5)
     with pytest.raises(ValidationError, match="positive sum"):
         PromptMixture(weights={"box": 0.0})
+
+
+def test_add_points_join_the_lung_whose_box_holds_them():
+    prompts = Prompts([PromptSet(box=np.array([5, 10, 29, 49], np.float32)),
+                       PromptSet(box=np.array([50, 15, 69, 44], np.float32))], (60, 80), "box", 2)
+    refined = add_points(prompts, np.array([[60, 30], [20, 20], [35, 5]], np.float32), np.array([0, 1, 1]))
+    assert refined.sets[1].points.tolist() == [[60, 30]] and refined.sets[1].labels.tolist() == [0]
+    # (35, 5) is in no box: it joins the nearest box centre, (17, 29.5) of the image-left lung.
+    assert refined.sets[0].points.tolist() == [[20, 20], [35, 5]] and refined.mode == "box+points"
+    assert prompts.sets[0].points is None  # the draft prompts are not modified

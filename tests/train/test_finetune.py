@@ -72,7 +72,7 @@ def test_training_steps_change_adapters_and_decoder_but_never_the_frozen_base(ph
 
 def test_prompts_and_targets_are_per_lung_and_reproducible(phantoms):
     data = prompted_data(phantoms)
-    image, mask, index, prompts, targets = data[1]
+    image, mask, index, prompts, targets, _ = data[1]
     assert image.shape == (3, TINY_SIZE, TINY_SIZE) and mask.shape == (1, TINY_SIZE, TINY_SIZE)
     assert len(prompts.sets) == len(targets) == 2
     assert torch.equal(targets.amax(dim=0) > 0, mask[0] > 0)  # the two lungs are the whole mask
@@ -269,7 +269,7 @@ def test_a_non_square_image_reaches_the_model_as_the_same_tensor_in_finetuning_a
     loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
     transform = loaded.spec.transform
     data = ft.PromptedDataset(discover(tmp_path).cases, transform, "box")
-    model_input, truth, _, prompts, _ = data[0]
+    model_input, truth, _, prompts, _, _ = data[0]
 
     seen = []
     loaded.model.image_encoder.register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
@@ -296,7 +296,7 @@ def test_shift_augmentation_and_cnn_like_boxes_are_seeded_and_keep_targets_on_th
     plain = ft.PromptedDataset(cases, transform, "box", seed=2)
     shifted_any = moved_any = False
     for i in range(4):
-        image, mask, _, prompts, targets = data[i]
+        image, mask, _, prompts, targets, _ = data[i]
         again = data[i]
         assert torch.equal(image, again[0]) and [s.signature for s in prompts.sets] == [
             s.signature for s in again[3].sets]
@@ -380,6 +380,43 @@ def test_sets_with_different_point_counts_decode_in_their_own_order(phantoms, ti
         alone = [trainee(image, [Prompts([s], size, "points", 1)])[0][0][0] for s in (a, b)]
     assert both.shape[0] == 2
     assert torch.allclose(both[0], alone[0], atol=1e-5) and torch.allclose(both[1], alone[1], atol=1e-5)
+
+
+def test_interactive_examples_learn_from_a_second_pass_with_a_click_on_the_first_passs_error(phantoms, tiny_ckpt):
+    from cxrsam.data.layouts import discover
+    from cxrsam.prompts import PromptMixture
+    from cxrsam.prompts.corrections import error_click
+
+    cases = discover(phantoms).cases[:4]
+    mixture = PromptMixture(weights={"box": 1.0}, interactive=0.5)
+    data = ft.PromptedDataset(cases, tiny_spec().transform, "mixed", jitter=0.2, seed=3, mixture=mixture)
+    flags = [[data[i][5] for i in range(4)] for data.epoch in range(6)]
+    assert 0.2 < np.mean(flags) < 0.8 and flags == [[data[i][5] for i in range(4)] for data.epoch in range(6)]
+    assert not any(ft.PromptedDataset(cases, tiny_spec().transform, "box", seed=3)[i][5] for i in range(4))
+    data.epoch = 0
+    batch = ft.collate_prompted([data[i] for i in range(4)])
+    images, masks, _, prompts, targets, _ = batch
+    loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
+    trainee = ft.SamTrainee(loaded).eval()
+    refined = ft.with_error_clicks(trainee, images, masks, prompts, [True, False, True, False])
+    assert refined[1] is prompts[1] and refined[3] is prompts[3]
+    with torch.no_grad():
+        first = ft.union_logits(trainee(images, prompts), TINY_SIZE)[:, 0] > 0
+    for i in (0, 2):
+        truth = masks[i, 0].numpy() > 0.5
+        point, label = error_click(truth, first[i].numpy())
+        added = [(p, lab) for s, old in zip(refined[i].sets, prompts[i].sets)
+                 for p, lab in zip(s.points if s.points is not None else [], s.labels if s.labels is not None else [])
+                 if old.points is None or len(s.points) > len(old.points)]
+        assert len(added) == 1 and np.array_equal(added[0][0], point) and added[0][1] == label
+        assert truth[int(point[1]), int(point[0])] == bool(label)  # asks for lung where lung is, less where not
+    # the step learns from the refined prompts: its loss is the loss of the second pass
+    torch.manual_seed(0)
+    step = ft.finetune_step()(trainee, (images, masks, None, prompts, targets, [True, False, True, False]))
+    with torch.no_grad():
+        second = ft.segmentation_loss(trainee(images, refined), targets)
+        plain = ft.segmentation_loss(trainee(images, prompts), targets)
+    assert step.item() == pytest.approx(second.item(), rel=1e-5) and step.item() != pytest.approx(plain.item())
 
 
 def test_a_short_point_prompt_run_on_real_x_rays_beats_zero_shot_litemedsam_with_points(shared_data, tmp_path):

@@ -22,7 +22,7 @@ from cxrsam.errors import CxrsamError
 from cxrsam.pipeline.outputs import Segmentation
 from cxrsam.pipeline.quality import QualityThresholds, assess, quality_signals
 from cxrsam.pipeline.uncertainty import DEFAULT_JITTER, prompt_uncertainty
-from cxrsam.prompts import Prompts, PromptSet, PromptSpec
+from cxrsam.prompts import Prompts, PromptSet, PromptSpec, add_points
 from cxrsam.prompts.boxes import clip_box
 from cxrsam.sam.engine import Precision, SamEngine
 from cxrsam.sam.lora import LoraSam
@@ -86,25 +86,6 @@ def validate_points(points: Sequence[Sequence[float]] | np.ndarray | None, label
     if (pts[:, 0] < 0).any() or (pts[:, 0] > w - 1).any() or (pts[:, 1] < 0).any() or (pts[:, 1] > h - 1).any():
         raise CxrsamError(f"points must lie inside the {w}x{h} image")
     return pts, labs
-
-
-def add_points(prompts: Prompts, points: np.ndarray, labels: np.ndarray) -> Prompts:
-    """Draft prompts with hand-given points added: each point joins the set whose box contains it
-    (else the set whose box or points centre is nearest), so a click refines the lung it is on."""
-    sets = [PromptSet(s.box, s.points, s.labels) for s in prompts.sets]
-
-    def centre(s: PromptSet) -> np.ndarray:
-        return (s.box[:2] + s.box[2:]) / 2 if s.box is not None else s.points.mean(axis=0)
-
-    for point, label in zip(points, labels):
-        inside = [i for i, s in enumerate(sets) if s.box is not None
-                  and s.box[0] <= point[0] <= s.box[2] and s.box[1] <= point[1] <= s.box[3]]
-        target = inside[0] if inside else int(np.argmin([np.linalg.norm(centre(s) - point) for s in sets]))
-        s = sets[target]
-        s.points = point[None] if s.points is None else np.concatenate([s.points, point[None]])
-        s.labels = np.array([label]) if s.labels is None else np.concatenate([s.labels, [label]])
-    mode = "box+points" if any(s.box is not None for s in sets) else "points"
-    return Prompts(sets, prompts.image_size, mode, prompts.components_found, list(prompts.warnings))
 
 
 class Segmenter:

@@ -5,6 +5,9 @@ drafts leave only thin rims to click on, so cxrsam simulates the errors that use
 off part of a lung (a missed base or apex) or reaches past it, with positive clicks in the lung it cut off and
 negative clicks in the non-lung it added. The target stays the whole lung, so the model learns that a click
 outside the box asks for more lung and a negative click inside it for less.
+
+:func:`error_click` is the click a user makes on a model's own result: fine-tuning's interactive share
+(``PromptMixture.interactive``) adds it after a first pass, and ``bench/point_sweep.py`` probes with it.
 """
 
 from __future__ import annotations
@@ -74,3 +77,29 @@ def corrected_set(lung: np.ndarray, lungs: np.ndarray, box: np.ndarray, rng: np.
     if not points:
         return PromptSet(moved.astype(np.float32))
     return PromptSet(moved.astype(np.float32), np.concatenate(points).astype(np.float32), np.concatenate(labels))
+
+
+def error_click(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """The corrective click on a segmentation: at the deepest pixel (largest distance to the region's edge) of its
+    largest 8-connected error region, positive (1, "more lung") on lung it missed, negative (0, "less lung") on
+    non-lung it took. Ties in size go to the missed region.
+
+    Args:
+        truth: the lungs bool (H, W).
+        predicted: the segmentation bool (H, W).
+
+    Returns:
+        ``(point (2,) float32 (x, y) in the masks' pixels, label)``, or None when the two agree.
+    """
+    best = None
+    for error, label in ((truth & ~predicted, 1), (predicted & ~truth, 0)):
+        regions, count = ndimage.label(error, structure=np.ones((3, 3)))
+        if count:
+            sizes = np.bincount(regions.ravel())[1:]
+            if best is None or sizes.max() > best[0]:
+                best = (int(sizes.max()), regions == int(np.argmax(sizes)) + 1, label)
+    if best is None:
+        return None
+    depth = ndimage.distance_transform_edt(np.pad(best[1], 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return np.array([col, row], np.float32), best[2]

@@ -155,3 +155,22 @@ def prompts_from_mask(mask: np.ndarray, mode: str = "box", box_mode: str = "per_
             prompt.labels = np.concatenate([np.ones(len(pos), np.int64), np.zeros(len(negs), np.int64)])
         sets.append(prompt)
     return Prompts(sets, size, mode, found, warnings)
+
+
+def add_points(prompts: Prompts, points: np.ndarray, labels: np.ndarray) -> Prompts:
+    """Draft prompts with hand-given points added: each point joins the set whose box contains it
+    (else the set whose box or points centre is nearest), so a click refines the lung it is on."""
+    sets = [PromptSet(s.box, s.points, s.labels) for s in prompts.sets]
+
+    def centre(s: PromptSet) -> np.ndarray:
+        return (s.box[:2] + s.box[2:]) / 2 if s.box is not None else s.points.mean(axis=0)
+
+    for point, label in zip(points, labels):
+        inside = [i for i, s in enumerate(sets) if s.box is not None
+                  and s.box[0] <= point[0] <= s.box[2] and s.box[1] <= point[1] <= s.box[3]]
+        target = inside[0] if inside else int(np.argmin([np.linalg.norm(centre(s) - point) for s in sets]))
+        s = sets[target]
+        s.points = point[None] if s.points is None else np.concatenate([s.points, point[None]])
+        s.labels = np.array([label]) if s.labels is None else np.concatenate([s.labels, [label]])
+    mode = "box+points" if any(s.box is not None for s in sets) else "points"
+    return Prompts(sets, prompts.image_size, mode, prompts.components_found, list(prompts.warnings))

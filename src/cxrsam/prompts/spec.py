@@ -73,7 +73,10 @@ class PromptMixture(BaseModel):
     uniform in [``min_points``, ``max_points``], drawn by the probability rule with the truth mask as the
     weight) plus negatives uniform in [0, ``max_negatives``] from the background near the lungs; boxes jittered.
     A share ``corrections`` of the examples instead gets a visibly wrong box per lung with the clicks that correct it
-    (:func:`cxrsam.prompts.corrections.corrected_set`), so that clicks outside or inside the box act.
+    (:func:`cxrsam.prompts.corrections.corrected_set`), so that clicks outside or inside the box act. A share
+    ``interactive`` of the examples is trained as a user refines a result (SAM-Med2D, micro-sam): fine-tuning decodes
+    the drawn prompt once without gradient, adds the click on that result's own largest error
+    (:func:`cxrsam.prompts.corrections.error_click`) and learns from the second pass.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -88,6 +91,8 @@ class PromptMixture(BaseModel):
     corrections: float = Field(0.0, ge=0, le=1, description="Share of examples given a wrong box per lung and the "
                                                              "clicks that correct it (0: none)")
     max_clicks: int = Field(3, ge=1, description="Most positive clicks of a correction")
+    interactive: float = Field(0.0, ge=0, le=1, description="Share of examples given one more click on the model's "
+                                                             "own error after a first pass (0: none)")
 
     @model_validator(mode="after")
     def _check(self) -> PromptMixture:

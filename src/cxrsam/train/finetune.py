@@ -51,8 +51,9 @@ from cxrsam.data.dataset import augment, load_case
 from cxrsam.data.layouts import Case
 from cxrsam.data.shift import BoxError, perturb_box, shift_pair
 from cxrsam.errors import CxrsamError
-from cxrsam.prompts import Prompts, PromptSet, PromptSpec, prompts_from_mask
+from cxrsam.prompts import Prompts, PromptSet, PromptSpec, add_points, prompts_from_mask
 from cxrsam.prompts.components import lung_components
+from cxrsam.prompts.corrections import error_click
 from cxrsam.prompts.modes import TrainPrompt
 from cxrsam.prompts.spec import PromptMixture
 from cxrsam.runs import ADAPTER_FILE, BEST, forget, load_checkpoint, read_run_config
@@ -254,11 +255,13 @@ class PromptedDataset(Dataset):
     inference does (resize the longest side to S, then normalise and zero-pad), for any aspect ratio;
     augmentation (:func:`cxrsam.data.dataset.augment`) acts on the resized (h, w) pair before padding.
 
-    Item ``i``: ``(image (3, S, S) model input, mask (1, S, S), i, prompts, targets)``. For training
+    Item ``i``: ``(image (3, S, S) model input, mask (1, S, S), i, prompts, targets, interactive)``. For training
     (``prompts=None``) prompts of kind ``prompt`` are sampled from the (augmented) mask, one set per lung, and
     ``targets`` (P, S, S) are the lungs' components (``mixed``: each example's prompt drawn from ``mixture``);
     for validation ``prompts[i]`` are given (model-input pixels, see :func:`_val_prompts`) and ``targets`` is
-    the full mask (1, S, S). With ``shift`` > 0 that share of training items is first shifted
+    the full mask (1, S, S). ``interactive``: the example is trained on its result refined by one click
+    (``mixture.interactive`` share of ``mixed`` training items; see :func:`with_error_clicks`).
+    With ``shift`` > 0 that share of training items is first shifted
     (:func:`~cxrsam.data.shift.shift_pair` on the resized pair, which is then resized again to the longest side S);
     with ``box_error`` > 0 each training box is moved like a CNN draft's (:func:`~cxrsam.data.shift.perturb_box`)
     instead of by ``jitter``. Randomness is drawn from
@@ -297,7 +300,7 @@ class PromptedDataset(Dataset):
             self._cache[index] = (self.transform.resize(xray.pixels).numpy(), self.transform.resize_mask(mask))
         return self._cache[index]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, Prompts, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, Prompts, torch.Tensor, bool]:
         image, mask = self.resized(index)
         if self.prompts is None and self.shift > 0:
             rng = np.random.default_rng([self.seed, self.epoch, index, 2])
@@ -310,7 +313,7 @@ class PromptedDataset(Dataset):
         truth = self.transform.pad_mask(mask)
         full = torch.from_numpy(truth.astype(np.float32))[None]
         if self.prompts is not None:
-            return model_input, full, index, self.prompts[index], full
+            return model_input, full, index, self.prompts[index], full, False
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
         jitter = 0.0 if self.box_error else self.jitter
         if self.prompt == TrainPrompt.MIXED:
@@ -324,13 +327,16 @@ class PromptedDataset(Dataset):
                                       p.points, p.labels) for p in prompts.sets]
         lungs, _ = lung_components(truth)
         targets = torch.from_numpy(np.stack(lungs).astype(np.float32)) if lungs else full[:0]
-        return model_input, full, index, prompts, targets
+        interactive = self.prompt == TrainPrompt.MIXED and bool(
+            np.random.default_rng([self.seed, self.epoch, index, 3]).random() < self.mixture.interactive)
+        return model_input, full, index, prompts, targets, interactive
 
 
-def collate_prompted(items: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, list]:
-    """Stack images, masks and indices; keep prompts and per-image targets as lists."""
-    images, masks, indices, prompts, targets = zip(*items)
-    return torch.stack(images), torch.stack(masks), torch.tensor(indices), list(prompts), list(targets)
+def collate_prompted(items: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, list, list]:
+    """Stack images, masks and indices; keep prompts, per-image targets and interactive flags as lists."""
+    images, masks, indices, prompts, targets, interactive = zip(*items)
+    return (torch.stack(images), torch.stack(masks), torch.tensor(indices), list(prompts), list(targets),
+            list(interactive))
 
 
 def union_logits(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int) -> torch.Tensor:
@@ -399,13 +405,37 @@ def consistency_loss(net: nn.Module, images: torch.Tensor, prompts: Sequence[Pro
     return torch.nn.functional.mse_loss(torch.sigmoid(torch.cat(adapted)), torch.sigmoid(base))
 
 
+def with_error_clicks(net: nn.Module, images: torch.Tensor, masks: torch.Tensor, prompts: Sequence[Prompts],
+                      interactive: Sequence[bool]) -> list[Prompts]:
+    """Interactive training's prompts: each image flagged in ``interactive`` is decoded once by the current model
+    (no gradient) and gets the click a user would add on that result (:func:`error_click` against its full mask,
+    joined to its lung set by :func:`add_points`), as the app refines a result; other images keep their prompts.
+
+    Args:
+        images: (B, 3, S, S) model inputs; masks: (B, 1, S, S) full truth masks; prompts, interactive: B of each.
+    """
+    chosen = [i for i, flag in enumerate(interactive) if flag and not prompts[i].empty]
+    out = list(prompts)
+    if not chosen:
+        return out
+    with torch.no_grad():
+        first = union_logits(net(images[chosen], [prompts[i] for i in chosen]), images.shape[-1])[:, 0] > 0
+    for row, i in enumerate(chosen):
+        click = error_click(masks[i, 0].cpu().numpy() > 0.5, first[row].cpu().numpy())
+        if click is not None:
+            out[i] = add_points(prompts[i], click[0][None], np.array([click[1]], np.int64))
+    return out
+
+
 def finetune_step(iou_weight: float = 0.0, consistency_weight: float = 0.0) -> StepFn:
-    """The fine-tuning step's loss, ``(SamTrainee, (images, masks, indices, prompts, targets)) -> scalar``
-    (:func:`segmentation_loss`, plus ``consistency_weight`` x :func:`consistency_loss`); used by :func:`finetune`
-    and ``bench/lora_vs_full.py``."""
+    """The fine-tuning step's loss, ``(SamTrainee, (images, masks, indices, prompts, targets, interactive)) ->
+    scalar`` (:func:`segmentation_loss` after :func:`with_error_clicks`, plus ``consistency_weight`` x
+    :func:`consistency_loss`); used by :func:`finetune` and ``bench/lora_vs_full.py``."""
 
     def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
-        images, _, _, prompts, targets = batch
+        images, masks, _, prompts, targets, interactive = batch
+        if any(interactive):
+            prompts = with_error_clicks(net, images, masks, prompts, interactive)
         outputs = net(images, prompts)
         loss = segmentation_loss(outputs, targets, iou_weight)
         if consistency_weight:
@@ -509,7 +539,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     step_fn = finetune_step(config.iou_loss_weight, config.consistency_weight)
 
     def logits_fn(net: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        images, masks, _, prompts, _ = batch
+        images, masks, _, prompts, _, _ = batch
         return union_logits(net(images, prompts), size), masks
 
     def validate_fn(net: nn.Module) -> dict[str, float]:
