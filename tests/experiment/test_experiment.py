@@ -93,6 +93,32 @@ def test_lora_scale_reruns_only_the_lora_methods_and_zero_is_zero_shot(mini_run,
         load_config(tmp_path / "bad.yaml")
 
 
+def test_a_continued_lora_stage_starts_from_the_first_and_is_the_evaluated_model(mini_run, tmp_path):
+    first, _ = mini_run
+    config = yaml.safe_load((first.out_dir.parent / "mini.yaml").read_text())
+    config["lora"]["continue_train"] = {"train_prompt": "mixed", "train_decoder": True, "lr": 0.05}
+    (tmp_path / "continued.yaml").write_text(yaml.safe_dump(config))
+    shutil.copytree(first.out_dir, tmp_path / "run")
+    continued = run_experiment(load_config(tmp_path / "continued.yaml"), tmp_path / "run")
+    assert "lora" in continued.skipped and {"lora-continued", "lora-embed"} <= set(continued.ran)
+    stages = tmp_path / "run" / "stages"
+    start = pd.read_csv(stages / "lora-continued" / "metrics.csv").set_index("epoch")
+    assert start.loc[0, "val_dice"] == pytest.approx(pd.read_csv(stages / "lora" / "metrics.csv")["val_dice"].max())
+    run_config = yaml.safe_load((stages / "lora-continued" / "config.yaml").read_text())
+    assert run_config["init_from"].endswith("stages/lora") and run_config["train_prompt"] == "mixed"
+    assert run_config["lora"]["rank"] == 2  # the first stage's options, continue_train's on top
+    before = first.table.set_index("method")
+    after = continued.table.set_index("method")
+    name = "LoRA-SAM, box (U-Net drafts)"
+    assert after.loc[name, "train_seconds"] > before.loc[name, "train_seconds"]  # both stages' time
+    from cxrsam.files import sha256_file
+
+    embedded = StageCache(stages).done("lora-embed")["result"]["model_id"]
+    assert embedded == "lora:" + sha256_file(stages / "lora-continued" / "adapter.safetensors")[:16]
+    assert embedded != "lora:" + sha256_file(stages / "lora" / "adapter.safetensors")[:16]
+    assert "training_curves" in continued.report_md.read_text()
+
+
 def test_changed_setting_reruns_only_downstream(tmp_path):
     calls = []
     cache = StageCache(tmp_path)

@@ -104,6 +104,9 @@ class LoraSection(PromptSection):
     val_draft_source: DraftSource | None = Field(
         "unet", description="Draft source of the validation prompts (a CNN or oracle)")
     train: dict[str, Any] = Field(default_factory=dict, description="finetune options (rank, max_steps, lr, ...)")
+    continue_train: dict[str, Any] | None = Field(
+        None, description="finetune options of a second stage (lora-continued) that starts from the first stage's "
+                          "weights (finetune --init-from), over train's; its model is the evaluated LoRA-SAM")
     scale: float | None = Field(None, ge=0, le=1, description="WiSE-FT scale of the LoRA-SAM methods (0: pretrained "
                                 "SAM, 1: as trained; null: the run's recorded lora_scale), chosen on validation "
                                 "with bench/transfer.py")
@@ -128,6 +131,9 @@ class ExperimentConfig(_Section):
             cnn_config(arch=arch, data=Path("."), **self.cnn.train)
         if self.lora.enabled:
             finetune_config(data=Path("."), backend=self.sam.backend, **self.lora.train)
+            if self.lora.continue_train is not None:
+                finetune_config(data=Path("."), backend=self.sam.backend,
+                                **{**self.lora.train, **self.lora.continue_train})
         known = {*self.cnn.archs, "oracle"}
         for section in (self.zero_shot, self.lora):
             for source in [*section.draft_sources, *([self.lora.val_draft_source] if section is self.lora else [])]:

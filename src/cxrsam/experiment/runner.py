@@ -3,7 +3,7 @@
 Stages (each cached by :class:`~cxrsam.experiment.cache.StageCache` under ``<out>/stages/``)::
 
     data -> split -> cnn-<arch> -> drafts-<source> -> embed -> zs-<prompt>-<source>, zs-points<N>-<source>
-                                 \\-> lora -> lora-embed -> lora-<prompt>-<source>, lora-points<N>-<source>
+                                 \\-> lora [-> lora-continued] -> lora-embed -> lora-<prompt>-<source>, ...
     -> evaluation (per_image.csv, table.csv, table.md) -> report (report.md, report.html)
 
 Timing rules of the comparison table: *inference (s/img)* of a SAM method is the draft CNN's time +
@@ -12,7 +12,8 @@ encoding per image, measured once in ``embed``; LoRA methods likewise share ``lo
 their own weights). A section's ``sweep_points`` adds one points-only method per N (N probability-weighted
 points per image, the paper's protocol; the CNN draft stages then keep each draft's probability map beside its
 mask) and the report draws their Dice against N. *Params trained* and *train time* include the draft CNN that a
-method depends on; train time is the sum of the epochs' wall times in ``metrics.csv`` (so it survives a resume).
+method depends on (a LoRA-SAM's train time: both stages with ``lora.continue_train``); train time is the sum of
+the epochs' wall times in ``metrics.csv`` (so it survives a resume).
 """
 
 from __future__ import annotations
@@ -236,7 +237,9 @@ class Experiment:
 
         return self.cache.run(name, {**key, "drafts": drafts["key"], "prompt_spec": spec.model_dump(mode="json")}, run)
 
-    def _finetune(self, root: Path, split_done: dict, cnn_runs: dict[str, dict]) -> dict:
+    def _finetune(self, root: Path, split_done: dict, cnn_runs: dict[str, dict]) -> list[dict]:
+        """The LoRA stages: ``lora`` (``lora.train``) and, with ``lora.continue_train``, ``lora-continued`` started
+        from its weights; the last one is the evaluated model."""
         from cxrsam.sam.lora import read_adapter_info
         from cxrsam.train.finetune import finetune, make_config
 
@@ -244,19 +247,27 @@ class Experiment:
         val_source = lora.val_draft_source
         val_drafts = Path(cnn_runs[val_source]["run"]) if val_source not in (None, "oracle") else None
         val_prompts = lora.spec(lora.prompts[0], self.config.seed).model_dump(mode="json")
-        config = make_config(**self._data_options(root, split_done), backend=sam.backend, checkpoint=sam.checkpoint,
-                             val_drafts=val_drafts, val_prompts=val_prompts, **lora.train)
-        split_key = split_done["key"]
 
-        def train(stage_dir: Path) -> dict:
-            finetune(config, stage_dir, resume=RunFolder(stage_dir).unfinished)
-            info = read_adapter_info(stage_dir)
-            return {"run": str(stage_dir), "train_seconds": RunFolder(stage_dir).train_seconds(),
-                    "trainable": info.trainable}
+        def stage(name: str, options: dict[str, Any], upstream: dict | None) -> dict:
+            config = make_config(**self._data_options(root, split_done), backend=sam.backend,
+                                 checkpoint=sam.checkpoint, val_drafts=val_drafts, val_prompts=val_prompts,
+                                 **options, **({"init_from": Path(upstream["run"])} if upstream else {}))
 
-        key = {"split": split_key, "config": config.model_dump(mode="json"),
-               "val_drafts": cnn_runs[val_source]["key"] if val_drafts else None}
-        return self.cache.run("lora", key, train)
+            def train(stage_dir: Path) -> dict:
+                finetune(config, stage_dir, resume=RunFolder(stage_dir).unfinished)
+                info = read_adapter_info(stage_dir)
+                return {"run": str(stage_dir), "train_seconds": RunFolder(stage_dir).train_seconds(),
+                        "trainable": info.trainable}
+
+            key = {"split": split_done["key"], "config": config.model_dump(mode="json"),
+                   "val_drafts": cnn_runs[val_source]["key"] if val_drafts else None,
+                   **({"init_from": upstream["key"]} if upstream else {})}
+            return self.cache.run(name, key, train)
+
+        stages = [stage("lora", lora.train, None)]
+        if lora.continue_train is not None:
+            stages.append(stage("lora-continued", {**lora.train, **lora.continue_train}, stages[0]))
+        return stages
 
     # ------------------------------------------------------------------------------------- run
     def run(self) -> ExperimentResult:
@@ -302,8 +313,10 @@ class Experiment:
 
         reference = None
         if cfg.lora.enabled:
-            tuned = self._finetune(root, split_done, cnn_runs)
-            tuned["train_seconds"] = RunFolder(tuned["run"]).train_seconds()
+            stages = self._finetune(root, split_done, cnn_runs)
+            tuned = {**stages[-1], "train_seconds": sum(RunFolder(s["run"]).train_seconds() for s in stages)}
+            if len(stages) > 1:
+                self.curves["LoRA-SAM, first stage"] = RunFolder(Path(stages[0]["run"])).metrics_file
             self.curves["LoRA-SAM"] = RunFolder(Path(tuned["run"])).metrics_file
             lora_engine = _LazyLoraEngine(tuned["run"], self.device, cfg.sam.batch_size, cfg.sam.runtime,
                                           cfg.lora.scale)
