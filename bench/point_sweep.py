@@ -61,7 +61,7 @@ def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarr
     +0.3: reaching into the abdomen).
 
     Returns: ``dice`` before and after, ``kind`` (more/less), ``obeyed``: the clicked pixel became lung (more) or
-    background (less) and the mask grew (more) or shrank (less).
+    background (less) and the mask grew (more) or shrank (less); ``depth``: the error's depth at the click (pixels).
     """
     prompts = prompts_from_mask(draft, mode="box")
     for prompt_set in prompts.sets:
@@ -71,14 +71,14 @@ def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarr
     click = error_click(truth, before)
     if click is None:
         return {"dice_before": dice_score(before, truth), "dice_after": dice_score(before, truth), "kind": "none",
-                "obeyed": True}
-    point, label = click
+                "obeyed": True, "depth": 0.0}
+    point, label = click.point, click.label
     after = engine.segment(xray, add_points(prompts, point[None], np.array([label])))
     col, row = int(point[0]), int(point[1])
     grew = after.sum() > before.sum()
     obeyed = bool(after[row, col] and grew) if label == 1 else bool(not after[row, col] and not grew)
     return {"dice_before": dice_score(before, truth), "dice_after": dice_score(after, truth),
-            "kind": "more" if label == 1 else "less", "obeyed": obeyed}
+            "kind": "more" if label == 1 else "less", "obeyed": obeyed, "depth": click.depth}
 
 
 def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], backend: str, points: list[int],
@@ -104,15 +104,24 @@ def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], back
     return pd.concat(frames, ignore_index=True), pd.DataFrame(clicks)
 
 
+DEEP_ERROR = 4.0
+"""Errors deeper than this (pixels from the click to the error's edge) are wider than one cell of LiteMedSAM's
+64 x 64 mask logits on a 299 px image (4.7 px): the clicks a 256 px model can act on."""
+
+
 def click_table(clicks: pd.DataFrame) -> list[str]:
-    """Markdown rows: per model, Dice before/after one corrective click and how often the click was obeyed."""
-    lines = ["| model | boxes | clicks (more / less lung) | obeyed | Dice box | Dice box + click |",
-             "|---|---|---|---|---|---|"]
+    """Markdown rows: per model, Dice before/after one corrective click and how often the click was obeyed, overall
+    and on errors deeper than :data:`DEEP_ERROR` (CSVs of older runs lack the depth: "-")."""
+    lines = ["| model | boxes | clicks (more / less lung) | obeyed | obeyed, errors > 4 px deep (n) | Dice box | "
+             "Dice box + click |", "|---|---|---|---|---|---|---|"]
     clicks = clicks.assign(probe=clicks["probe"].fillna("rim")) if "probe" in clicks else clicks.assign(probe="rim")
     for (model, probe), group in clicks.groupby(["model", "probe"], sort=False):
         acted = group[group.kind != "none"]
+        deep = acted[acted["depth"] > DEEP_ERROR] if "depth" in acted and acted["depth"].notna().all() else None
+        deep_cell = "-" if deep is None else f"{deep.obeyed.mean():.0%} ({len(deep)})" if len(deep) else "- (0)"
         lines.append(f"| {model} | {probe} | {(acted.kind == 'more').sum()} / {(acted.kind == 'less').sum()} | "
-                     f"{acted.obeyed.mean():.0%} | {group.dice_before.mean():.4f} | {group.dice_after.mean():.4f} |")
+                     f"{acted.obeyed.mean():.0%} | {deep_cell} | {group.dice_before.mean():.4f} | "
+                     f"{group.dice_after.mean():.4f} |")
     return lines
 
 
@@ -171,7 +180,8 @@ def main() -> None:
     parser.add_argument("--lora", action="append", default=[], help="NAME=RUN: a LoRA run to score (repeatable)")
     parser.add_argument("--no-zero-shot", action="store_true", help="Skip the pretrained backend")
     parser.add_argument("--backend", default="litemedsam", help="Pretrained SAM backend (zero-shot)")
-    parser.add_argument("--points", type=int, nargs="+", default=list(PAPER_POINTS), help="Points per image")
+    parser.add_argument("--points", type=int, nargs="*", default=list(PAPER_POINTS),
+                        help="Points per image (none: boxes and the click probes only)")
     parser.add_argument("--compare", action="append", default=[], help="A:B pair of model/variant columns")
     parser.add_argument("--include", type=Path, action="append", default=[],
                         help="Per-image CSV of an earlier run of this script to add to the tables and figure")

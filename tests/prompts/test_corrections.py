@@ -93,12 +93,13 @@ def test_the_error_click_sits_deepest_in_the_largest_error_and_asks_for_what_is_
     missed = truth.copy()
     missed[55:71, 10:31] = False  # the left base missed: 16 x 21 px
     missed[15:18, 60:86] = False  # a thin strip of the right apex missed too (smaller)
-    point, label = error_click(truth, missed)
+    point, label, depth = error_click(truth, missed)
     assert label == 1 and 55 + 5 <= point[1] <= 70 - 5 and 10 + 5 <= point[0] <= 30 - 5  # the base's middle
+    assert depth == 8  # 16 rows of the base: 8 px to the nearest edge at best
     taken = truth.copy()
     taken[80:95, 40:60] = True  # non-lung below, larger than the missed strip
     taken[15:17, 60:86] = False
-    point, label = error_click(truth, taken)
+    point, label, _ = error_click(truth, taken)
     assert label == 0 and not truth[int(point[1]), int(point[0])] and taken[int(point[1]), int(point[0])]
     assert 84 <= point[1] <= 90 and 45 <= point[0] <= 54
     assert error_click(truth, truth.copy()) is None

@@ -404,7 +404,7 @@ def test_interactive_examples_learn_from_a_second_pass_with_a_click_on_the_first
         first = ft.union_logits(trainee(images, prompts), TINY_SIZE)[:, 0] > 0
     for i in (0, 2):
         truth = masks[i, 0].numpy() > 0.5
-        point, label = error_click(truth, first[i].numpy())
+        point, label, _ = error_click(truth, first[i].numpy())
         added = [(p, lab) for s, old in zip(refined[i].sets, prompts[i].sets)
                  for p, lab in zip(s.points if s.points is not None else [], s.labels if s.labels is not None else [])
                  if old.points is None or len(s.points) > len(old.points)]

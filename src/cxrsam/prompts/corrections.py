@@ -12,6 +12,8 @@ outside the box asks for more lung and a negative click inside it for less.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage
 
@@ -79,7 +81,16 @@ def corrected_set(lung: np.ndarray, lungs: np.ndarray, box: np.ndarray, rng: np.
     return PromptSet(moved.astype(np.float32), np.concatenate(points).astype(np.float32), np.concatenate(labels))
 
 
-def error_click(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, int] | None:
+class Click(NamedTuple):
+    """One corrective click: ``point`` (2,) float32 (x, y) in the masks' pixels, ``label`` 1 ("more lung") or 0
+    ("less lung"), and ``depth``: the error region's depth there (distance to its edge, pixels)."""
+
+    point: np.ndarray
+    label: int
+    depth: float
+
+
+def error_click(truth: np.ndarray, predicted: np.ndarray) -> Click | None:
     """The corrective click on a segmentation: at the deepest pixel (largest distance to the region's edge) of its
     largest 8-connected error region, positive (1, "more lung") on lung it missed, negative (0, "less lung") on
     non-lung it took. Ties in size go to the missed region.
@@ -89,7 +100,7 @@ def error_click(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, i
         predicted: the segmentation bool (H, W).
 
     Returns:
-        ``(point (2,) float32 (x, y) in the masks' pixels, label)``, or None when the two agree.
+        the :class:`Click`, or None when the two agree.
     """
     best = None
     for error, label in ((truth & ~predicted, 1), (predicted & ~truth, 0)):
@@ -102,4 +113,4 @@ def error_click(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, i
         return None
     depth = ndimage.distance_transform_edt(np.pad(best[1], 1))[1:-1, 1:-1]
     row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    return np.array([col, row], np.float32), best[2]
+    return Click(np.array([col, row], np.float32), best[2], float(depth[row, col]))

@@ -423,7 +423,7 @@ def with_error_clicks(net: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     for row, i in enumerate(chosen):
         click = error_click(masks[i, 0].cpu().numpy() > 0.5, first[row].cpu().numpy())
         if click is not None:
-            out[i] = add_points(prompts[i], click[0][None], np.array([click[1]], np.int64))
+            out[i] = add_points(prompts[i], click.point[None], np.array([click.label], np.int64))
     return out
 
 
