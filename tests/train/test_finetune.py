@@ -419,6 +419,52 @@ def test_interactive_examples_learn_from_a_second_pass_with_a_click_on_the_first
     assert step.item() == pytest.approx(second.item(), rel=1e-5) and step.item() != pytest.approx(plain.item())
 
 
+def _interactive_ddp_rank(rank: int, checkpoint: str, phantoms: str, port: int) -> None:
+    """One of two gloo processes: a DDP-wrapped trainee takes an interactive step that only rank 0 flags."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cxrsam.data.layouts import discover
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    BACKENDS["tiny_sam"] = tiny_spec()
+    lora.apply_lora((loaded := build_sam("tiny_sam", checkpoint=checkpoint)).model, lora.LoraSettings(rank=2))
+    net = DistributedDataParallel(ft.SamTrainee(loaded).train())
+    data = ft.PromptedDataset(discover(phantoms).cases[:2], tiny_spec().transform, "box", seed=rank)
+    images, masks, _, prompts, targets, _ = ft.collate_prompted([data[i] for i in range(2)])
+    ft.finetune_step()(net, (images, masks, None, prompts, targets, [rank == 0, False])).backward()
+    grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    every = [torch.zeros_like(grads) for _ in range(2)]
+    dist.all_gather(every, grads)
+    if not torch.equal(every[0], every[1]) or grads.abs().sum() == 0:
+        raise SystemExit(3)  # the ranks' collectives went out of step: gradients not averaged alike
+    dist.destroy_process_group()
+
+
+def test_an_interactive_step_flagged_on_one_ddp_rank_only_does_not_stall_the_other(phantoms, tiny_ckpt):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=_interactive_ddp_rank, args=(r, str(tiny_ckpt), str(phantoms), port))
+               for r in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    stalled = [w for w in workers if w.is_alive()]
+    for worker in stalled:
+        worker.kill()
+    assert not stalled and [w.exitcode for w in workers] == [0, 0]
+
+
 def test_a_short_point_prompt_run_on_real_x_rays_beats_zero_shot_litemedsam_with_points(shared_data, tmp_path):
     """Issue 18, the short run a test can afford: 8 steps of point-prompt LoRA (adapters, prompt encoder and mask
     decoder open) on 16 real training images lift LiteMedSAM's Dice with 30 probability points from its box-trained

@@ -418,8 +418,9 @@ def with_error_clicks(net: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     out = list(prompts)
     if not chosen:
         return out
+    plain = net.module if hasattr(net, "module") else net  # past DDP: ranks may differ in flagged images
     with torch.no_grad():
-        first = union_logits(net(images[chosen], [prompts[i] for i in chosen]), images.shape[-1])[:, 0] > 0
+        first = union_logits(plain(images[chosen], [prompts[i] for i in chosen]), images.shape[-1])[:, 0] > 0
     for row, i in enumerate(chosen):
         click = error_click(masks[i, 0].cpu().numpy() > 0.5, first[row].cpu().numpy())
         if click is not None:
