@@ -3,8 +3,8 @@ and compare recipes on the transfer check: mean Dice per (version, box source) a
 
 Each ``--recipe NAME=CSV[,CSV...]`` takes the scale-1 rows (the run as trained) of its CSVs; ``zero-shot`` is the
 scale-0 rows of the first recipe's CSVs (bit-identical for every run of one base). Differences are paired per image
-on the images both sides have (:func:`cxrsam.evaluation.stats.paired_comparison`: mean, 95 % bootstrap CI, images
-better / worse, Wilcoxon p).
+on the images both sides have (``transfer.compare_runs``: mean, 95 % bootstrap CI, images better / worse,
+Wilcoxon p).
 
     python bench/transfer_pool.py --recipe plain=runs/bench/a.csv,runs/bench/b.csv \\
         --recipe shift=runs/bench/c.csv,runs/bench/d.csv --compare shift:plain --compare shift:zero-shot
@@ -16,38 +16,40 @@ import argparse
 
 import pandas as pd
 
-from cxrsam.evaluation.stats import paired_comparison
+from transfer import compare_runs
 
 ZERO_SHOT = "zero-shot"
 
 
-def scored(files: list[str], scale: float) -> pd.Series:
-    """Dice indexed by (version, source, stem) at ``scale``, pooled over ``files`` (first occurrence kept)."""
+def pooled(files: list[str], scale: float) -> pd.DataFrame:
+    """The rows at ``scale`` of ``files`` (first occurrence of each (stem, version, source) kept), relabelled scale 1
+    so that recipes and zero-shot pair in :func:`transfer.compare_runs`."""
     frame = pd.concat([pd.read_csv(path) for path in files], ignore_index=True)
-    frame = frame[frame["scale"] == scale].drop_duplicates(["version", "source", "stem"])
-    return frame.set_index(["version", "source", "stem"])["dice"].sort_index()
+    frame = frame[frame["scale"] == scale].drop_duplicates(["stem", "version", "source"])
+    return frame.assign(scale=1.0)
 
 
 def table(recipes: dict[str, list[str]], compare: list[tuple[str, str]]) -> str:
     """Markdown: one row per (version, source), mean Dice per recipe, then each comparison A - B."""
     first = next(iter(recipes.values()))
-    dice = {ZERO_SHOT: scored(first, 0), **{name: scored(files, 1) for name, files in recipes.items()}}
-    unknown = sorted({n for pair in compare for n in pair} - set(dice))
+    frames = {ZERO_SHOT: pooled(first, 0), **{name: pooled(files, 1) for name, files in recipes.items()}}
+    unknown = sorted({n for pair in compare for n in pair} - set(frames))
     if unknown:
-        raise SystemExit(f"--compare names unknown recipes {unknown}; known: {sorted(dice)}")
-    head = ["images", "boxes", *dice, *(f"{a} - {b}" for a, b in compare)]
+        raise SystemExit(f"--compare names unknown recipes {unknown}; known: {sorted(frames)}")
+    cells = ["version", "source"]
+    means = pd.DataFrame({name: f.groupby(cells, sort=False)["dice"].mean() for name, f in frames.items()})
+    diffs = [compare_runs(frames[a], frames[b]).set_index(cells) for a, b in compare]
+    head = ["images", "boxes", *frames, *(f"{a} - {b}" for a, b in compare)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    cells = dice[ZERO_SHOT].index.droplevel("stem").unique()
-    for version, source in cells:
-        row = [version, source, *(f"{d.loc[(version, source)].mean():.4f}" for d in dice.values())]
-        for a, b in compare:
-            x, y = dice[a].loc[(version, source)].align(dice[b].loc[(version, source)], join="inner")
-            c = paired_comparison(x.to_numpy(), y.to_numpy())
-            row.append(f"{c.mean_diff:+.4f} [{c.ci_low:+.4f}, {c.ci_high:+.4f}]; {c.n_better} / {c.n_worse}; "
-                       f"p = {c.p:.1g}")
-        lines.append("| " + " | ".join(row) + " |")
-    n = len(dice[ZERO_SHOT].loc[cells[0]])
-    return "\n".join([*lines, "", f"{n} images per cell."])
+    for cell, row in means.iterrows():
+        text = [*cell, *(f"{v:.4f}" for v in row)]
+        for d in diffs:
+            c = d.loc[cell]
+            text.append(f"{c['diff']:+.4f} [{c.ci_low:+.4f}, {c.ci_high:+.4f}]; {int(c.better)} / {int(c.worse)}; "
+                        f"p = {c.p:.1g}")
+        lines.append("| " + " | ".join(text) + " |")
+    counts = sorted(set(frames[ZERO_SHOT].groupby(cells).size()))
+    return "\n".join([*lines, "", f"{' to '.join(map(str, counts[::len(counts) - 1 or 1]))} images per cell."])
 
 
 def main() -> None:

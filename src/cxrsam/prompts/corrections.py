@@ -35,6 +35,12 @@ def box_region(box: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return region
 
 
+def region_depth(region: np.ndarray) -> np.ndarray:
+    """Distance (pixels) of each pixel of ``region`` bool (H, W) to its edge, the image border counting as an edge;
+    0 outside it. float64 (H, W)."""
+    return ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+
+
 def corrected_set(lung: np.ndarray, lungs: np.ndarray, box: np.ndarray, rng: np.random.Generator,
                   max_clicks: int = 3, cut_share: float = 0.7) -> PromptSet:
     """A wrong box for ``lung`` and the clicks that correct it.
@@ -72,8 +78,7 @@ def corrected_set(lung: np.ndarray, lungs: np.ndarray, box: np.ndarray, rng: np.
     for region, count, label in ((lung & ~inside, int(rng.integers(1, max_clicks + 1)), 1),
                                  (inside & ~box_region(box, size) & ~lungs, int(rng.integers(0, 2)), 0)):
         if count and region.any():
-            depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-            picked = weighted_pick(depth ** 2, count, rng)
+            picked = weighted_pick(region_depth(region) ** 2, count, rng)
             points.append(picked)
             labels.append(np.full(len(picked), label, np.int64))
     if not points:
@@ -111,6 +116,6 @@ def error_click(truth: np.ndarray, predicted: np.ndarray) -> Click | None:
                 best = (int(sizes.max()), regions == int(np.argmax(sizes)) + 1, label)
     if best is None:
         return None
-    depth = ndimage.distance_transform_edt(np.pad(best[1], 1))[1:-1, 1:-1]
+    depth = region_depth(best[1])
     row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
     return Click(np.array([col, row], np.float32), best[2], float(depth[row, col]))
