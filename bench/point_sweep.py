@@ -30,7 +30,7 @@ from cxrsam.data.split import read_manifest
 from cxrsam.evaluation.evaluate import write_csv
 from cxrsam.evaluation.metrics import dice_score
 from cxrsam.evaluation.stats import paired_comparison, summarize
-from cxrsam.prompts import add_points, prompts_from_mask
+from cxrsam.prompts import prompts_from_mask
 from cxrsam.prompts.boxes import clip_box
 from cxrsam.prompts.corrections import error_click
 from cxrsam.report.figures import point_sweep_curve
@@ -53,32 +53,51 @@ def variants(points: list[int], box: bool) -> dict[str, dict]:
     return {**out, **({"box": {"mode": "box"}} if box else {})}
 
 
-def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarray, bottom: float = 0.0) -> dict:
-    """One simulated corrective click on the box prediction (:func:`cxrsam.prompts.corrections.error_click`: the
-    deepest pixel of the largest error region, positive "more lung" on a missed region, negative "less lung" on a
-    false one); the click joins the lung set it falls in (:func:`cxrsam.prompts.add_points`). ``bottom`` moves each
-    lung box's lower side by that fraction of its height first (-0.3: the bases cut off, a visibly wrong box;
-    +0.3: reaching into the abdomen).
+SESSION_CLICKS = 3
+"""Clicks of the simulated session per image and probe: each on the then current result's largest error."""
 
-    Returns: ``dice`` before and after, ``kind`` (more/less), ``obeyed``: the clicked pixel became lung (more) or
-    background (less) and the mask grew (more) or shrank (less); ``depth``: the error's depth at the click (pixels).
+
+def corrective_click(engine: SamEngine, xray, truth: np.ndarray, draft: np.ndarray, bottom: float = 0.0) -> dict:
+    """A simulated correction session on the box prediction: up to :data:`SESSION_CLICKS` clicks, each at the deepest
+    pixel of the current result's largest error region (:func:`cxrsam.prompts.corrections.error_click`; positive
+    "more lung" on a missed region, negative "less lung" on a false one), decoded as the app does
+    (:meth:`cxrsam.sam.engine.SamEngine.decode_clicks`: each click joins the lung set it falls in; a model trained with
+    its previous result as a mask prompt gets one round per click). ``bottom`` moves each lung box's lower side by
+    that fraction of its height first (-0.3: the bases cut off, a visibly wrong box; +0.3: reaching into the abdomen).
+
+    Returns: ``dice`` before and after the first click and after the session (``dice_after_3``), ``kind`` (more/less)
+    of the first click, ``obeyed``: its pixel changed as asked and the mask grew (more) or shrank (less); ``depth``:
+    the first error's depth at the click (pixels).
     """
     prompts = prompts_from_mask(draft, mode="box")
     for prompt_set in prompts.sets:
         y0, y1 = prompt_set.box[1], prompt_set.box[3]
         prompt_set.box = clip_box(prompt_set.box + np.array([0, 0, 0, bottom * (y1 - y0)]), draft.shape)
+    embedding = engine.embed([xray])[0]
     before = engine.segment(xray, prompts)
-    click = error_click(truth, before)
-    if click is None:
-        return {"dice_before": dice_score(before, truth), "dice_after": dice_score(before, truth), "kind": "none",
-                "obeyed": True, "depth": 0.0}
-    point, label = click.point, click.label
-    after = engine.segment(xray, add_points(prompts, point[None], np.array([label])))
-    col, row = int(point[0]), int(point[1])
+    first = error_click(truth, before)
+    if first is None:
+        dice = dice_score(before, truth)
+        return {"dice_before": dice, "dice_after": dice, "dice_after_3": dice, "kind": "none", "obeyed": True,
+                "depth": 0.0}
+    points, labels, results = [], [], []
+    current = before
+    for _ in range(SESSION_CLICKS):
+        click = error_click(truth, current)
+        if click is None:
+            break
+        points.append(click.point)
+        labels.append(click.label)
+        _, logits, _ = engine.decode_clicks(embedding, prompts, np.array(points, np.float32), np.array(labels))
+        current = engine.union_mask(logits)
+        results.append(current)
+    after = results[0]
+    col, row = int(first.point[0]), int(first.point[1])
     grew = after.sum() > before.sum()
-    obeyed = bool(after[row, col] and grew) if label == 1 else bool(not after[row, col] and not grew)
+    obeyed = bool(after[row, col] and grew) if first.label == 1 else bool(not after[row, col] and not grew)
     return {"dice_before": dice_score(before, truth), "dice_after": dice_score(after, truth),
-            "kind": "more" if label == 1 else "less", "obeyed": obeyed, "depth": click.depth}
+            "dice_after_3": dice_score(current, truth), "kind": "more" if first.label == 1 else "less",
+            "obeyed": obeyed, "depth": first.depth}
 
 
 def evaluate(manifest: Path, cnn_run: Path, models: dict[str, Path | None], backend: str, points: list[int],
@@ -110,18 +129,21 @@ DEEP_ERROR = 4.0
 
 
 def click_table(clicks: pd.DataFrame) -> list[str]:
-    """Markdown rows: per model, Dice before/after one corrective click and how often the click was obeyed, overall
-    and on errors deeper than :data:`DEEP_ERROR` (CSVs of older runs lack the depth: "-")."""
+    """Markdown rows: per model, Dice before/after one corrective click (and after the session of
+    :data:`SESSION_CLICKS`) and how often the first click was obeyed, overall and on errors deeper than
+    :data:`DEEP_ERROR` (CSVs of older runs lack the depth and the session: "-")."""
     lines = ["| model | boxes | clicks (more / less lung) | obeyed | obeyed, errors > 4 px deep (n) | Dice box | "
-             "Dice box + click |", "|---|---|---|---|---|---|---|"]
+             f"Dice box + click | Dice after {SESSION_CLICKS} clicks |", "|---|---|---|---|---|---|---|---|"]
     clicks = clicks.assign(probe=clicks["probe"].fillna("rim")) if "probe" in clicks else clicks.assign(probe="rim")
     for (model, probe), group in clicks.groupby(["model", "probe"], sort=False):
         acted = group[group.kind != "none"]
         deep = acted[acted["depth"] > DEEP_ERROR] if "depth" in acted and acted["depth"].notna().all() else None
         deep_cell = "-" if deep is None else f"{deep.obeyed.mean():.0%} ({len(deep)})" if len(deep) else "- (0)"
+        session = group.get("dice_after_3")
+        session_cell = "-" if session is None or session.isna().any() else f"{session.mean():.4f}"
         lines.append(f"| {model} | {probe} | {(acted.kind == 'more').sum()} / {(acted.kind == 'less').sum()} | "
                      f"{acted.obeyed.mean():.0%} | {deep_cell} | {group.dice_before.mean():.4f} | "
-                     f"{group.dice_after.mean():.4f} |")
+                     f"{group.dice_after.mean():.4f} | {session_cell} |")
     return lines
 
 
@@ -160,7 +182,9 @@ def markdown(frame: pd.DataFrame, clicks: pd.DataFrame, compare: list[tuple[str,
     lines += ["", "One corrective click on the box prediction (U-Net draft boxes as drawn: *rim*; or each box's lower "
               "side moved by 30 % of its height: cut short, or too low), at the deepest pixel of the largest "
               "error region: positive where lung was missed, negative where background was taken; *obeyed* = the "
-              "clicked pixel changed as asked and the mask grew (more) or shrank (less):", "", *click_table(clicks)]
+              "clicked pixel changed as asked and the mask grew (more) or shrank (less); then up to "
+              f"{SESSION_CLICKS - 1} more clicks, each on the then current result's largest error (a model trained "
+              "with its previous result as a mask prompt gets one round per click):", "", *click_table(clicks)]
     if figure_link is not None:
         lines += ["", f"![Dice against the number of points per image]({figure_link})"]
     if seconds is None:

@@ -146,7 +146,7 @@ def test_mediastinum_needs_two_lungs_and_lung_pixels_are_never_negative():
 
 def test_box_plus_points_in_the_same_sets():
     prompts = prompts_from_mask(two_lungs(), mode="box+points", points_per_lung=2)
-    assert [s.signature for s in prompts.sets] == [(True, 2), (True, 2)]
+    assert [s.signature for s in prompts.sets] == [(True, 2, False), (True, 2, False)]
     enclosing = prompts_from_mask(two_lungs(), mode="box+points", box_mode="enclosing", points_per_lung=2)
     assert len(enclosing.sets) == 1 and enclosing.sets[0].points.shape == (4, 2)
 

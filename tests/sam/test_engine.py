@@ -128,3 +128,63 @@ def test_decode_is_differentiable_and_batched(tiny, cases):
     grads = [p.grad for p in model.image_encoder.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     model.zero_grad(set_to_none=True)
+
+
+def test_mask_prompt_takes_image_logits_into_the_padded_low_res_frame(tiny):
+    transform = tiny.spec.transform  # S = 64, the tiny model's mask prompt is 32 x 32
+    from cxrsam.sam.transforms import PAD_LOGIT
+
+    square = torch.randn(2, 64, 64)
+    assert torch.equal(transform.logits_to_frame(square, (64, 64)), square)  # the training frame: unchanged
+    wide = torch.full((1, 40, 80), 3.0)  # resized to 32 x 64: the lower half of the input is padding
+    prompt = transform.mask_prompt(wide, (40, 80), 32)
+    assert prompt.shape == (1, 1, 32, 32)
+    assert torch.allclose(prompt[0, 0, :15], torch.tensor(3.0)) and torch.allclose(prompt[0, 0, 17:],
+                                                                                   torch.tensor(PAD_LOGIT))
+    # a smooth low-res result taken to a non-square image and back is where it was (up to interpolation)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    low = (8 * torch.exp(-((yy - 10) ** 2 + (xx - 14) ** 2) / 128) - 2)[None]  # a lung-like blob around (14, 10)
+    again = transform.mask_prompt(transform.logits_to_image(low, (50, 100)), (50, 100), 32)[:, 0]
+    assert (again[:, 1:15, 1:31] - low[:, 1:15, 1:31]).abs().max() < 0.1
+
+
+def test_clicks_are_replayed_as_sams_interactive_loop_for_a_model_trained_with_its_previous_result(tiny, cases):
+    import dataclasses
+
+    from cxrsam.prompts import add_points
+
+    image, mask = cases[1]  # 80 x 110: padded
+    prompts = prompts_from_mask(mask, mode="box")
+    points, labels = np.array([[30.0, 40.0], [80.0, 50.0]], np.float32), np.array([1, 0])
+    plain = SamEngine(tiny)
+    embedding = plain.embed([image])[0]
+    # a model without the mask prompt: all the clicks decoded once, as before
+    final, logits, _ = plain.decode_clicks(embedding, prompts, points, labels)
+    torch.testing.assert_close(logits, plain.decode_logits(embedding, add_points(prompts, points, labels)))
+    assert all(s.logits is None for s in final.sets)
+    # a model trained with its previous result: one round per click, each given the last round's logits
+    engine = SamEngine(dataclasses.replace(tiny, mask_prompt=True))
+    final, logits, iou = engine.decode_clicks(embedding, prompts, points, labels)
+    assert sum(len(s.points) for s in final.sets) == 2 and all(s.logits.shape == image.shape for s in final.sets)
+    assert not torch.allclose(logits, plain.decode_logits(embedding, add_points(prompts, points, labels)))
+    first = engine.decode_logits(embedding, prompts)  # round 0: the prompts alone, no mask prompt
+    one = add_points(prompts, points[:1], labels[:1])
+    assert not np.allclose(final.sets[0].logits, first[0].numpy())  # the last round got round 1's logits
+    for prompt_set, previous in zip(one.sets, first):
+        prompt_set.logits = previous.numpy()
+    torch.testing.assert_close(torch.from_numpy(np.stack([s.logits for s in final.sets])),
+                               engine.decode_logits(embedding, one))
+    # the last round equals segment_anything's own predictor given the same mask prompt
+    predictor = SamPredictor(tiny.model)
+    transform = tiny.spec.transform
+    h, w = predictor.transform.get_preprocess_shape(*image.shape, predictor.transform.target_length)
+    pixels = F.interpolate(torch.from_numpy(image)[None, None], (h, w), mode="bilinear", align_corners=False,
+                           antialias=True).expand(1, 3, h, w) * 255.0
+    predictor.set_torch_image(pixels, image.shape)
+    for i, prompt_set in enumerate(final.sets):
+        box = predictor.transform.apply_boxes_torch(torch.from_numpy(prompt_set.box)[None], image.shape)
+        coords = predictor.transform.apply_coords_torch(torch.from_numpy(prompt_set.points)[None], image.shape)
+        mask_input = transform.mask_prompt(torch.from_numpy(prompt_set.logits)[None], image.shape, 32)
+        expected, _, _ = predictor.predict_torch(coords, torch.from_numpy(prompt_set.labels)[None], box, mask_input,
+                                                 multimask_output=False, return_logits=True)
+        torch.testing.assert_close(logits[i], expected[0, 0], atol=1e-4, rtol=1e-4)

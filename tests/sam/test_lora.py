@@ -149,7 +149,7 @@ def test_litemedsam_adapters_skip_conv_stage_keep_bn_and_attention_cache(tmp_pat
 def test_onnx_export_matches_the_adapted_model(tiny, tmp_path):
     import onnxruntime as ort
 
-    from cxrsam.sam.onnx_runtime import export_onnx, point_tensors
+    from cxrsam.sam.onnx_runtime import decoder_inputs, export_onnx
 
     settings = lora.LoraSettings(rank=4)
     model = lora.apply_lora(tiny.model, settings)
@@ -164,9 +164,8 @@ def test_onnx_export_matches_the_adapted_model(tiny, tmp_path):
     size = loaded.spec.img_size
     sets = [PromptSet(box=np.array([0.1, 0.1, 0.45, 0.9], np.float32) * size),
             PromptSet(box=np.array([0.55, 0.1, 0.9, 0.9], np.float32) * size)]
-    coords, labels = point_tensors(prompt_batch(loaded.spec, sets, (size, size)))
-    got = ort.InferenceSession(str(folder / "decoder.onnx")).run(
-        None, {"embedding": embedding, "coords": coords, "labels": labels})[0][:, :1]
+    prompts = decoder_inputs(prompt_batch(loaded.spec, sets, (size, size)), 32)
+    got = ort.InferenceSession(str(folder / "decoder.onnx")).run(None, {"embedding": embedding, **prompts})[0][:, :1]
     assert got.shape == expected.shape == (2, 1, 32, 32)
     assert np.abs(got - expected).max() < 1e-4
 

@@ -56,6 +56,22 @@ def test_onnx_engine_gives_the_masks_of_torch(tiny, engine, cases, mode, multima
         torch.testing.assert_close(onnx_logits, torch_logits, atol=1e-3, rtol=1e-3)
 
 
+def test_clicks_replayed_with_the_previous_result_as_mask_prompt_give_the_logits_of_torch(tiny, engine, cases):
+    import dataclasses
+
+    refining = dataclasses.replace(tiny, mask_prompt=True)  # same weights: the cached export serves it
+    onnx_engine = OnnxSamEngine(refining, onnx_root=engine.onnx.folder.parent)
+    torch_engine = SamEngine(refining)
+    points, labels = np.array([[30.0, 40.0], [60.0, 20.0]], np.float32), np.array([1, 0])
+    for image, mask in cases:
+        prompts = prompts_from_mask(mask, mode="box")
+        _, onnx_logits, _ = onnx_engine.decode_clicks(onnx_engine.embed([image])[0], prompts, points, labels)
+        _, torch_logits, _ = torch_engine.decode_clicks(torch_engine.embed([image])[0], prompts, points, labels)
+        torch.testing.assert_close(onnx_logits, torch_logits, atol=1e-3, rtol=1e-3)
+        _, plain, _ = SamEngine(tiny).decode_clicks(torch_engine.embed([image])[0], prompts, points, labels)
+        assert (plain - torch_logits).abs().max() > 1e-2  # the mask prompt reached the ONNX decoder
+
+
 def test_batched_onnx_encoder_and_mixed_prompt_groups(tiny, engine, cases):
     images = [image for image, _ in cases]
     batched = OnnxSamEngine(tiny, batch_size=3, onnx_root=engine.onnx.folder.parent)
@@ -90,7 +106,7 @@ def test_export_is_cached_checked_and_keyed_by_checkpoint(tiny, engine, tmp_path
     folder = engine.onnx.folder
     check = json.loads((folder / "check.json").read_text())
     assert check["passed"] and check["min_mask_iou"] >= 0.999 and check["relative_embedding_diff"] <= 1e-3
-    assert check["key"]["checkpoint_sha256"] == tiny.checkpoint_sha256 and check["masks_compared"] == 20
+    assert check["key"]["checkpoint_sha256"] == tiny.checkpoint_sha256 and check["masks_compared"] == 24
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
     def no_export(*args, **kwargs):

@@ -366,6 +366,20 @@ def test_mixed_prompt_run_validates_each_kind_and_keeps_the_declared_combination
         tiny_config(phantoms, tiny_ckpt, select_weights={"main": 0.0})
 
 
+def test_a_run_trained_with_its_previous_result_is_served_with_click_rounds(phantoms, tiny_ckpt, tmp_path):
+    mix = {"weights": {"box": 1.0}, "interactive": 1.0, "click_rounds": 2}
+    config = tiny_config(phantoms, tiny_ckpt, epochs=1, max_train_cases=3, max_val_cases=2, train_mask_prompt=True,
+                         train_mix={**mix, "previous_mask": True})
+    run = ft.finetune(config, tmp_path / "run")
+    from safetensors.torch import load_file
+
+    assert any(k.startswith(lora.MASK_PROMPT_LAYERS) for k in load_file(str(run / "adapter.safetensors")))
+    assert lora.read_adapter_info(run).mask_prompt and lora.load_run(run).mask_prompt
+    plain = ft.finetune(tiny_config(phantoms, tiny_ckpt, epochs=1, max_train_cases=3, max_val_cases=2, train_mix=mix),
+                        tmp_path / "plain")  # clicks on the model's errors, no mask prompt: served as before
+    assert not lora.read_adapter_info(plain).mask_prompt and not lora.load_run(plain).mask_prompt
+
+
 def test_sets_with_different_point_counts_decode_in_their_own_order(phantoms, tiny_ckpt):
     from cxrsam.prompts import Prompts, PromptSet
 
@@ -419,8 +433,55 @@ def test_interactive_examples_learn_from_a_second_pass_with_a_click_on_the_first
     assert step.item() == pytest.approx(second.item(), rel=1e-5) and step.item() != pytest.approx(plain.item())
 
 
+def test_click_rounds_with_the_previous_result_follow_sams_loop_and_train_the_mask_prompt_layers(phantoms, tiny_ckpt):
+    from cxrsam.data.layouts import discover
+    from cxrsam.prompts import PromptMixture, add_points
+    from cxrsam.prompts.corrections import error_click
+
+    cases = discover(phantoms).cases[:4]
+    mixture = PromptMixture(weights={"box": 1.0}, interactive=1.0, click_rounds=3, previous_mask=True)
+    data = ft.PromptedDataset(cases, tiny_spec().transform, "mixed", jitter=0.2, seed=3, mixture=mixture)
+    rounds = [[data[i][5] for i in range(4)] for data.epoch in range(6)]
+    assert {k for epoch in rounds for k in epoch} == {1, 2, 3}
+    assert rounds == [[data[i][5] for i in range(4)] for data.epoch in range(6)]  # seeded
+    data.epoch = 0
+    images, masks, _, prompts, targets, _ = ft.collate_prompted([data[i] for i in range(4)])
+    loaded = build_sam("tiny_sam", checkpoint=tiny_ckpt)
+    lora.apply_lora(loaded.model, lora.LoraSettings(rank=2, train_mask_prompt=True))
+    trainee = ft.SamTrainee(loaded).eval()
+    refined = ft.with_error_clicks(trainee, images, masks, prompts, [2, 0, 1, 0], previous_mask=True)
+    assert refined[1] is prompts[1] and refined[3] is prompts[3]
+    # image 0 by hand: decode, click its largest error, give every set the logits; twice
+    expected = prompts[0]
+    with torch.no_grad():
+        embedding = trainee.sam.image_encoder(images[:1])
+        for _ in range(2):
+            logits = trainee.decode_sets(embedding, [expected])[0][0]
+            click = error_click(masks[0, 0].numpy() > 0.5, (logits > 0).any(dim=0).numpy())
+            expected = add_points(expected, click.point[None], np.array([click.label]))
+            for prompt_set, previous in zip(expected.sets, logits):
+                prompt_set.logits = previous.numpy()
+    for got, want in zip(refined[0].sets, expected.sets):
+        assert np.array_equal(got.points, want.points) and np.allclose(got.logits, want.logits, atol=1e-5)
+    assert all(s.logits is not None for s in refined[2].sets)
+    assert all(s.logits is None for s in ft.with_error_clicks(trainee, images, masks, prompts, [1, 0, 0, 0])[0].sets)
+    # the mask-prompt layers learn from a step with mask prompts, and stay in the graph (zero) without one
+    layers = [p for name, p in trainee.named_parameters() if name.startswith("sam." + lora.MASK_PROMPT_LAYERS)]
+    assert layers and all(p.requires_grad for p in layers)
+    ft.finetune_step(previous_mask=True)(trainee, (images, masks, None, prompts, targets, [2, 0, 1, 0])).backward()
+    assert all(p.grad is not None for p in layers) and sum(p.grad.abs().sum() for p in layers) > 0
+    trainee.zero_grad(set_to_none=True)
+    ft.finetune_step(previous_mask=True)(trainee, (images, masks, None, prompts, targets, [0, 0, 0, 0])).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in layers)
+    frozen = build_sam("tiny_sam", checkpoint=tiny_ckpt)
+    lora.apply_lora(frozen.model, lora.LoraSettings(rank=2, train_prompt_encoder=True))
+    assert not any(p.requires_grad for name, p in frozen.model.named_parameters()
+                   if name.startswith(lora.MASK_PROMPT_LAYERS))
+
+
 def _interactive_ddp_rank(rank: int, checkpoint: str, phantoms: str, port: int) -> None:
-    """One of two gloo processes: a DDP-wrapped trainee takes an interactive step that only rank 0 flags."""
+    """One of two gloo processes: a DDP-wrapped trainee takes an interactive step (two click rounds with the previous
+    result as mask prompt) that only rank 0 flags."""
     import os
 
     import torch.distributed as dist
@@ -431,11 +492,13 @@ def _interactive_ddp_rank(rank: int, checkpoint: str, phantoms: str, port: int) 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     BACKENDS["tiny_sam"] = tiny_spec()
-    lora.apply_lora((loaded := build_sam("tiny_sam", checkpoint=checkpoint)).model, lora.LoraSettings(rank=2))
+    lora.apply_lora((loaded := build_sam("tiny_sam", checkpoint=checkpoint)).model,
+                    lora.LoraSettings(rank=2, train_mask_prompt=True))
     net = DistributedDataParallel(ft.SamTrainee(loaded).train())
     data = ft.PromptedDataset(discover(phantoms).cases[:2], tiny_spec().transform, "box", seed=rank)
     images, masks, _, prompts, targets, _ = ft.collate_prompted([data[i] for i in range(2)])
-    ft.finetune_step()(net, (images, masks, None, prompts, targets, [rank == 0, False])).backward()
+    step = ft.finetune_step(previous_mask=True)  # rank 1 has no mask prompt: its mask-prompt layers get no gradient
+    step(net, (images, masks, None, prompts, targets, [2 if rank == 0 else 0, 0])).backward()
     grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
     every = [torch.zeros_like(grads) for _ in range(2)]
     dist.all_gather(every, grads)

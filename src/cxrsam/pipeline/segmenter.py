@@ -22,7 +22,7 @@ from cxrsam.errors import CxrsamError
 from cxrsam.pipeline.outputs import Segmentation
 from cxrsam.pipeline.quality import QualityThresholds, assess, quality_signals
 from cxrsam.pipeline.uncertainty import DEFAULT_JITTER, prompt_uncertainty
-from cxrsam.prompts import Prompts, PromptSet, PromptSpec, add_points
+from cxrsam.prompts import Prompts, PromptSet, PromptSpec
 from cxrsam.prompts.boxes import clip_box
 from cxrsam.sam.engine import Precision, SamEngine
 from cxrsam.sam.lora import LoraSam
@@ -157,8 +157,10 @@ class Segmenter:
         from ``draft`` (named ``draft_source`` in the record; or the draft source's draft when ``draft`` is None)
         by :attr:`spec` (points of the ``probability`` strategy weighted by ``probability``, the draft's foreground
         probability float32 (H, W), or the draft source's; the draft mask itself when neither), and ``points``
-        (x, y; ``labels`` 1 = lung, 0 = background, default 1) are added to the lung they fall on; with neither a
-        box nor a usable draft, the points alone form one prompt set. Without a SAM model the draft is the mask.
+        (x, y; ``labels`` 1 = lung, 0 = background, default 1) refine the box or draft prompts as clicks in their
+        order (:meth:`~cxrsam.sam.engine.SamEngine.decode_clicks`: one round per click for a model trained with its
+        previous result as a mask prompt); with neither a box nor a usable draft, the points alone form one prompt
+        set. Without a SAM model the draft is the mask.
 
         Raises :class:`CxrsamError` naming the image when there is nothing to prompt SAM with.
         """
@@ -181,20 +183,16 @@ class Segmenter:
         if box is not None:
             box_arr, warning = validate_box(box, size)
             warnings += [warning] if warning else []
-            prompt = PromptSet(box=box_arr)
-            if clicks is not None:
-                prompt.points, prompt.labels = clicks
-            prompts = Prompts([prompt], size, "box" if clicks is None else "box+points", 0)
-            source = "box"
+            prompts, source = Prompts([PromptSet(box=box_arr)], size, "box", 0), "box"
         else:
             spec = self.spec if draft is not None else None
             prompts = None if draft is None else self.spec.prompts(draft, xray.path.stem, probability)
             warnings += [] if prompts is None else prompts.warnings
             if prompts is not None and not prompts.empty:
-                if clicks is not None:
-                    prompts, source = add_points(prompts, *clicks), f"{source}+clicks"
-            elif clicks is not None:
+                source = source if clicks is None else f"{source}+clicks"
+            elif clicks is not None:  # the points alone are the prompt: nothing to refine
                 prompts, source = Prompts([PromptSet(points=clicks[0], labels=clicks[1])], size, "points", 0), "points"
+                clicks = None
             elif prompts is None:
                 raise CxrsamError("no prompt for SAM: give a CNN run (--drafts-from), draft masks (--drafts) "
                                   "or a box (--box x0,y0,x1,y1)", path=xray.path)
@@ -202,7 +200,8 @@ class Segmenter:
             raise CxrsamError(f"no lung found to prompt SAM with ({'; '.join(warnings) or 'empty draft'})",
                               path=xray.path)
         embedding = self.engine.embed([xray])[0]
-        logits, iou = self.engine.decode_logits(embedding, prompts, self.spec.multimask, return_iou=True)
+        prompts, logits, iou = self.engine.decode_clicks(embedding, prompts, *(clicks or (None, None)),
+                                                         multimask=self.spec.multimask)
         mask = self.engine.union_mask(logits)
         if not mask.any():
             warnings.append("SAM returned an empty mask")

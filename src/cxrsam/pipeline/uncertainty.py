@@ -5,7 +5,8 @@ Rules (:func:`prompt_uncertainty`):
 
 * every prompt set is copied K times; each copy's box gets :func:`cxrsam.prompts.boxes.adjust_box` jitter
   (Gaussian, std ``jitter`` x the box side, truncated at 2 std) and each point Gaussian noise with std ``jitter``
-  x the side of its set's box (of the image without a box), clipped to the image; seeded per image;
+  x the side of its set's box (of the image without a box), clipped to the image; a set's previous-result logits
+  (the mask prompt of an interactive round) are kept as they are; seeded per image;
 * per pixel, with p = fraction of the K copies whose mask (union of its sets) covers it, the disagreement is
   ``1 - |2p - 1|``: 0 where all copies agree, 1 where half of them cover the pixel;
 * per prompt set (a lung in the default ``per_lung`` box mode): the mean of that set's own disagreement over
@@ -72,7 +73,7 @@ def perturb(prompts: Prompts, jitter: float, rng: np.random.Generator) -> Prompt
             side = np.array([w, h], np.float64) if s.box is None else s.box[2:] - s.box[:2] + 1
             noise = np.clip(rng.standard_normal(s.points.shape), -2, 2) * jitter * side
             points = np.clip(s.points + noise, 0, [w - 1, h - 1]).astype(np.float32)
-        sets.append(PromptSet(box, points, None if s.labels is None else s.labels.copy()))
+        sets.append(PromptSet(box, points, None if s.labels is None else s.labels.copy(), s.logits))
     return Prompts(sets, prompts.image_size, prompts.mode, prompts.components_found)
 
 

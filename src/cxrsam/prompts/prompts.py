@@ -29,16 +29,19 @@ class PromptSet:
         box: (4,) float32 ``(x0, y0, x1, y1)`` in original pixels (inclusive ends), or None.
         points: (N, 2) float32 ``(x, y)`` in original pixels, or None.
         labels: (N,) int64, 1 = lung, 0 = background; None exactly when ``points`` is None.
+        logits: (H, W) float32 mask logits of this set's previous result at the image's size (SAM's dense, or
+            mask, prompt: what an interactive round refines), or None.
     """
 
     box: np.ndarray | None = None
     points: np.ndarray | None = None
     labels: np.ndarray | None = None
+    logits: np.ndarray | None = None
 
     @property
-    def signature(self) -> tuple[bool, int]:
-        """(has box, number of points): sets with equal signatures can be decoded in one batch."""
-        return self.box is not None, 0 if self.points is None else len(self.points)
+    def signature(self) -> tuple[bool, int, bool]:
+        """(has box, number of points, has logits): sets with equal signatures can be decoded in one batch."""
+        return self.box is not None, 0 if self.points is None else len(self.points), self.logits is not None
 
 
 @dataclass
@@ -159,8 +162,9 @@ def prompts_from_mask(mask: np.ndarray, mode: str = "box", box_mode: str = "per_
 
 def add_points(prompts: Prompts, points: np.ndarray, labels: np.ndarray) -> Prompts:
     """Draft prompts with hand-given points added: each point joins the set whose box contains it
-    (else the set whose box or points centre is nearest), so a click refines the lung it is on."""
-    sets = [PromptSet(s.box, s.points, s.labels) for s in prompts.sets]
+    (else the set whose box or points centre is nearest), so a click refines the lung it is on; each set keeps its
+    previous result's logits."""
+    sets = [PromptSet(s.box, s.points, s.labels, s.logits) for s in prompts.sets]
 
     def centre(s: PromptSet) -> np.ndarray:
         return (s.box[:2] + s.box[2:]) / 2 if s.box is not None else s.points.mean(axis=0)

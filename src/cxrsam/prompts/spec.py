@@ -76,7 +76,10 @@ class PromptMixture(BaseModel):
     (:func:`cxrsam.prompts.corrections.corrected_set`), so that clicks outside or inside the box act. A share
     ``interactive`` of the examples is trained as a user refines a result (SAM-Med2D, micro-sam): fine-tuning decodes
     the drawn prompt once without gradient, adds the click on that result's own largest error
-    (:func:`cxrsam.prompts.corrections.error_click`) and learns from the second pass.
+    (:func:`cxrsam.prompts.corrections.error_click`) and learns from the second pass; with ``click_rounds`` > 1 an
+    interactive example gets 1..``click_rounds`` such rounds (uniform), each clicking the previous round's result,
+    and with ``previous_mask`` every round after the first is also given the previous round's logits as SAM's mask
+    prompt, as SAM's own interactive training and inference loop do.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,6 +96,10 @@ class PromptMixture(BaseModel):
     max_clicks: int = Field(3, ge=1, description="Most positive clicks of a correction")
     interactive: float = Field(0.0, ge=0, le=1, description="Share of examples given one more click on the model's "
                                                              "own error after a first pass (0: none)")
+    click_rounds: int = Field(1, ge=1, description="Most click rounds of an interactive example (each adds one click "
+                                                   "on the previous round's largest error)")
+    previous_mask: bool = Field(False, description="Give every round after the first the previous round's logits as "
+                                                   "SAM's mask prompt (the model is then served that way)")
 
     @model_validator(mode="after")
     def _check(self) -> PromptMixture:

@@ -24,7 +24,7 @@ from torch import nn
 from cxrsam.data.io import XRay
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
-from cxrsam.prompts import Prompts, PromptSet
+from cxrsam.prompts import Prompts, PromptSet, add_points
 from cxrsam.sam.registry import BackendSpec, LoadedSam
 
 log = logging.getLogger(__name__)
@@ -128,11 +128,14 @@ class PromptBatch:
         boxes: (B, P, 4) ``x0, y0, x1, y1``, or None.
         points: (B, P, N, 2) ``x, y``, or None; pad shorter sets with label -1 (SAM's "not a point").
         labels: (B, P, N) 1 = lung, 0 = background, -1 = padding; None exactly when points is None.
+        masks: (B, P, 1, m, m) previous results' logits as SAM's mask prompt (m: the prompt encoder's
+            ``mask_input_size``; :meth:`~cxrsam.sam.transforms.SamTransform.mask_prompt`), or None.
     """
 
     boxes: torch.Tensor | None = None
     points: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
 
 
 def encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -167,7 +170,8 @@ def decode(model: nn.Module, embeddings: torch.Tensor, prompts: PromptBatch,
     for b in range(embeddings.shape[0]):  # segment_anything's decoder takes one image per call
         points = None if prompts.points is None else (prompts.points[b], prompts.labels[b])
         boxes = None if prompts.boxes is None else prompts.boxes[b]
-        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
+        masks = None if prompts.masks is None else prompts.masks[b]
+        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=masks)
         low_res, iou = model.mask_decoder(image_embeddings=embeddings[b:b + 1], image_pe=dense_pe,
                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                           multimask_output=multimask)
@@ -183,15 +187,22 @@ def select_best(logits: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
     return logits.gather(2, index).squeeze(2)
 
 
+def mask_side(model: nn.Module) -> int:
+    """Side m of the mask prompt ``model``'s prompt encoder takes (its ``mask_input_size``: 4x the embedding grid)."""
+    return int(model.prompt_encoder.mask_input_size[0])
+
+
 def prompt_batch(spec: BackendSpec, sets: Sequence[PromptSet], size: tuple[int, int],
-                 device: str | torch.device = "cpu") -> PromptBatch:
+                 device: str | torch.device = "cpu", side: int | None = None) -> PromptBatch:
     """One image's prompt sets (original pixels) -> a :class:`PromptBatch` with B = 1, P = len(sets).
 
     All sets must have the same :attr:`~cxrsam.prompts.PromptSet.signature` (box or not, number of
-    points); the engine groups sets that way.
+    points, previous logits or not); the engine groups sets that way. Sets with logits need ``side``
+    (:func:`mask_side` of the model).
     """
     if len({s.signature for s in sets}) != 1:
-        raise ValueError("prompt sets of one batch must all have a box or not and the same number of points")
+        raise ValueError("prompt sets of one batch must all have a box or not, the same number of points and "
+                         "logits or not")
 
     def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array), dtype=dtype, device=device)[None]
@@ -202,6 +213,11 @@ def prompt_batch(spec: BackendSpec, sets: Sequence[PromptSet], size: tuple[int, 
     if sets[0].points is not None:
         batch.points = tensor(spec.transform.coords(np.stack([s.points for s in sets]), size), torch.float32)
         batch.labels = tensor(np.stack([s.labels for s in sets]), torch.int64)
+    if sets[0].logits is not None:
+        if side is None:
+            raise ValueError("prompt sets with logits need the model's mask prompt side")
+        logits = torch.as_tensor(np.stack([s.logits for s in sets]), dtype=torch.float32, device=device)
+        batch.masks = spec.transform.mask_prompt(logits, size, side)[None]
     return batch
 
 
@@ -356,17 +372,43 @@ class SamEngine:
         size = prompts.image_size
         out = torch.empty((len(prompts.sets), *size))
         ious = torch.empty(len(prompts.sets))
-        groups: dict[tuple[bool, int], list[int]] = {}
+        groups: dict[tuple[bool, int, bool], list[int]] = {}
         for index, prompt_set in enumerate(prompts.sets):
             groups.setdefault(prompt_set.signature, []).append(index)
         with torch.inference_mode():
             for indices in groups.values():
-                batch = prompt_batch(spec, [prompts.sets[i] for i in indices], size, device)
+                batch = prompt_batch(spec, [prompts.sets[i] for i in indices], size, device,
+                                     mask_side(self.loaded.model))
                 logits, iou = self._decode(embedding[None].to(device), batch, multimask)
                 chosen = select_best(logits, iou) if multimask else logits[:, :, 0]
                 out[indices] = spec.transform.logits_to_image(chosen[0], size).float().cpu()
                 ious[indices] = iou[0].max(dim=-1).values.float().cpu()
         return (out, ious) if return_iou else out
+
+    def decode_clicks(self, embedding: torch.Tensor, prompts: Prompts, points: np.ndarray | None,
+                      labels: np.ndarray | None, multimask: bool = False) -> tuple[Prompts, torch.Tensor, torch.Tensor]:
+        """``prompts`` refined by hand-given clicks ``points`` (N, 2) xy with ``labels`` (N,), in their order; each
+        click joins the lung set it falls in (:func:`~cxrsam.prompts.add_points`).
+
+        A model trained with its previous result as a mask prompt (:attr:`LoadedSam.mask_prompt`) gets the clicks as
+        an interactive session does (SAM's loop): ``prompts`` decoded alone, then one round per click, each round
+        decoding the prompts so far with every set's previous logits as its mask prompt, so the result depends only
+        on the clicks and their order. Other models decode ``prompts`` with all the clicks once.
+
+        Returns: (the last round's prompts, with the logits it was given; per-set logits (P, H, W); iou (P,)).
+        """
+        if points is None or len(points) == 0:
+            return prompts, *self.decode_logits(embedding, prompts, multimask, return_iou=True)
+        if not self.loaded.mask_prompt:
+            prompts = add_points(prompts, points, labels)
+            return prompts, *self.decode_logits(embedding, prompts, multimask, return_iou=True)
+        logits, iou = self.decode_logits(embedding, prompts, multimask, return_iou=True)
+        for point, label in zip(np.asarray(points, np.float32), np.asarray(labels, np.int64)):
+            prompts = add_points(prompts, point[None], label[None])
+            for prompt_set, previous in zip(prompts.sets, logits):
+                prompt_set.logits = previous.numpy()
+            logits, iou = self.decode_logits(embedding, prompts, multimask, return_iou=True)
+        return prompts, logits, iou
 
     def segment_many(self, images: Sequence[ImageLike], prompts: Sequence[Prompts],
                      multimask: bool = False) -> list[np.ndarray]:

@@ -60,6 +60,10 @@ name attention ``attn.qkv``/``attn.proj`` (segment_anything's ``patch_embed.proj
 does not match). ``decoder_attn``: the two-way transformer's q/k/v/out projections."""
 
 
+MASK_PROMPT_LAYERS = "prompt_encoder.mask_downscaling."
+"""The prompt encoder's layers that embed a mask prompt (used only when a previous result is given back)."""
+
+
 class LoraSettings(BaseModel):
     """Where the adapters go, their size, and which base weights are opened for training."""
 
@@ -72,7 +76,10 @@ class LoraSettings(BaseModel):
                                       description="Layers that get adapters (see TARGET_PATTERNS)")
     train_decoder: bool = Field(True, description="Train the whole mask decoder too (False: adapters only)")
     train_prompt_encoder: bool = Field(False, description="Train the prompt encoder's point, box and no-mask "
-                                                          "embeddings too (its mask input stays frozen: unused)")
+                                                          "embeddings too")
+    train_mask_prompt: bool = Field(False, description="Train the prompt encoder's mask-prompt layers "
+                                                       "(mask_downscaling) too: for interactive training with the "
+                                                       "previous result as a mask prompt (train_mix.previous_mask)")
 
     def target_regex(self) -> str:
         """One regex matching every targeted module name (for ``LoraConfig.target_modules``)."""
@@ -88,7 +95,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """Inject LoRA layers into ``model`` in place (``peft.inject_adapter_in_model``) and set what trains.
 
     Afterwards only the adapters (and the mask decoder when ``settings.train_decoder``, the prompt
-    encoder's embeddings when ``settings.train_prompt_encoder``) have
+    encoder's embeddings when ``settings.train_prompt_encoder``, its mask-prompt layers when
+    ``settings.train_mask_prompt``) have
     ``requires_grad``; module names and the ``.image_encoder/.prompt_encoder/.mask_decoder``
     interface are unchanged (targeted ``nn.Linear`` become ``peft`` LoRA ``Linear`` wrapping them).
 
@@ -108,7 +116,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     for name, param in model.named_parameters():
         if (is_lora_key(name) or (settings.train_decoder and name.startswith("mask_decoder."))
                 or (settings.train_prompt_encoder and name.startswith("prompt_encoder.")
-                    and not name.startswith("prompt_encoder.mask_downscaling."))):
+                    and not name.startswith(MASK_PROMPT_LAYERS))
+                or (settings.train_mask_prompt and name.startswith(MASK_PROMPT_LAYERS))):
             param.requires_grad_(True)
     return model
 
@@ -225,7 +234,7 @@ def interpolate(model: nn.Module, scale: float, base: dict[str, torch.Tensor],
 
 
 def save_adapter(run_dir: str | Path, model: nn.Module, loaded: LoadedSam, settings: LoraSettings,
-                 state: dict[str, torch.Tensor] | None = None) -> Path:
+                 state: dict[str, torch.Tensor] | None = None, mask_prompt: bool = False) -> Path:
     """Write ``adapter.safetensors`` (``state`` or :func:`adapter_state` of ``model``) and ``adapter.json``.
 
     Args:
@@ -234,6 +243,8 @@ def save_adapter(run_dir: str | Path, model: nn.Module, loaded: LoadedSam, setti
         loaded: the base it was built from (backend, checkpoint path and SHA-256 are recorded).
         settings: the LoRA settings used.
         state: weights to write instead of the model's current ones (e.g. the best epoch's).
+        mask_prompt: the model was trained with its previous result as a mask prompt
+            (:attr:`~cxrsam.sam.registry.LoadedSam.mask_prompt`).
 
     Returns:
         the adapter file's path.
@@ -248,7 +259,7 @@ def save_adapter(run_dir: str | Path, model: nn.Module, loaded: LoadedSam, setti
     record_checksum(run_dir / ADAPTER_FILE)
     info = {"backend": loaded.spec.name, "base_checkpoint": str(loaded.checkpoint_path),
             "base_sha256": loaded.checkpoint_sha256, "lora": settings.model_dump(),
-            "trainable": trainable_summary(model), "lora_scale": 1.0}
+            "trainable": trainable_summary(model), "lora_scale": 1.0, "mask_prompt": mask_prompt}
     atomic_write_text(run_dir / ADAPTER_JSON, json.dumps(info, indent=2) + "\n")
     return run_dir / ADAPTER_FILE
 
@@ -285,6 +296,8 @@ class AdapterInfo(BaseModel):
     lora: LoraSettings
     trainable: dict[str, float] = Field(default_factory=dict)
     lora_scale: float = Field(1.0, ge=0, le=1, description="WiSE-FT scale the run is served at (1: as trained)")
+    mask_prompt: bool = Field(False, description="Trained to refine its previous result given back as SAM's mask "
+                                                 "prompt: clicks are replayed one round each")
 
 
 def read_adapter_info(run_dir: str | Path) -> AdapterInfo:
@@ -364,7 +377,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     model.to(device).eval()
     return LoraSam(model=model, spec=loaded.spec, checkpoint_path=loaded.checkpoint_path,
                    checkpoint_sha256=loaded.checkpoint_sha256, device=device, run_dir=run_dir,
-                   adapter_sha256=adapter_sha256, settings=settings, scale=scale)
+                   adapter_sha256=adapter_sha256, settings=settings, scale=scale, mask_prompt=info.mask_prompt)
 
 
 def merge(model: nn.Module) -> nn.Module:

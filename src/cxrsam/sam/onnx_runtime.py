@@ -14,6 +14,9 @@ Two graphs are exported from the (LoRA-merged) model, with the legacy TorchScrip
     Boxes travel as two points with labels 2 (top-left) and 3 (bottom-right) after the points, and a set without
     a box gets one padding point labelled -1: exactly the token sequence of SAM's ``PromptEncoder`` (as in
     segment_anything's ``SamOnnxModel``). P and N are dynamic, so boxes, points and box+points share one graph.
+    ``mask_input`` (P, 1, m, m) and ``has_mask`` (1,) are SAM's mask prompt (the previous result's logits,
+    :meth:`~cxrsam.sam.transforms.SamTransform.mask_prompt`) and whether it is given (1) or not (0: zeros, and the
+    prompt encoder's no-mask embedding), as in ``SamOnnxModel``.
 ``encoder-int8.onnx``
     made from ``encoder.onnx`` on first use of ``--precision int8`` by ONNX Runtime's dynamic quantisation of its
     matrix products (:data:`INT8_OPS`; int8 weights per output channel, activations quantised per call); its
@@ -23,9 +26,10 @@ Two graphs are exported from the (LoRA-merged) model, with the legacy TorchScrip
 
 Both go in ``<cache>/onnx/<backend>-<key>/`` (:func:`export_dir`; ``<cache>`` = ``$CXRSAM_CACHE`` or
 ``~/.cache/cxrsam``), keyed by the backend, checkpoint SHA-256, model id (a LoRA run's adapter hash), input size,
-opset and the cxrsam and torch versions. At export, PyTorch and ONNX Runtime run on a seeded phantom (a batch of
-two) and box, point and box+point prompts; the largest embedding difference (relative to the largest embedding
-value) and the smallest mask IoU go in ``check.json`` with the files' SHA-256. An export that disagrees
+opset, the graphs' version (:data:`GRAPHS`) and the cxrsam and torch versions. At export, PyTorch and ONNX Runtime
+run on a seeded phantom (a batch of two) and box, point and box+point prompts (one with a mask prompt); the largest
+embedding difference (relative to the largest embedding value) and the smallest mask IoU go in ``check.json`` with
+the files' SHA-256. An export that disagrees
 (:data:`MAX_EMBEDDING_DIFF`, :data:`MIN_MASK_IOU`) is refused in one line; a cached export whose files no longer
 match their recorded SHA-256 is exported again.
 """
@@ -51,7 +55,7 @@ from torch import nn
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, atomic_write_text, sha256_file
 from cxrsam.prompts import PromptSet
-from cxrsam.sam.engine import Precision, PromptBatch, SamEngine, decode, encode, prompt_batch
+from cxrsam.sam.engine import Precision, PromptBatch, SamEngine, decode, encode, mask_side, prompt_batch
 from cxrsam.sam.registry import BackendSpec, LoadedSam
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,8 @@ INT8_OPS = ("MatMul", "Gemm")
 """Operators the int8 encoder quantises (per output channel): the attention and MLP matrix products. Quantising
 TinyViT's convolutions too cost 0.05 Dice (mask IoU vs fp32 0.74-0.92 on 4 test images; these alone: 0.995-0.998)."""
 INSTALL_HINT = "pip install 'cxrsam[onnx]'"
+GRAPHS = 2
+"""Version of the exported graphs' inputs and outputs (2: the decoder takes a mask prompt); part of the cache key."""
 
 
 class Runtime(StrEnum):
@@ -125,11 +131,13 @@ def cache_root() -> Path:
 
 
 def export_key(loaded: LoadedSam, opset: int = OPSET) -> dict[str, Any]:
-    """What an export depends on: weights (checkpoint SHA-256 and model id), input size, opset, versions."""
+    """What an export depends on: weights (checkpoint SHA-256 and model id), input size, opset, graph and package
+    versions."""
     import cxrsam
 
     return {"backend": loaded.spec.name, "checkpoint_sha256": loaded.checkpoint_sha256, "model_id": loaded.model_id,
-            "img_size": loaded.spec.img_size, "opset": opset, "cxrsam": cxrsam.__version__, "torch": torch.__version__}
+            "img_size": loaded.spec.img_size, "opset": opset, "graphs": GRAPHS, "cxrsam": cxrsam.__version__,
+            "torch": torch.__version__}
 
 
 def export_dir(loaded: LoadedSam, opset: int = OPSET, root: str | Path | None = None) -> Path:
@@ -151,16 +159,17 @@ class EncoderGraph(nn.Module):
 
 
 class PromptDecoderGraph(nn.Module):
-    """SAM's prompt encoder + mask decoder on one point tensor (see the module docstring for the labels):
-    ``(embedding (1, C, h, w), coords (P, N, 2), labels (P, N)) -> (logits (P, M, 4h, 4w), iou (P, M))``."""
+    """SAM's prompt encoder + mask decoder on one point tensor (see the module docstring for the labels) and a mask
+    prompt: ``(embedding (1, C, h, w), coords (P, N, 2), labels (P, N), mask_input (P, 1, 4h, 4w), has_mask (1,))
+    -> (logits (P, M, 4h, 4w), iou (P, M))``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
 
-    def forward(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor,
+                has_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.prompt_encoder
         h, w = encoder.input_image_size
         scale = torch.tensor([w, h], dtype=coords.dtype, device=coords.device)
@@ -169,9 +178,22 @@ class PromptDecoderGraph(nn.Module):
         sparse = sparse * (labels != -1) + encoder.not_a_point_embed.weight * (labels == -1)
         for i in range(encoder.num_point_embeddings):
             sparse = sparse + encoder.point_embeddings[i].weight * (labels == i)
-        dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *encoder.image_embedding_size)
+        dense = has_mask * encoder.mask_downscaling(mask_input) \
+            + (1 - has_mask) * encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         return self.mask_decoder.predict_masks(image_embeddings=embedding, image_pe=encoder.get_dense_pe(),
                                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+
+
+def decoder_inputs(batch: PromptBatch, side: int) -> dict[str, np.ndarray]:
+    """A prompt group with B = 1 -> the prompt inputs of ``decoder.onnx``: ``coords``, ``labels``
+    (:func:`point_tensors`), ``mask_input`` (P, 1, side, side) float32 and ``has_mask`` (1,) float32 (zeros and 0
+    without a mask prompt)."""
+    coords, labels = point_tensors(batch)
+    if batch.masks is None:
+        masks, has_mask = np.zeros((len(coords), 1, side, side), np.float32), np.zeros(1, np.float32)
+    else:
+        masks, has_mask = batch.masks[0].float().cpu().numpy(), np.ones(1, np.float32)
+    return {"coords": coords, "labels": labels, "mask_input": masks, "has_mask": has_mask}
 
 
 def point_tensors(batch: PromptBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -208,13 +230,15 @@ def export_graphs(model: nn.Module, spec: BackendSpec, folder: str | Path, opset
         embedding = model.image_encoder(image)
     coords = torch.tensor([[[0.3, 0.5], [0.1, 0.1], [0.45, 0.9]], [[0.7, 0.5], [0.55, 0.1], [0.9, 0.9]]]) * size
     labels = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    side = mask_side(model)
+    mask_input, has_mask = torch.zeros(2, 1, side, side), torch.ones(1)
     try:
         _export(EncoderGraph(model).eval(), (image,), folder / ENCODER, ["image"], ["embedding"],
                 {"image": {0: "batch"}, "embedding": {0: "batch"}}, opset)
-        _export(PromptDecoderGraph(model).eval(), (embedding, coords, labels), folder / DECODER,
-                ["embedding", "coords", "labels"], ["logits", "iou"],
-                {"coords": {0: "sets", 1: "points"}, "labels": {0: "sets", 1: "points"}, "logits": {0: "sets"},
-                 "iou": {0: "sets"}}, opset)
+        _export(PromptDecoderGraph(model).eval(), (embedding, coords, labels, mask_input, has_mask),
+                folder / DECODER, ["embedding", "coords", "labels", "mask_input", "has_mask"], ["logits", "iou"],
+                {"coords": {0: "sets", 1: "points"}, "labels": {0: "sets", 1: "points"}, "mask_input": {0: "sets"},
+                 "logits": {0: "sets"}, "iou": {0: "sets"}}, opset)
     except Exception as exc:  # the exporter raises many types for unsupported operators
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CxrsamError(f"backend {spec.name} could not be exported to ONNX ({type(exc).__name__}: {first})",
@@ -254,10 +278,10 @@ class OnnxSam:
             return self.encoder.run(None, {"image": images})[0]
         return np.concatenate([self.encoder.run(None, {"image": image[None]})[0] for image in images])
 
-    def decode(self, embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logits (P, M, 4h, 4w), iou (P, M)) of an embedding (1, C, h, w) and :func:`point_tensors`."""
+    def decode(self, embedding: np.ndarray, prompts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (P, M, 4h, 4w), iou (P, M)) of an embedding (1, C, h, w) and :func:`decoder_inputs`."""
         logits, iou = self.decoder.run(None, {"embedding": np.ascontiguousarray(embedding, dtype=np.float32),
-                                              "coords": coords, "labels": labels})
+                                              **prompts})
         return logits, iou
 
 
@@ -267,10 +291,11 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_export(model: nn.Module, spec: BackendSpec, onnx_sam: OnnxSam) -> dict[str, Any]:
-    """Compare PyTorch and ONNX Runtime on a seeded phantom and its mirror image with two boxes, two point sets
-    and a box+points set: the largest embedding difference (absolute and relative to the largest PyTorch embedding
-    value), the largest low-res logit difference and the smallest mask IoU of any set and candidate (logits > 0
-    over the model input). ``dynamic_batch``: the two images as one batch of 2 run and agree too."""
+    """Compare PyTorch and ONNX Runtime on a seeded phantom and its mirror image with two boxes, two point sets,
+    a box+points set and a box+points set with a previous result as its mask prompt: the largest embedding
+    difference (absolute and relative to the largest PyTorch embedding value), the largest low-res logit difference
+    and the smallest mask IoU of any set and candidate (logits > 0 over the model input). ``dynamic_batch``: the two
+    images as one batch of 2 run and agree too."""
     from cxrsam.data.synthetic import make_phantom
 
     size = spec.img_size
@@ -295,12 +320,17 @@ def check_export(model: nn.Module, spec: BackendSpec, onnx_sam: OnnxSam) -> dict
               [PromptSet(points=np.array([[0.28, 0.5], [0.5, 0.5]], np.float32) * size, labels=np.array([1, 0])),
                PromptSet(points=np.array([[0.72, 0.5], [0.5, 0.5]], np.float32) * size, labels=np.array([1, 0]))],
               [PromptSet(box=left * size, points=point * size, labels=np.array([1]))]]
+    side = mask_side(model)
+    with torch.inference_mode():  # a previous result of the first group as the mask prompt of a box + click
+        previous = decode(model, reference[:1], prompt_batch(spec, groups[0], (size, size)))[0][0, :, 0]
+    groups.append([PromptSet(box=left * size, points=point * size, labels=np.array([1]),
+                             logits=spec.transform.logits_to_input(previous[0]).numpy())])
     ious, logit_diff = [], 0.0
     for group in groups:
-        batch = prompt_batch(spec, group, (size, size))
+        batch = prompt_batch(spec, group, (size, size), side=side)
         with torch.inference_mode():  # every candidate: the single mask (M = 0), then the multimask ones
             ref_logits = torch.cat([decode(model, reference[:1], batch, multi)[0][0] for multi in (False, True)], dim=1)
-        logits = torch.from_numpy(onnx_sam.decode(got[:1], *point_tensors(batch))[0])
+        logits = torch.from_numpy(onnx_sam.decode(got[:1], decoder_inputs(batch, side))[0])
         logit_diff = max(logit_diff, float((logits - ref_logits).abs().max()))
         for ref, new in zip(spec.transform.logits_to_input(ref_logits) > 0, spec.transform.logits_to_input(logits) > 0):
             ious += [_mask_iou(r.numpy(), n.numpy()) for r, n in zip(ref, new)]
@@ -469,6 +499,6 @@ class OnnxSamEngine(SamEngine):
 
     def _decode(self, embedding: torch.Tensor, batch: PromptBatch, multimask: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, iou = self.onnx.decode(embedding.cpu().numpy(), *point_tensors(batch))
+        logits, iou = self.onnx.decode(embedding.cpu().numpy(), decoder_inputs(batch, mask_side(self.loaded.model)))
         chosen = slice(1, None) if multimask else slice(0, 1)  # MaskDecoder.forward's choice
         return torch.from_numpy(logits[:, chosen])[None], torch.from_numpy(iou[:, chosen])[None]

@@ -87,6 +87,9 @@ class LoadedSam:
         checkpoint_path: the file that was loaded.
         checkpoint_sha256: its SHA-256 (hex).
         device: the model's device.
+        mask_prompt: the model was trained to refine its previous result given back as SAM's mask prompt
+            (interactive rounds, ``train_mix.previous_mask``); the engine then replays clicks one round each
+            (:meth:`~cxrsam.sam.engine.SamEngine.decode_clicks`). Pretrained backends: False.
     """
 
     model: nn.Module
@@ -94,6 +97,7 @@ class LoadedSam:
     checkpoint_path: Path
     checkpoint_sha256: str
     device: torch.device
+    mask_prompt: bool = False
 
     @property
     def model_id(self) -> str:

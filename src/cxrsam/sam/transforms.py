@@ -7,7 +7,9 @@ Frames of reference:
   antialiased), keeping the aspect ratio, to (h, w) = :meth:`SamTransform.resized_shape`, normalised,
   then zero-padded at the bottom and right (segment_anything's ``ResizeLongestSide`` and ``Sam.preprocess``).
   Coordinates scale by (w / W, h / H).
-* *low-res*: the decoder's logits, 4x the embedding grid, covering the whole padded model input.
+* *low-res*: the decoder's logits, 4x the embedding grid, covering the whole padded model input. A previous
+  result given back as SAM's mask prompt (an interactive round) is taken from the original frame into this one by
+  :meth:`SamTransform.mask_prompt`.
 
 Fine-tuning (:mod:`cxrsam.train.finetune`), the inference engine (:mod:`cxrsam.sam.engine`) and ONNX export
 all go through :class:`SamTransform`, so a model is trained on exactly the tensors inference gives it, for any
@@ -39,6 +41,10 @@ class Normalisation(StrEnum):
 
     MINMAX = "minmax"
     SAM_RGB = "sam_rgb"
+
+
+PAD_LOGIT = -20.0
+"""Logit given to the padding of a mask prompt (:meth:`SamTransform.logits_to_frame`): surely not lung."""
 
 
 class SamTransform:
@@ -110,7 +116,10 @@ class SamTransform:
         size = prompts.image_size
         sets = [PromptSet(box=None if s.box is None else self.boxes(s.box, size).astype(np.float32),
                           points=None if s.points is None else self.coords(s.points, size).astype(np.float32),
-                          labels=s.labels) for s in prompts.sets]
+                          labels=s.labels,
+                          logits=None if s.logits is None else self.logits_to_frame(
+                              torch.from_numpy(np.asarray(s.logits, np.float32)), size).numpy())
+                          for s in prompts.sets]
         return Prompts(sets, (self.img_size, self.img_size), prompts.mode, prompts.components_found,
                        list(prompts.warnings))
 
@@ -120,6 +129,26 @@ class SamTransform:
         x = logits.reshape(-1, 1, *logits.shape[-2:])
         x = F.interpolate(x, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
         return x.reshape(*lead, self.img_size, self.img_size)
+
+    def logits_to_frame(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits (..., H, W) at an image's ``size`` -> (..., S, S) over the padded model input: resized like the
+        image (bilinear, antialiased), padded with :data:`PAD_LOGIT`; the inverse of :meth:`logits_to_image` up to
+        interpolation (exactly the identity when ``size`` is (S, S))."""
+        lead = logits.shape[:-2]
+        x = logits.reshape(-1, 1, *logits.shape[-2:]).float()
+        h, w = self.resized_shape(size)
+        if (h, w) != tuple(x.shape[-2:]):
+            x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
+        x = F.pad(x, (0, self.img_size - w, 0, self.img_size - h), value=PAD_LOGIT)
+        return x.reshape(*lead, self.img_size, self.img_size)
+
+    def mask_prompt(self, logits: torch.Tensor, size: tuple[int, int], side: int) -> torch.Tensor:
+        """Previous results' logits (P, H, W) at an image's ``size`` -> SAM's mask prompt (P, 1, side, side):
+        :meth:`logits_to_frame`, then resized to the prompt encoder's ``mask_input_size`` (bilinear, antialiased)."""
+        x = self.logits_to_frame(logits, size)[:, None]
+        if x.shape[-1] != side:
+            x = F.interpolate(x, (side, side), mode="bilinear", align_corners=False, antialias=True)
+        return x
 
     def logits_to_image(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Low-res logits (..., h', w') -> (..., H, W) at the original ``size``: upsample to S x S, crop the

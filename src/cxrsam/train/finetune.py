@@ -57,8 +57,9 @@ from cxrsam.prompts.corrections import error_click
 from cxrsam.prompts.modes import TrainPrompt
 from cxrsam.prompts.spec import PromptMixture
 from cxrsam.runs import ADAPTER_FILE, BEST, forget, load_checkpoint, read_run_config
-from cxrsam.sam.engine import decode, prompt_batch
+from cxrsam.sam.engine import decode, mask_side, prompt_batch
 from cxrsam.sam.lora import (
+    MASK_PROMPT_LAYERS,
     LoraSettings,
     adapter_state,
     apply_lora,
@@ -191,21 +192,26 @@ class SamTrainee(nn.Module):
             prompts: B prompt lists in model-input pixels (image size (S, S)); an image without sets
                 gets empty tensors.
         """
+        return self.decode_sets(self.sam.image_encoder(images), prompts)
+
+    def decode_sets(self, embeddings: torch.Tensor, prompts: Sequence[Prompts]
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` from image embeddings (B, C, h, w) of the encoder (differentiable)."""
         transform = self.loaded.spec.transform
         size = (transform.img_size, transform.img_size)
-        embeddings = self.sam.image_encoder(images)
+        side = mask_side(self.sam)
         out = []
         for b, image_prompts in enumerate(prompts):
             if image_prompts.empty:
                 out.append((embeddings.new_zeros((0, *size)), embeddings.new_zeros((0,))))
                 continue
-            groups: dict[tuple[bool, int], list[int]] = {}  # sets decode together when their signatures agree
+            groups: dict[tuple[bool, int, bool], list[int]] = {}  # sets decode together when their signatures agree
             for i, prompt_set in enumerate(image_prompts.sets):
                 groups.setdefault(prompt_set.signature, []).append(i)
             logits, iou = [], []
             for members in groups.values():
                 batch = prompt_batch(self.loaded.spec, [image_prompts.sets[i] for i in members], size,
-                                     embeddings.device)
+                                     embeddings.device, side)
                 group_logits, group_iou = decode(self.sam, embeddings[b:b + 1], batch)
                 logits.append(group_logits[0, :, 0])
                 iou.append(group_iou[0, :, 0])
@@ -259,8 +265,9 @@ class PromptedDataset(Dataset):
     (``prompts=None``) prompts of kind ``prompt`` are sampled from the (augmented) mask, one set per lung, and
     ``targets`` (P, S, S) are the lungs' components (``mixed``: each example's prompt drawn from ``mixture``);
     for validation ``prompts[i]`` are given (model-input pixels, see :func:`_val_prompts`) and ``targets`` is
-    the full mask (1, S, S). ``interactive``: the example is trained on its result refined by one click
-    (``mixture.interactive`` share of ``mixed`` training items; see :func:`with_error_clicks`).
+    the full mask (1, S, S). ``interactive``: the number of click rounds the example is refined by before the loss
+    (0: none; for a ``mixture.interactive`` share of ``mixed`` training items, 1..``mixture.click_rounds``; see
+    :func:`with_error_clicks`).
     With ``shift`` > 0 that share of training items is first shifted
     (:func:`~cxrsam.data.shift.shift_pair` on the resized pair, which is then resized again to the longest side S);
     with ``box_error`` > 0 each training box is moved like a CNN draft's (:func:`~cxrsam.data.shift.perturb_box`)
@@ -300,7 +307,7 @@ class PromptedDataset(Dataset):
             self._cache[index] = (self.transform.resize(xray.pixels).numpy(), self.transform.resize_mask(mask))
         return self._cache[index]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, Prompts, torch.Tensor, bool]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, Prompts, torch.Tensor, int]:
         image, mask = self.resized(index)
         if self.prompts is None and self.shift > 0:
             rng = np.random.default_rng([self.seed, self.epoch, index, 2])
@@ -313,7 +320,7 @@ class PromptedDataset(Dataset):
         truth = self.transform.pad_mask(mask)
         full = torch.from_numpy(truth.astype(np.float32))[None]
         if self.prompts is not None:
-            return model_input, full, index, self.prompts[index], full, False
+            return model_input, full, index, self.prompts[index], full, 0
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
         jitter = 0.0 if self.box_error else self.jitter
         if self.prompt == TrainPrompt.MIXED:
@@ -327,13 +334,16 @@ class PromptedDataset(Dataset):
                                       p.points, p.labels) for p in prompts.sets]
         lungs, _ = lung_components(truth)
         targets = torch.from_numpy(np.stack(lungs).astype(np.float32)) if lungs else full[:0]
-        interactive = self.prompt == TrainPrompt.MIXED and bool(
-            np.random.default_rng([self.seed, self.epoch, index, 3]).random() < self.mixture.interactive)
-        return model_input, full, index, prompts, targets, interactive
+        rounds = 0
+        if self.prompt == TrainPrompt.MIXED:
+            rng = np.random.default_rng([self.seed, self.epoch, index, 3])
+            if rng.random() < self.mixture.interactive:
+                rounds = int(rng.integers(1, self.mixture.click_rounds + 1))
+        return model_input, full, index, prompts, targets, rounds
 
 
 def collate_prompted(items: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, list, list]:
-    """Stack images, masks and indices; keep prompts, per-image targets and interactive flags as lists."""
+    """Stack images, masks and indices; keep prompts, per-image targets and click rounds as lists."""
     images, masks, indices, prompts, targets, interactive = zip(*items)
     return (torch.stack(images), torch.stack(masks), torch.tensor(indices), list(prompts), list(targets),
             list(interactive))
@@ -406,39 +416,54 @@ def consistency_loss(net: nn.Module, images: torch.Tensor, prompts: Sequence[Pro
 
 
 def with_error_clicks(net: nn.Module, images: torch.Tensor, masks: torch.Tensor, prompts: Sequence[Prompts],
-                      interactive: Sequence[bool]) -> list[Prompts]:
-    """Interactive training's prompts: each image flagged in ``interactive`` is decoded once by the current model
-    (no gradient) and gets the click a user would add on that result (:func:`error_click` against its full mask,
-    joined to its lung set by :func:`add_points`), as the app refines a result; other images keep their prompts.
+                      rounds: Sequence[int], previous_mask: bool = False) -> list[Prompts]:
+    """Interactive training's prompts: each image with ``rounds[i]`` = k > 0 is refined as a user refines a result,
+    k times: decoded by the current model (no gradient; the image encoded once), given the click a user would add on
+    that result's largest error (:func:`error_click` against its full mask, joined to its lung set by
+    :func:`add_points`), and, with ``previous_mask``, every set given that result's logits as its mask prompt (SAM's
+    interactive loop; :meth:`~cxrsam.sam.engine.SamEngine.decode_clicks` replays clicks the same way). Other images
+    keep their prompts. The loss is then taken on the returned prompts.
 
     Args:
-        images: (B, 3, S, S) model inputs; masks: (B, 1, S, S) full truth masks; prompts, interactive: B of each.
+        images: (B, 3, S, S) model inputs; masks: (B, 1, S, S) full truth masks; prompts, rounds: B of each.
     """
-    chosen = [i for i, flag in enumerate(interactive) if flag and not prompts[i].empty]
     out = list(prompts)
+    chosen = [i for i, k in enumerate(rounds) if k > 0 and not prompts[i].empty]
     if not chosen:
         return out
     plain = net.module if hasattr(net, "module") else net  # past DDP: ranks may differ in flagged images
     with torch.no_grad():
-        first = union_logits(plain(images[chosen], [prompts[i] for i in chosen]), images.shape[-1])[:, 0] > 0
-    for row, i in enumerate(chosen):
-        click = error_click(masks[i, 0].cpu().numpy() > 0.5, first[row].cpu().numpy())
-        if click is not None:
-            out[i] = add_points(prompts[i], click.point[None], np.array([click.label], np.int64))
+        embeddings = plain.sam.image_encoder(images[chosen])
+        for step in range(max(rounds[i] for i in chosen)):
+            active = [row for row, i in enumerate(chosen) if rounds[i] > step]
+            results = plain.decode_sets(embeddings[active], [out[chosen[row]] for row in active])
+            for row, (logits, _) in zip(active, results):
+                i = chosen[row]
+                click = error_click(masks[i, 0].cpu().numpy() > 0.5, (logits > 0).any(dim=0).cpu().numpy())
+                if click is None:  # nothing left to correct: this example's rounds end here
+                    continue
+                refined = add_points(out[i], click.point[None], np.array([click.label], np.int64))
+                if previous_mask:
+                    for prompt_set, previous in zip(refined.sets, logits):
+                        prompt_set.logits = previous.float().cpu().numpy()
+                out[i] = refined
     return out
 
 
-def finetune_step(iou_weight: float = 0.0, consistency_weight: float = 0.0) -> StepFn:
-    """The fine-tuning step's loss, ``(SamTrainee, (images, masks, indices, prompts, targets, interactive)) ->
-    scalar`` (:func:`segmentation_loss` after :func:`with_error_clicks`, plus ``consistency_weight`` x
+def finetune_step(iou_weight: float = 0.0, consistency_weight: float = 0.0, previous_mask: bool = False) -> StepFn:
+    """The fine-tuning step's loss, ``(SamTrainee, (images, masks, indices, prompts, targets, rounds)) -> scalar``
+    (:func:`segmentation_loss` after :func:`with_error_clicks` with ``previous_mask``, plus ``consistency_weight`` x
     :func:`consistency_loss`); used by :func:`finetune` and ``bench/lora_vs_full.py``."""
 
     def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
-        images, masks, _, prompts, targets, interactive = batch
-        if any(interactive):
-            prompts = with_error_clicks(net, images, masks, prompts, interactive)
+        images, masks, _, prompts, targets, rounds = batch
+        if any(rounds):
+            prompts = with_error_clicks(net, images, masks, prompts, rounds, previous_mask)
         outputs = net(images, prompts)
         loss = segmentation_loss(outputs, targets, iou_weight)
+        unused = [p for name, p in net.named_parameters() if p.requires_grad and MASK_PROMPT_LAYERS in name]
+        if unused:  # keep the mask-prompt layers in the graph when no example had one: DDP needs every gradient
+            loss = loss + 0.0 * sum(p.sum() for p in unused)
         if consistency_weight:
             loss = loss + consistency_weight * consistency_loss(net, images, prompts, outputs)
         return loss
@@ -537,7 +562,9 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     val_data = {name: PromptedDataset(val_cases, transform, prompts=prompts)
                 for name, prompts in _val_prompts(config, val_cases, transform).items()}
 
-    step_fn = finetune_step(config.iou_loss_weight, config.consistency_weight)
+    mask_prompt = config.train_prompt == TrainPrompt.MIXED and config.train_mix.interactive > 0 and \
+        config.train_mix.previous_mask
+    step_fn = finetune_step(config.iou_loss_weight, config.consistency_weight, mask_prompt)
 
     def logits_fn(net: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks, _, prompts, _, _ = batch
@@ -557,7 +584,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     result = trainer.fit(resume=resume)
     if state.is_main_process and (run_dir / BEST).is_file():  # else: a finished run resumed, adapters written
         best = load_checkpoint(run_dir / BEST)["model"]
-        save_adapter(run_dir, model, loaded, config.lora, state=best)
+        save_adapter(run_dir, model, loaded, config.lora, state=best, mask_prompt=mask_prompt)
         forget(run_dir / BEST)  # the adapter file holds the best epoch's weights: keep them once
         log.info("best val Dice %.4f at epoch %d; adapters in %s", result.best_dice, result.best_epoch, run_dir)
         if result.best_epoch == 0:
