@@ -119,6 +119,31 @@ def test_a_continued_lora_stage_starts_from_the_first_and_is_the_evaluated_model
     assert "training_curves" in continued.report_md.read_text()
 
 
+def test_a_copied_experiment_keeps_its_cache_and_reads_its_own_stages(mini_run, tmp_path):
+    first, _ = mini_run
+    shutil.copytree(first.out_dir, tmp_path / "copy")
+    again = run_experiment(load_config(first.out_dir.parent / "mini.yaml"), tmp_path / "copy")
+    assert again.ran == [] and set(again.skipped) == set(first.ran)
+    stages = tmp_path / "copy" / "stages"
+    assert StageCache(stages).done("lora")["result"]["run"] == str(stages / "lora")
+    stored = "".join(path.read_text() for path in stages.glob("*/*.json"))
+    assert str(first.out_dir) not in stored and "@stages/" in stored
+    columns = ["name", "method", "dice"]
+    pd.testing.assert_frame_equal(first.per_image[columns], again.per_image[columns])
+
+
+def test_records_from_before_relative_paths_are_still_cached(tmp_path):
+    from cxrsam.experiment.cache import key_hash
+
+    stage = tmp_path / "stages" / "a"
+    stage.mkdir(parents=True)
+    key = {"upstream": str(tmp_path / "stages" / "b" / "run")}
+    (stage / "done.json").write_text(json.dumps({"key": key_hash(key), "result": {"run": str(stage)}, "seconds": 1}))
+    calls = []
+    result = StageCache(tmp_path / "stages").run("a", key, lambda d: calls.append(d) or {})
+    assert calls == [] and result["key"] == key_hash(key) and result["run"] == str(stage)
+
+
 def test_changed_setting_reruns_only_downstream(tmp_path):
     calls = []
     cache = StageCache(tmp_path)
