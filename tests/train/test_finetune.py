@@ -378,6 +378,10 @@ def test_a_run_trained_with_its_previous_result_is_served_with_click_rounds(phan
     plain = ft.finetune(tiny_config(phantoms, tiny_ckpt, epochs=1, max_train_cases=3, max_val_cases=2, train_mix=mix),
                         tmp_path / "plain")  # clicks on the model's errors, no mask prompt: served as before
     assert not lora.read_adapter_info(plain).mask_prompt and not lora.load_run(plain).mask_prompt
+    from cxrsam.pipeline.segmenter import describe_models
+
+    assert describe_models(lora.load_run(run), run=run)["sam"]["mask_prompt"] is True  # the JSON record says so
+    assert "mask_prompt" not in describe_models(lora.load_run(plain), run=plain)["sam"]
 
 
 def test_sets_with_different_point_counts_decode_in_their_own_order(phantoms, tiny_ckpt):

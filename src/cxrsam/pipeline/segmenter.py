@@ -258,6 +258,7 @@ def describe_models(sam: LoadedSam | None, drafter: DraftSource | None = None, r
         "kind": "lora" if run is not None else "pretrained", "model_id": sam.model_id, "backend": sam.spec.name,
         "run": None if run is None else str(Path(run).resolve()),
         **({"lora_scale": sam.scale} if isinstance(sam, LoraSam) else {}),
+        **({"mask_prompt": True} if sam.mask_prompt else {}),  # hand-given clicks replayed one round each
         "runtime": engine.runtime if engine is not None else "torch",
         "precision": str(engine.precision if engine is not None else Precision.FP32)}
     return {"sam": sam_info, "drafts": None if drafter is None else drafter.describe(),
