@@ -261,11 +261,11 @@ class PromptedDataset(Dataset):
     inference does (resize the longest side to S, then normalise and zero-pad), for any aspect ratio;
     augmentation (:func:`cxrsam.data.dataset.augment`) acts on the resized (h, w) pair before padding.
 
-    Item ``i``: ``(image (3, S, S) model input, mask (1, S, S), i, prompts, targets, interactive)``. For training
+    Item ``i``: ``(image (3, S, S) model input, mask (1, S, S), i, prompts, targets, rounds)``. For training
     (``prompts=None``) prompts of kind ``prompt`` are sampled from the (augmented) mask, one set per lung, and
     ``targets`` (P, S, S) are the lungs' components (``mixed``: each example's prompt drawn from ``mixture``);
     for validation ``prompts[i]`` are given (model-input pixels, see :func:`_val_prompts`) and ``targets`` is
-    the full mask (1, S, S). ``interactive``: the number of click rounds the example is refined by before the loss
+    the full mask (1, S, S). ``rounds``: the number of click rounds the example is refined by before the loss
     (0: none; for a ``mixture.interactive`` share of ``mixed`` training items, 1..``mixture.click_rounds``; see
     :func:`with_error_clicks`).
     With ``shift`` > 0 that share of training items is first shifted
@@ -344,9 +344,9 @@ class PromptedDataset(Dataset):
 
 def collate_prompted(items: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, list, list]:
     """Stack images, masks and indices; keep prompts, per-image targets and click rounds as lists."""
-    images, masks, indices, prompts, targets, interactive = zip(*items)
+    images, masks, indices, prompts, targets, rounds = zip(*items)
     return (torch.stack(images), torch.stack(masks), torch.tensor(indices), list(prompts), list(targets),
-            list(interactive))
+            list(rounds))
 
 
 def union_logits(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int) -> torch.Tensor:
