@@ -304,3 +304,18 @@ def test_add_points_join_the_lung_whose_box_holds_them():
     # (35, 5) is in no box: it joins the nearest box centre, (17, 29.5) of the image-left lung.
     assert refined.sets[0].points.tolist() == [[20, 20], [35, 5]] and refined.mode == "box+points"
     assert prompts.sets[0].points is None  # the draft prompts are not modified
+
+
+def test_with_previous_gives_each_set_its_own_logits_and_keeps_the_rest():
+    from cxrsam.prompts import with_previous
+
+    prompts = prompts_from_mask(two_lungs(), mode="box+points", points_per_lung=2)
+    logits = [np.full(prompts.image_size, float(i)) for i in range(2)]
+    nxt = with_previous(prompts, logits)
+    assert [s.signature for s in nxt.sets] == [(True, 2, True), (True, 2, True)]
+    assert [float(s.logits[0, 0]) for s in nxt.sets] == [0.0, 1.0] and nxt.sets[0].logits.dtype == np.float32
+    assert all(np.array_equal(a.box, b.box) and np.array_equal(a.points, b.points) for a, b in zip(nxt.sets,
+                                                                                                     prompts.sets))
+    assert all(s.logits is None for s in prompts.sets)  # a copy: the given prompts are unchanged
+    with pytest.raises(ValueError, match="1 previous results for 2 prompt sets"):
+        with_previous(prompts, logits[:1])

@@ -151,7 +151,7 @@ def test_mask_prompt_takes_image_logits_into_the_padded_low_res_frame(tiny):
 def test_clicks_are_replayed_as_sams_interactive_loop_for_a_model_trained_with_its_previous_result(tiny, cases):
     import dataclasses
 
-    from cxrsam.prompts import add_points
+    from cxrsam.prompts import add_points, with_previous
 
     image, mask = cases[1]  # 80 x 110: padded
     prompts = prompts_from_mask(mask, mode="box")
@@ -168,10 +168,8 @@ def test_clicks_are_replayed_as_sams_interactive_loop_for_a_model_trained_with_i
     assert sum(len(s.points) for s in final.sets) == 2 and all(s.logits.shape == image.shape for s in final.sets)
     assert not torch.allclose(logits, plain.decode_logits(embedding, add_points(prompts, points, labels)))
     first = engine.decode_logits(embedding, prompts)  # round 0: the prompts alone, no mask prompt
-    one = add_points(prompts, points[:1], labels[:1])
     assert not np.allclose(final.sets[0].logits, first[0].numpy())  # the last round got round 1's logits
-    for prompt_set, previous in zip(one.sets, first):
-        prompt_set.logits = previous.numpy()
+    one = with_previous(add_points(prompts, points[:1], labels[:1]), first.numpy())
     torch.testing.assert_close(torch.from_numpy(np.stack([s.logits for s in final.sets])),
                                engine.decode_logits(embedding, one))
     # the last round equals segment_anything's own predictor given the same mask prompt

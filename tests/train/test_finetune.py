@@ -439,7 +439,7 @@ def test_interactive_examples_learn_from_a_second_pass_with_a_click_on_the_first
 
 def test_click_rounds_with_the_previous_result_follow_sams_loop_and_train_the_mask_prompt_layers(phantoms, tiny_ckpt):
     from cxrsam.data.layouts import discover
-    from cxrsam.prompts import PromptMixture, add_points
+    from cxrsam.prompts import PromptMixture, add_points, with_previous
     from cxrsam.prompts.corrections import error_click
 
     cases = discover(phantoms).cases[:4]
@@ -462,9 +462,7 @@ def test_click_rounds_with_the_previous_result_follow_sams_loop_and_train_the_ma
         for _ in range(2):
             logits = trainee.decode_sets(embedding, [expected])[0][0]
             click = error_click(masks[0, 0].numpy() > 0.5, (logits > 0).any(dim=0).numpy())
-            expected = add_points(expected, click.point[None], np.array([click.label]))
-            for prompt_set, previous in zip(expected.sets, logits):
-                prompt_set.logits = previous.numpy()
+            expected = with_previous(add_points(expected, click.point[None], np.array([click.label])), logits.numpy())
     for got, want in zip(refined[0].sets, expected.sets):
         assert np.array_equal(got.points, want.points) and np.allclose(got.logits, want.logits, atol=1e-5)
     assert all(s.logits is not None for s in refined[2].sets)

@@ -178,3 +178,13 @@ def add_points(prompts: Prompts, points: np.ndarray, labels: np.ndarray) -> Prom
         s.labels = np.array([label]) if s.labels is None else np.concatenate([s.labels, [label]])
     mode = "box+points" if any(s.box is not None for s in sets) else "points"
     return Prompts(sets, prompts.image_size, mode, prompts.components_found, list(prompts.warnings))
+
+
+def with_previous(prompts: Prompts, logits: Sequence[np.ndarray]) -> Prompts:
+    """``prompts`` with each set given its previous result's ``logits`` (H, W) float32 (one per set, in order) as its
+    mask prompt: the next round of an interactive session."""
+    if len(logits) != len(prompts.sets):
+        raise ValueError(f"{len(logits)} previous results for {len(prompts.sets)} prompt sets")
+    sets = [PromptSet(s.box, s.points, s.labels, np.asarray(previous, np.float32))
+            for s, previous in zip(prompts.sets, logits)]
+    return Prompts(sets, prompts.image_size, prompts.mode, prompts.components_found, list(prompts.warnings))

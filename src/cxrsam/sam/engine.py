@@ -24,7 +24,7 @@ from torch import nn
 from cxrsam.data.io import XRay
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
-from cxrsam.prompts import Prompts, PromptSet, add_points
+from cxrsam.prompts import Prompts, PromptSet, add_points, with_previous
 from cxrsam.sam.registry import BackendSpec, LoadedSam
 
 log = logging.getLogger(__name__)
@@ -404,9 +404,7 @@ class SamEngine:
             return prompts, *self.decode_logits(embedding, prompts, multimask, return_iou=True)
         logits, iou = self.decode_logits(embedding, prompts, multimask, return_iou=True)
         for point, label in zip(np.asarray(points, np.float32), np.asarray(labels, np.int64)):
-            prompts = add_points(prompts, point[None], label[None])
-            for prompt_set, previous in zip(prompts.sets, logits):
-                prompt_set.logits = previous.numpy()
+            prompts = with_previous(add_points(prompts, point[None], label[None]), logits.numpy())
             logits, iou = self.decode_logits(embedding, prompts, multimask, return_iou=True)
         return prompts, logits, iou
 

@@ -51,7 +51,7 @@ from cxrsam.data.dataset import augment, load_case
 from cxrsam.data.layouts import Case
 from cxrsam.data.shift import BoxError, perturb_box, shift_pair
 from cxrsam.errors import CxrsamError
-from cxrsam.prompts import Prompts, PromptSet, PromptSpec, add_points, prompts_from_mask
+from cxrsam.prompts import Prompts, PromptSet, PromptSpec, add_points, prompts_from_mask, with_previous
 from cxrsam.prompts.components import lung_components
 from cxrsam.prompts.corrections import error_click
 from cxrsam.prompts.modes import TrainPrompt
@@ -442,11 +442,9 @@ def with_error_clicks(net: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                 click = error_click(masks[i, 0].cpu().numpy() > 0.5, (logits > 0).any(dim=0).cpu().numpy())
                 if click is None:  # nothing left to correct: this example's rounds end here
                     continue
-                refined = add_points(out[i], click.point[None], np.array([click.label], np.int64))
+                out[i] = add_points(out[i], click.point[None], np.array([click.label], np.int64))
                 if previous_mask:
-                    for prompt_set, previous in zip(refined.sets, logits):
-                        prompt_set.logits = previous.float().cpu().numpy()
-                out[i] = refined
+                    out[i] = with_previous(out[i], logits.float().cpu().numpy())
     return out
 
 
