@@ -475,6 +475,13 @@ def test_click_rounds_with_the_previous_result_follow_sams_loop_and_train_the_ma
     trainee.zero_grad(set_to_none=True)
     ft.finetune_step(previous_mask=True)(trainee, (images, masks, None, prompts, targets, [0, 0, 0, 0])).backward()
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in layers)
+    # with first_round_loss the interactive examples' drawn prompts alone are learnt from too (SAM's loss per round)
+    step = ft.finetune_step(previous_mask=True, first_round_loss=True)
+    both = step(trainee, (images, masks, None, prompts, targets, [2, 0, 1, 0]))
+    with torch.no_grad():
+        last = ft.segmentation_loss(trainee(images, refined), targets)
+        first = ft.segmentation_loss(trainee(images[[0, 2]], [prompts[0], prompts[2]]), [targets[0], targets[2]])
+    assert both.item() == pytest.approx(last.item() + first.item(), rel=1e-5)
     frozen = build_sam("tiny_sam", checkpoint=tiny_ckpt)
     lora.apply_lora(frozen.model, lora.LoraSettings(rank=2, train_prompt_encoder=True))
     assert not any(p.requires_grad for name, p in frozen.model.named_parameters()
@@ -499,7 +506,7 @@ def _interactive_ddp_rank(rank: int, checkpoint: str, phantoms: str, port: int) 
     net = DistributedDataParallel(ft.SamTrainee(loaded).train())
     data = ft.PromptedDataset(discover(phantoms).cases[:2], tiny_spec().transform, "box", seed=rank)
     images, masks, _, prompts, targets, _ = ft.collate_prompted([data[i] for i in range(2)])
-    step = ft.finetune_step(previous_mask=True)  # rank 1 has no mask prompt: its mask-prompt layers get no gradient
+    step = ft.finetune_step(previous_mask=True, first_round_loss=True)  # rank 1: no mask prompt, no gradient there
     step(net, (images, masks, None, prompts, targets, [2 if rank == 0 else 0, 0])).backward()
     grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
     every = [torch.zeros_like(grads) for _ in range(2)]

@@ -79,7 +79,8 @@ class PromptMixture(BaseModel):
     (:func:`cxrsam.prompts.corrections.error_click`) and learns from the second pass; with ``click_rounds`` > 1 an
     interactive example gets 1..``click_rounds`` such rounds (uniform), each clicking the previous round's result,
     and with ``previous_mask`` every round after the first is also given the previous round's logits as SAM's mask
-    prompt, as SAM's own interactive training and inference loop do.
+    prompt, as SAM's own interactive training and inference loop do; with ``first_round_loss`` an interactive example
+    also learns from its first round (the drawn prompt alone), not only from its last.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -100,6 +101,8 @@ class PromptMixture(BaseModel):
                                                    "on the previous round's largest error)")
     previous_mask: bool = Field(False, description="Give every round after the first the previous round's logits as "
                                                    "SAM's mask prompt (the model is then served that way)")
+    first_round_loss: bool = Field(False, description="Interactive examples also learn from their first round (the "
+                                                      "drawn prompt alone; SAM takes a loss on every round)")
 
     @model_validator(mode="after")
     def _check(self) -> PromptMixture:

@@ -182,9 +182,12 @@ class SamTrainee(nn.Module):
                 module.eval()
         return self
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[Prompts]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, prompts: Sequence[Prompts], first: Sequence[Prompts] | None = None
+                ) -> list[tuple[torch.Tensor, torch.Tensor]] | tuple[list, list]:
         """Per image: (logits (P, S, S) over the padded model input, predicted IoU (P,)) of its P prompt sets
-        (in their order; sets with different point counts are decoded in separate groups).
+        (in their order; sets with different point counts are decoded in separate groups). With ``first`` (B more
+        prompt lists; empty ones for images without), the pair (outputs of ``prompts``, outputs of ``first``), both
+        decoded from the one encoder pass, as DDP needs every output of a step from one forward call.
 
         Args:
             images: (B, 3, S, S) model input made by the backend's transform
@@ -192,7 +195,9 @@ class SamTrainee(nn.Module):
             prompts: B prompt lists in model-input pixels (image size (S, S)); an image without sets
                 gets empty tensors.
         """
-        return self.decode_sets(self.sam.image_encoder(images), prompts)
+        embeddings = self.sam.image_encoder(images)
+        outputs = self.decode_sets(embeddings, prompts)
+        return outputs if first is None else (outputs, self.decode_sets(embeddings, first))
 
     def decode_sets(self, embeddings: torch.Tensor, prompts: Sequence[Prompts]
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -448,17 +453,28 @@ def with_error_clicks(net: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     return out
 
 
-def finetune_step(iou_weight: float = 0.0, consistency_weight: float = 0.0, previous_mask: bool = False) -> StepFn:
+def finetune_step(iou_weight: float = 0.0, consistency_weight: float = 0.0, previous_mask: bool = False,
+                  first_round_loss: bool = False) -> StepFn:
     """The fine-tuning step's loss, ``(SamTrainee, (images, masks, indices, prompts, targets, rounds)) -> scalar``
-    (:func:`segmentation_loss` after :func:`with_error_clicks` with ``previous_mask``, plus ``consistency_weight`` x
-    :func:`consistency_loss`); used by :func:`finetune` and ``bench/lora_vs_full.py``."""
+    (:func:`segmentation_loss` after :func:`with_error_clicks` with ``previous_mask``; with ``first_round_loss`` plus
+    that of the interactive examples' drawn prompts alone; plus ``consistency_weight`` x :func:`consistency_loss`);
+    used by :func:`finetune` and ``bench/lora_vs_full.py``."""
 
     def step_fn(net: nn.Module, batch: tuple) -> torch.Tensor:
         images, masks, _, prompts, targets, rounds = batch
+        first = None
         if any(rounds):
-            prompts = with_error_clicks(net, images, masks, prompts, rounds, previous_mask)
-        outputs = net(images, prompts)
-        loss = segmentation_loss(outputs, targets, iou_weight)
+            refined = with_error_clicks(net, images, masks, prompts, rounds, previous_mask)
+            if first_round_loss:
+                first = [p if k else Prompts([], p.image_size, p.mode, 0) for p, k in zip(prompts, rounds)]
+            prompts = refined
+        if first is None:
+            outputs = net(images, prompts)
+            loss = segmentation_loss(outputs, targets, iou_weight)
+        else:
+            outputs, first_outputs = net(images, prompts, first)
+            loss = segmentation_loss(outputs, targets, iou_weight) + segmentation_loss(
+                first_outputs, [t if k else t[:0] for t, k in zip(targets, rounds)], iou_weight)
         unused = [p for name, p in net.named_parameters() if p.requires_grad and MASK_PROMPT_LAYERS in name]
         if unused:  # keep the mask-prompt layers in the graph when no example had one: DDP needs every gradient
             loss = loss + 0.0 * sum(p.sum() for p in unused)
@@ -562,7 +578,8 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
 
     mask_prompt = config.train_prompt == TrainPrompt.MIXED and config.train_mix.interactive > 0 and \
         config.train_mix.previous_mask
-    step_fn = finetune_step(config.iou_loss_weight, config.consistency_weight, mask_prompt)
+    step_fn = finetune_step(config.iou_loss_weight, config.consistency_weight, mask_prompt,
+                            config.train_prompt == TrainPrompt.MIXED and config.train_mix.first_round_loss)
 
     def logits_fn(net: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks, _, prompts, _, _ = batch
