@@ -141,6 +141,12 @@ def test_mask_prompt_takes_image_logits_into_the_padded_low_res_frame(tiny):
     assert prompt.shape == (1, 1, 32, 32)
     assert torch.allclose(prompt[0, 0, :15], torch.tensor(3.0)) and torch.allclose(prompt[0, 0, 17:],
                                                                                    torch.tensor(PAD_LOGIT))
+    from cxrsam.prompts import with_previous  # prompts taken to the model frame take their previous logits along
+
+    given = with_previous(Prompts([PromptSet(box=np.array([2, 2, 70, 30], np.float32))], (40, 80), "box", 1),
+                          [np.full((40, 80), 3.0)])
+    moved = transform.prompts(given).sets[0].logits
+    assert moved.shape == (64, 64) and np.allclose(moved[:32], 3.0) and np.allclose(moved[32:], PAD_LOGIT)
     # a smooth low-res result taken to a non-square image and back is where it was (up to interpolation)
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     low = (8 * torch.exp(-((yy - 10) ** 2 + (xx - 14) ** 2) / 128) - 2)[None]  # a lung-like blob around (14, 10)
