@@ -133,6 +133,14 @@ class FinetuneConfig(DataFields):
         """Every validation prompt kind by name: ``main`` (``val_prompts``) and ``val_extra``."""
         return {"main": self.val_prompts, **self.val_extra}
 
+    @property
+    def mask_prompt(self) -> bool:
+        """Whether the run learns to refine its previous result given back as a mask prompt (interactive ``mixed``
+        examples with ``previous_mask``); it is then served with click rounds
+        (:attr:`~cxrsam.sam.registry.LoadedSam.mask_prompt`)."""
+        mix = self.train_mix
+        return self.train_prompt == TrainPrompt.MIXED and mix.interactive > 0 and mix.previous_mask
+
 
 def make_config(**options: Any) -> FinetuneConfig:
     """Build a config from flat options (loop and LoRA fields may be given flat); invalid -> CxrsamError."""
@@ -576,10 +584,8 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     val_data = {name: PromptedDataset(val_cases, transform, prompts=prompts)
                 for name, prompts in _val_prompts(config, val_cases, transform).items()}
 
-    mask_prompt = config.train_prompt == TrainPrompt.MIXED and config.train_mix.interactive > 0 and \
-        config.train_mix.previous_mask
-    step_fn = finetune_step(config.iou_loss_weight, config.consistency_weight, mask_prompt,
-                            config.train_prompt == TrainPrompt.MIXED and config.train_mix.first_round_loss)
+    step_fn = finetune_step(config.iou_loss_weight, config.consistency_weight, config.mask_prompt,
+                            config.train_mix.first_round_loss)  # rounds are drawn for mixed examples only
 
     def logits_fn(net: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks, _, prompts, _, _ = batch
@@ -599,7 +605,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     result = trainer.fit(resume=resume)
     if state.is_main_process and (run_dir / BEST).is_file():  # else: a finished run resumed, adapters written
         best = load_checkpoint(run_dir / BEST)["model"]
-        save_adapter(run_dir, model, loaded, config.lora, state=best, mask_prompt=mask_prompt)
+        save_adapter(run_dir, model, loaded, config.lora, state=best, mask_prompt=config.mask_prompt)
         forget(run_dir / BEST)  # the adapter file holds the best epoch's weights: keep them once
         log.info("best val Dice %.4f at epoch %d; adapters in %s", result.best_dice, result.best_epoch, run_dir)
         if result.best_epoch == 0:
