@@ -157,7 +157,7 @@ def test_mask_prompt_takes_image_logits_into_the_padded_low_res_frame(tiny):
 def test_clicks_are_replayed_as_sams_interactive_loop_for_a_model_trained_with_its_previous_result(tiny, cases):
     import dataclasses
 
-    from cxrsam.prompts import add_points, with_previous
+    from cxrsam.prompts import add_points
 
     image, mask = cases[1]  # 80 x 110: padded
     prompts = prompts_from_mask(mask, mode="box")
@@ -168,27 +168,52 @@ def test_clicks_are_replayed_as_sams_interactive_loop_for_a_model_trained_with_i
     final, logits, _ = plain.decode_clicks(embedding, prompts, points, labels)
     torch.testing.assert_close(logits, plain.decode_logits(embedding, add_points(prompts, points, labels)))
     assert all(s.logits is None for s in final.sets)
-    # a model trained with its previous result: one round per click, each given the last round's logits
+    # a model trained with its previous result: one round per click, each given the last round's low-res logits
     engine = SamEngine(dataclasses.replace(tiny, mask_prompt=True))
     final, logits, iou = engine.decode_clicks(embedding, prompts, points, labels)
     assert sum(len(s.points) for s in final.sets) == 2 and all(s.logits.shape == image.shape for s in final.sets)
     assert not torch.allclose(logits, plain.decode_logits(embedding, add_points(prompts, points, labels)))
-    first = engine.decode_logits(embedding, prompts)  # round 0: the prompts alone, no mask prompt
-    assert not np.allclose(final.sets[0].logits, first[0].numpy())  # the last round got round 1's logits
-    one = with_previous(add_points(prompts, points[:1], labels[:1]), first.numpy())
-    torch.testing.assert_close(torch.from_numpy(np.stack([s.logits for s in final.sets])),
-                               engine.decode_logits(embedding, one))
-    # the last round equals segment_anything's own predictor given the same mask prompt
+    # segment_anything's own loop: its predictor, each set prompted with its clicks so far and given the low-res
+    # logits its previous round returned as mask_input; the result at the image's size is the engine's
     predictor = SamPredictor(tiny.model)
-    transform = tiny.spec.transform
     h, w = predictor.transform.get_preprocess_shape(*image.shape, predictor.transform.target_length)
     pixels = F.interpolate(torch.from_numpy(image)[None, None], (h, w), mode="bilinear", align_corners=False,
                            antialias=True).expand(1, 3, h, w) * 255.0
     predictor.set_torch_image(pixels, image.shape)
-    for i, prompt_set in enumerate(final.sets):
-        box = predictor.transform.apply_boxes_torch(torch.from_numpy(prompt_set.box)[None], image.shape)
-        coords = predictor.transform.apply_coords_torch(torch.from_numpy(prompt_set.points)[None], image.shape)
-        mask_input = transform.mask_prompt(torch.from_numpy(prompt_set.logits)[None], image.shape, 32)
-        expected, _, _ = predictor.predict_torch(coords, torch.from_numpy(prompt_set.labels)[None], box, mask_input,
-                                                 multimask_output=False, return_logits=True)
-        torch.testing.assert_close(logits[i], expected[0, 0], atol=1e-4, rtol=1e-4)
+
+    def sam_round(round_prompts, previous):
+        full, low = [], []
+        for prompt_set, mask_input in zip(round_prompts.sets, previous):
+            box = predictor.transform.apply_boxes_torch(torch.from_numpy(prompt_set.box)[None], image.shape)
+            coords, point_labels = None, None
+            if prompt_set.points is not None:
+                coords = predictor.transform.apply_coords_torch(torch.from_numpy(prompt_set.points)[None],
+                                                                image.shape)
+                point_labels = torch.from_numpy(prompt_set.labels)[None]
+            masks, _, low_res = predictor.predict_torch(coords, point_labels, box, mask_input, multimask_output=False,
+                                                        return_logits=True)
+            full.append(masks[0, 0])
+            low.append(low_res)
+        return torch.stack(full), low
+
+    expected, low = sam_round(prompts, [None] * len(prompts.sets))
+    round_prompts = prompts
+    for k in range(len(points)):
+        before = low
+        round_prompts = add_points(round_prompts, points[k:k + 1], labels[k:k + 1])
+        expected, low = sam_round(round_prompts, before)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    # only the result and the record go to the image's size, however many clicks: the rounds stay low-res
+    calls = []
+    transform = engine.loaded.spec.transform
+    original = transform.logits_to_image
+    transform.logits_to_image = lambda *args: calls.append(1) or original(*args)
+    try:
+        engine.decode_clicks(embedding, prompts, np.concatenate([points, points + 5]), np.concatenate([labels] * 2))
+    finally:
+        del transform.logits_to_image
+    assert len(calls) == 2
+    # the returned prompts carry, at the image's size, the low-res logits the last round was given
+    for prompt_set, given in zip(final.sets, before):
+        shown = tiny.spec.transform.logits_to_image(given[0, 0], image.shape)
+        np.testing.assert_allclose(prompt_set.logits, shown.numpy(), atol=1e-4)

@@ -360,6 +360,39 @@ class SamEngine:
                 self._to_disk(keys[i], embedding)
         return [found[key] for key in keys]
 
+    def _decode_low_res(self, embedding: torch.Tensor, prompts: Prompts, multimask: bool,
+                        previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-set low-res logits (P, h', w') over the padded model input, on the model's device, and SAM's predicted
+        IoU (P,) of each kept mask, for one image's embedding (C, h, w). Sets with the same signature are decoded in
+        one call; with ``multimask`` each set keeps the candidate with the highest predicted IoU. ``previous``
+        (P, h', w'): each set's previous low-res result as its mask prompt (replacing the sets' own logits), as SAM's
+        interactive loop hands it back."""
+        spec, device = self.loaded.spec, self.loaded.device
+        side = mask_side(self.loaded.model)
+        sets = prompts.sets if previous is None else [PromptSet(s.box, s.points, s.labels) for s in prompts.sets]
+        groups: dict[tuple[bool, int, bool], list[int]] = {}
+        for index, prompt_set in enumerate(sets):
+            groups.setdefault(prompt_set.signature, []).append(index)
+        low = None
+        ious = torch.empty(len(sets))
+        with torch.inference_mode():
+            for indices in groups.values():
+                batch = prompt_batch(spec, [sets[i] for i in indices], prompts.image_size, device, side)
+                if previous is not None:
+                    batch.masks = spec.transform.frame_to_mask_prompt(previous[indices].to(device), side)[None]
+                logits, iou = self._decode(embedding[None].to(device), batch, multimask)
+                chosen = (select_best(logits, iou) if multimask else logits[:, :, 0])[0]
+                if low is None:
+                    low = chosen.new_empty((len(sets), *chosen.shape[-2:]))
+                low[indices] = chosen
+                ious[indices] = iou[0].max(dim=-1).values.float().cpu()
+        return (torch.empty((0, side, side), device=device) if low is None else low), ious
+
+    def _to_image(self, low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Low-res logits (P, h', w') -> float32 (P, H, W) on CPU at the original ``size``."""
+        with torch.inference_mode():
+            return self.loaded.spec.transform.logits_to_image(low, size).float().cpu()
+
     def decode_logits(self, embedding: torch.Tensor, prompts: Prompts, multimask: bool = False,
                       return_iou: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Per-set mask logits (P, H, W) at the original size for one image's embedding (C, h, w).
@@ -368,21 +401,8 @@ class SamEngine:
         the candidate with the highest predicted IoU. With ``return_iou``: (logits, iou (P,)), SAM's
         predicted IoU of each set's kept mask.
         """
-        spec, device = self.loaded.spec, self.loaded.device
-        size = prompts.image_size
-        out = torch.empty((len(prompts.sets), *size))
-        ious = torch.empty(len(prompts.sets))
-        groups: dict[tuple[bool, int, bool], list[int]] = {}
-        for index, prompt_set in enumerate(prompts.sets):
-            groups.setdefault(prompt_set.signature, []).append(index)
-        with torch.inference_mode():
-            for indices in groups.values():
-                batch = prompt_batch(spec, [prompts.sets[i] for i in indices], size, device,
-                                     mask_side(self.loaded.model))
-                logits, iou = self._decode(embedding[None].to(device), batch, multimask)
-                chosen = select_best(logits, iou) if multimask else logits[:, :, 0]
-                out[indices] = spec.transform.logits_to_image(chosen[0], size).float().cpu()
-                ious[indices] = iou[0].max(dim=-1).values.float().cpu()
+        low, ious = self._decode_low_res(embedding, prompts, multimask)
+        out = self._to_image(low, prompts.image_size)
         return (out, ious) if return_iou else out
 
     def decode_clicks(self, embedding: torch.Tensor, prompts: Prompts, points: np.ndarray | None,
@@ -392,21 +412,24 @@ class SamEngine:
 
         A model trained with its previous result as a mask prompt (:attr:`LoadedSam.mask_prompt`) gets the clicks as
         an interactive session does (SAM's loop): ``prompts`` decoded alone, then one round per click, each round
-        decoding the prompts so far with every set's previous logits as its mask prompt, so the result depends only
-        on the clicks and their order. Other models decode ``prompts`` with all the clicks once.
+        decoding the prompts so far with every set's previous low-res logits, as the decoder gave them, as its mask
+        prompt (only the last round is taken to the image's size), so the result depends only on the clicks and their
+        order. Other models decode ``prompts`` with all the clicks once.
 
-        Returns: (the last round's prompts, with the logits it was given; per-set logits (P, H, W); iou (P,)).
+        Returns: (the last round's prompts, with the logits it was given at the image's size; per-set logits
+        (P, H, W); iou (P,)).
         """
         if points is None or len(points) == 0:
             return prompts, *self.decode_logits(embedding, prompts, multimask, return_iou=True)
         if not self.loaded.mask_prompt:
             prompts = add_points(prompts, points, labels)
             return prompts, *self.decode_logits(embedding, prompts, multimask, return_iou=True)
-        logits, iou = self.decode_logits(embedding, prompts, multimask, return_iou=True)
+        low, iou = self._decode_low_res(embedding, prompts, multimask)
         for point, label in zip(np.asarray(points, np.float32), np.asarray(labels, np.int64)):
-            prompts = with_previous(add_points(prompts, point[None], label[None]), logits.numpy())
-            logits, iou = self.decode_logits(embedding, prompts, multimask, return_iou=True)
-        return prompts, logits, iou
+            prompts, previous = add_points(prompts, point[None], label[None]), low
+            low, iou = self._decode_low_res(embedding, prompts, multimask, previous)
+        size = prompts.image_size
+        return with_previous(prompts, self._to_image(previous, size).numpy()), self._to_image(low, size), iou
 
     def segment_many(self, images: Sequence[ImageLike], prompts: Sequence[Prompts],
                      multimask: bool = False) -> list[np.ndarray]:

@@ -9,7 +9,8 @@ Frames of reference:
   Coordinates scale by (w / W, h / H).
 * *low-res*: the decoder's logits, 4x the embedding grid, covering the whole padded model input. A previous
   result given back as SAM's mask prompt (an interactive round) is taken from the original frame into this one by
-  :meth:`SamTransform.mask_prompt`.
+  :meth:`SamTransform.mask_prompt`; the engine's click rounds hand the decoder's low-res output straight back
+  (:meth:`SamTransform.frame_to_mask_prompt`, SAM's own loop).
 
 Fine-tuning (:mod:`cxrsam.train.finetune`), the inference engine (:mod:`cxrsam.sam.engine`) and ONNX export
 all go through :class:`SamTransform`, so a model is trained on exactly the tensors inference gives it, for any
@@ -144,8 +145,15 @@ class SamTransform:
 
     def mask_prompt(self, logits: torch.Tensor, size: tuple[int, int], side: int) -> torch.Tensor:
         """Previous results' logits (P, H, W) at an image's ``size`` -> SAM's mask prompt (P, 1, side, side):
-        :meth:`logits_to_frame`, then resized to the prompt encoder's ``mask_input_size`` (bilinear, antialiased)."""
-        x = self.logits_to_frame(logits, size)[:, None]
+        :meth:`logits_to_frame`, then :meth:`frame_to_mask_prompt`."""
+        return self.frame_to_mask_prompt(self.logits_to_frame(logits, size), side)
+
+    @staticmethod
+    def frame_to_mask_prompt(logits: torch.Tensor, side: int) -> torch.Tensor:
+        """Logits (P, s, s) over the whole padded model input (at S, or the decoder's low-res s = 4x the embedding
+        grid) -> SAM's mask prompt (P, 1, side, side): resized to the prompt encoder's ``mask_input_size`` (bilinear,
+        antialiased; unchanged when s = side, as for the decoder's own low-res output)."""
+        x = logits.float()[:, None]
         if x.shape[-1] != side:
             x = F.interpolate(x, (side, side), mode="bilinear", align_corners=False, antialias=True)
         return x
