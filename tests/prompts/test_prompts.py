@@ -303,7 +303,16 @@ def test_add_points_join_the_lung_whose_box_holds_them():
     assert refined.sets[1].points.tolist() == [[60, 30]] and refined.sets[1].labels.tolist() == [0]
     # (35, 5) is in no box: it joins the nearest box centre, (17, 29.5) of the image-left lung.
     assert refined.sets[0].points.tolist() == [[20, 20], [35, 5]] and refined.mode == "box+points"
-    assert prompts.sets[0].points is None  # the draft prompts are not modified
+    # a positive click outside every box moves the sides of the box it joins past it, by as far again as it lies
+    # beyond them (clipped to the image); a click inside a box leaves that box alone
+    assert refined.sets[0].box.tolist() == [5, 0, 41, 49] and refined.sets[1].box.tolist() == [50, 15, 69, 44]
+    low = add_points(prompts, np.array([[20, 55]], np.float32), np.array([1]))
+    assert low.sets[0].box.tolist() == [5, 10, 29, 59]  # 49 + 2 x 6 = 61, clipped to the image's last row
+    assert prompts.sets[0].points is None and prompts.sets[0].box.tolist() == [5, 10, 29, 49]  # drafts unmodified
+    # a negative click outside every box leaves the boxes as they are
+    negative = add_points(prompts, np.array([[35, 5], [75, 55]], np.float32), np.array([0, 0]))
+    assert [s.box.tolist() for s in negative.sets] == [[5, 10, 29, 49], [50, 15, 69, 44]]
+    assert negative.sets[1].points.tolist() == [[75, 55]]
 
 
 def test_with_previous_gives_each_set_its_own_logits_and_keeps_the_rest():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cxrsam.prompts.boxes import adjust_box, enclosing_box, mask_box
+from cxrsam.prompts.boxes import adjust_box, clip_box, enclosing_box, mask_box
 from cxrsam.prompts.components import DEFAULT_MIN_AREA_FRAC, lung_components
 from cxrsam.prompts.modes import BoxMode, PromptMode
 from cxrsam.prompts.points import low_probability_points, negative_points, positive_points, probability_points
@@ -163,7 +163,12 @@ def prompts_from_mask(mask: np.ndarray, mode: str = "box", box_mode: str = "per_
 def add_points(prompts: Prompts, points: np.ndarray, labels: np.ndarray) -> Prompts:
     """Draft prompts with hand-given points added: each point joins the set whose box contains it
     (else the set whose box or points centre is nearest), so a click refines the lung it is on; each set keeps its
-    previous result's logits."""
+    previous result's logits.
+
+    A box never excludes a positive click: a positive point outside every box extends the box of the set it joins
+    just enough to contain it (a user who clicks missed lung past a draft's box asks for that box to reach there;
+    SAM keeps its masks inside the box and would otherwise ignore the click). Negative points leave boxes as they
+    are."""
     sets = [PromptSet(s.box, s.points, s.labels, s.logits) for s in prompts.sets]
 
     def centre(s: PromptSet) -> np.ndarray:
@@ -174,10 +179,22 @@ def add_points(prompts: Prompts, points: np.ndarray, labels: np.ndarray) -> Prom
                   and s.box[0] <= point[0] <= s.box[2] and s.box[1] <= point[1] <= s.box[3]]
         target = inside[0] if inside else int(np.argmin([np.linalg.norm(centre(s) - point) for s in sets]))
         s = sets[target]
+        if label == 1 and s.box is not None and not inside:
+            s.box = reach_past(s.box, point, prompts.image_size)
         s.points = point[None] if s.points is None else np.concatenate([s.points, point[None]])
         s.labels = np.array([label]) if s.labels is None else np.concatenate([s.labels, [label]])
     mode = "box+points" if any(s.box is not None for s in sets) else "points"
     return Prompts(sets, prompts.image_size, mode, prompts.components_found, list(prompts.warnings))
+
+
+def reach_past(box: np.ndarray, point: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``box`` (4,) xyxy extended to a ``point`` (2,) xy outside it: each side the point lies beyond moves past the
+    point by as far again (the click marks the middle of the missed lung between the box and the new side), then the
+    box is clipped to the image of ``size`` (H, W). float32 (4,)."""
+    box = np.asarray(box, np.float64)
+    low = np.where(point < box[:2], 2 * point - box[:2], box[:2])
+    high = np.where(point > box[2:], 2 * point - box[2:], box[2:])
+    return clip_box(np.concatenate([low, high]), size).astype(np.float32)
 
 
 def with_previous(prompts: Prompts, logits: Sequence[np.ndarray]) -> Prompts:
