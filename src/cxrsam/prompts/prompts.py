@@ -165,10 +165,10 @@ def add_points(prompts: Prompts, points: np.ndarray, labels: np.ndarray) -> Prom
     (else the set whose box or points centre is nearest), so a click refines the lung it is on; each set keeps its
     previous result's logits.
 
-    A box never excludes a positive click: a positive point outside every box extends the box of the set it joins
-    just enough to contain it (a user who clicks missed lung past a draft's box asks for that box to reach there;
-    SAM keeps its masks inside the box and would otherwise ignore the click). Negative points leave boxes as they
-    are."""
+    A box never excludes a positive click: a positive point outside every box moves the box of the set it joins past
+    it (:func:`reach_past`; a user who clicks missed lung past a draft's box asks for that box to reach there; SAM
+    keeps its masks inside the box and would otherwise ignore the click). Negative points leave boxes as they are
+    (pulling a box's side in past a background click cost Dice on validation: docs/results.md)."""
     sets = [PromptSet(s.box, s.points, s.labels, s.logits) for s in prompts.sets]
 
     def centre(s: PromptSet) -> np.ndarray:
