@@ -35,7 +35,7 @@ from cxrsam.prompts import PromptSpec
 from cxrsam.sam.engine import PRECISION_COSTS, Precision, SamEngine, precision_cost_key
 from cxrsam.sam.onnx_runtime import make_engine
 from cxrsam.sam.registry import build_sam
-from zero_shot_speed import SPLITS, load_xrays, machine
+from zero_shot_speed import SPLITS, cpu_features, load_xrays, machine
 
 VARIANTS = {"cpu": [("torch", Precision.FP32), ("onnx", Precision.FP32), ("torch", Precision.BF16),
                     ("onnx", Precision.INT8)],
@@ -114,7 +114,7 @@ def main() -> None:
                 "dice_fp32": float(np.mean(ref_dice)), "dice_change": change, "iou_mean": float(np.mean(ious)),
                 "iou_min": float(min(ious)), "encoder_speedup": speedup,
                 "machine": (torch.cuda.get_device_name(args.device) if kind == "cuda"
-                            else f"{os.cpu_count()}-core CPU, load {os.getloadavg()[0]:.1f}"),
+                            else f"{os.cpu_count()}-core CPU ({cpu_features()}), load {os.getloadavg()[0]:.1f}"),
                 "command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     print("\n".join(lines))
     print(f"\nTotal {time.perf_counter() - started:.0f} s; load average at the end "

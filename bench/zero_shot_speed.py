@@ -246,6 +246,16 @@ def scaling(batches: Sequence[int], vit_sizes: Sequence[int], device: str) -> li
     return lines + [""]
 
 
+def cpu_features() -> str:
+    """The CPU's vector extensions that change int8 and bf16 results or speed (Linux; else "unknown")."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(encoding="utf-8").split())
+    except OSError:
+        return "unknown"
+    found = [name for name in ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if name in flags]
+    return "+".join(found) if found else ("avx2" if "avx2" in flags else "no AVX2")
+
+
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -257,8 +267,8 @@ def machine(device: str) -> str:
         pass
     load = ", ".join(f"{x:.2f}" for x in psutil.getloadavg())
     wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    return (f"{cpu}, {psutil.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-            f"OMP_WAIT_POLICY {wait_policy}, load average {load} at start")
+    return (f"{cpu} ({cpu_features()}), {psutil.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY {wait_policy}, load average {load} at start")
 
 
 def main() -> None:

@@ -54,6 +54,11 @@ def test_int8_encoder_is_quantised_once_cached_and_close_to_fp32(tiny, cases, tm
 
     monkeypatch.setattr(ort_sam, "quantize_encoder", refuse)
     OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")  # from the cache
+    assert record["reduce_range"] is True  # 7-bit weights: no u8 x s8 saturation on CPUs without VNNI
+    (folder / ort_sam.CHECK_INT8).write_text(json.dumps({**record, "reduce_range": False}))
+    with pytest.raises(AssertionError, match="quantised again"):  # made with other settings: quantised again
+        OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")
+    (folder / ort_sam.CHECK_INT8).write_text(json.dumps(record))
     (folder / ort_sam.ENCODER_INT8).write_bytes(b"altered")
     with pytest.raises(AssertionError, match="quantised again"):
         OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")
