@@ -72,9 +72,9 @@ INT8_OPS = ("MatMul", "Gemm")
 TinyViT's convolutions too cost 0.05 Dice (mask IoU vs fp32 0.74-0.92 on 4 test images; these alone: 0.995-0.998)."""
 INT8_SETTINGS = {"weight_type": "QInt8", "per_channel": True, "reduce_range": True, "op_types": list(INT8_OPS)}
 """How the int8 encoder is quantised; a cached one made otherwise is quantised again. ``reduce_range``: 7-bit
-weights, so that the u8 x s8 products of CPUs without VNNI (AVX2 only: ``VPMADDUBSW``, whose int16 sums saturate)
-give the same results as CPUs with it (onnxruntime's quantisation docs, "When and why do I need to try U8U8?"); with
-8-bit weights the tiny test model's int8 masks fell to IoU 0.87 against fp32 on an AVX2-only EPYC."""
+weights, so that the u8 x s8 products of CPUs without VNNI (AVX2 only: ``VPMADDUBSW``, whose int16 pair sums
+saturate) stay exact (onnxruntime's quantisation docs, "When and why do I need to try U8U8?"); with 8-bit weights
+the tiny test model's int8 masks fell to IoU 0.87 against fp32 on an AVX2-only EPYC (docs/benchmarks.md)."""
 INSTALL_HINT = "pip install 'cxrsam[onnx]'"
 GRAPHS = 2
 """Version of the exported graphs' inputs and outputs (2: the decoder takes a mask prompt); part of the cache key."""
