@@ -2,7 +2,7 @@
 
 CPUs without VNNI (AVX2 only) multiply u8 activations by s8 weights with ``VPMADDUBSW``, whose int16 pair sums
 saturate; 7-bit weights avoid that (onnxruntime's quantisation docs). Each setting is quantised from the same cached
-float32 export (:data:`cxrsam.sam.onnx_runtime.INT8_SETTINGS` patched for the 8-bit one); prompts are per-lung boxes
+float32 export (:func:`cxrsam.sam.onnx_runtime.int8_settings` patched for each); prompts are per-lung boxes
 of a CNN run's drafts on the first N test-split images; Dice is against the labels.
 
     PYTHONPATH=src:bench python bench/int8_weights.py --drafts-from runs/h18/stages/cnn-unet --images 30
@@ -40,9 +40,10 @@ def main() -> None:
     exported = ort_sam.load_onnx_sam(loaded).folder  # the cached float32 export, made once
     print(f"Machine: {machine('cpu')}. Images: {source}.")
     masks = {}
+    chosen = ort_sam.int8_settings()  # this CPU's; each variant below sets reduce_range itself
     for name, reduce_range in (("fp32 (reference)", None), ("8 bit", False), ("7 bit (reduce_range)", True)):
         with tempfile.TemporaryDirectory() as root, \
-                mock.patch.dict(ort_sam.INT8_SETTINGS, {"reduce_range": bool(reduce_range)}):
+                mock.patch.object(ort_sam, "int8_settings", lambda r=bool(reduce_range): {**chosen, "reduce_range": r}):
             folder = ort_sam.export_dir(loaded, root=root)
             folder.mkdir(parents=True)
             for file in (ort_sam.ENCODER, ort_sam.DECODER, ort_sam.CHECK):

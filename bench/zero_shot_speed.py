@@ -42,6 +42,7 @@ import numpy as np
 import psutil
 import torch
 
+from cxrsam.config import cpu_flags
 from cxrsam.data.dataset import load_case
 from cxrsam.data.io import XRay
 from cxrsam.data.layouts import discover, require_cases
@@ -248,9 +249,8 @@ def scaling(batches: Sequence[int], vit_sizes: Sequence[int], device: str) -> li
 
 def cpu_features() -> str:
     """The CPU's vector extensions that change int8 and bf16 results or speed (Linux; else "unknown")."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text(encoding="utf-8").split())
-    except OSError:
+    flags = cpu_flags()
+    if not flags:
         return "unknown"
     found = [name for name in ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if name in flags]
     return "+".join(found) if found else ("avx2" if "avx2" in flags else "no AVX2")

@@ -43,6 +43,24 @@ def resolve_device(choice: str | torch.device | None = "auto") -> torch.device:
         raise CxrsamError(f"unknown device {str(choice)!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
+INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+"""CPU flags of an int8 dot-product instruction (VNNI or AMX). Without one, ONNX Runtime's int8 kernels use
+``VPMADDUBSW``, whose int16 sums saturate, so int8 results and speed differ between the two kinds of CPU."""
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (``/proc/cpuinfo`` on Linux; empty where it cannot be read)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text(encoding="utf-8").split())
+    except OSError:
+        return frozenset()
+
+
+def cpu_has_int8_dot_product() -> bool:
+    """Whether this CPU has an int8 dot-product instruction (:data:`INT8_DOT_PRODUCT_FLAGS`)."""
+    return bool(cpu_flags() & INT8_DOT_PRODUCT_FLAGS)
+
+
 class SplitFields(BaseModel):
     """How cases are found and split: the one declaration of these fields, shared by the CNN and LoRA run
     configs (:class:`DataFields`) and the experiment's ``data`` section."""

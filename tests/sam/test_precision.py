@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cxrsam import config as config_module
 from cxrsam.errors import CxrsamError
 from cxrsam.prompts import prompts_from_mask
 from cxrsam.sam import engine as engine_module
@@ -54,11 +55,15 @@ def test_int8_encoder_is_quantised_once_cached_and_close_to_fp32(tiny, cases, tm
 
     monkeypatch.setattr(ort_sam, "quantize_encoder", refuse)
     OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")  # from the cache
-    assert record["reduce_range"] is True  # 7-bit weights: no u8 x s8 saturation on CPUs without VNNI
-    (folder / ort_sam.CHECK_INT8).write_text(json.dumps({**record, "reduce_range": False}))
-    with pytest.raises(AssertionError, match="quantised again"):  # made with other settings: quantised again
+    # 7-bit weights (no u8 x s8 saturation) exactly where the CPU lacks VNNI/AMX
+    assert record["reduce_range"] is not config_module.cpu_has_int8_dot_product()
+    this_cpu = config_module.cpu_flags()
+    other = frozenset({"avx2"}) if config_module.cpu_has_int8_dot_product() else frozenset({"avx2", "avx512_vnni"})
+    monkeypatch.setattr(config_module, "cpu_flags", lambda: other)
+    assert ort_sam.int8_settings()["reduce_range"] is not record["reduce_range"]
+    with pytest.raises(AssertionError, match="quantised again"):  # made for another kind of CPU: quantised again
         OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")
-    (folder / ort_sam.CHECK_INT8).write_text(json.dumps(record))
+    monkeypatch.setattr(config_module, "cpu_flags", lambda: this_cpu)
     (folder / ort_sam.ENCODER_INT8).write_bytes(b"altered")
     with pytest.raises(AssertionError, match="quantised again"):
         OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")
@@ -134,6 +139,7 @@ def test_precision_rules(tiny, monkeypatch):
 def test_precision_cost_prints_the_stored_measurement(tmp_path, monkeypatch):
     stored = tmp_path / "precision_costs.json"
     monkeypatch.setattr(engine_module, "PRECISION_COSTS", stored)
+    monkeypatch.setattr(config_module, "cpu_flags", lambda: frozenset({"avx2"}))  # the "int8" key's kind of CPU
     assert precision_cost(Precision.FP32) is None
     assert "no stored measurement" in precision_cost("int8")
     stored.write_text(json.dumps({"int8": {
@@ -143,6 +149,26 @@ def test_precision_cost_prints_the_stored_measurement(tmp_path, monkeypatch):
     assert "Dice -0.0021" in note and "min 0.9500" in note and "1.70x" in note and "bench/precision.py" in note
     assert "no stored measurement" in precision_cost("bf16")
     assert "no stored measurement against fp32 on a CUDA" in precision_cost("int8", "cuda")  # a CPU measurement
+
+
+def test_int8_costs_are_kept_apart_for_cpus_with_and_without_vnni(tmp_path, monkeypatch):
+    """ONNX Runtime's int8 kernels differ with and without VNNI, so a VNNI CPU never prints the AVX2 measurement."""
+    stored = tmp_path / "precision_costs.json"
+    monkeypatch.setattr(engine_module, "PRECISION_COSTS", stored)
+    entry = {"images": 109, "data": "test images", "dice_fp32": 0.97, "iou_mean": 0.99, "iou_min": 0.97,
+             "encoder_speedup": 3.0, "machine": "2-core CPU", "command": "python bench/precision.py"}
+    stored.write_text(json.dumps({"int8": {**entry, "dice_change": -0.0008}}))
+    for flags, key in ((frozenset({"avx2"}), "int8"), (frozenset({"avx2", "avx512f", "avx512_vnni"}), "int8:vnni"),
+                       (frozenset({"avx2", "avx_vnni"}), "int8:vnni")):
+        monkeypatch.setattr(config_module, "cpu_flags", lambda flags=flags: flags)
+        assert precision_cost_key("int8") == key
+        assert precision_cost_key("bf16") == "bf16" and precision_cost_key("int8", "cuda") == "cuda:int8"
+    assert "no stored measurement against fp32 on a CPU with VNNI" in precision_cost("int8")
+    stored.write_text(json.dumps({"int8": {**entry, "dice_change": -0.0008},
+                                  "int8:vnni": {**entry, "dice_change": -0.0002}}))
+    assert "Dice -0.0002" in precision_cost("int8")
+    monkeypatch.setattr(config_module, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert "Dice -0.0008" in precision_cost("int8")
 
 
 def test_a_gpu_precision_prints_the_gpu_measurement_not_the_cpu_one(tmp_path, monkeypatch):
@@ -161,11 +187,13 @@ def test_a_gpu_precision_prints_the_gpu_measurement_not_the_cpu_one(tmp_path, mo
     assert "no stored measurement against fp32 on a CUDA" in precision_cost("fp16", "cuda")
 
 
-def test_the_shipped_costs_cover_every_reduced_precision_where_it_runs():
+def test_the_shipped_costs_cover_every_reduced_precision_where_it_runs(monkeypatch):
     shipped = json.loads(engine_module.PRECISION_COSTS.read_text(encoding="utf-8"))
-    for precision, device in (("bf16", "cpu"), ("int8", "cpu"), ("bf16", "cuda"), ("fp16", "cuda")):
-        row = shipped[precision_cost_key(precision, device)]
-        assert -0.001 < row["dice_change"] < 0.001 and 0.9 < row["iou_min"] <= row["iou_mean"] <= 1, precision
+    for flags in (frozenset({"avx2"}), frozenset({"avx2", "avx512_vnni"})):  # CPUs without and with VNNI
+        monkeypatch.setattr(config_module, "cpu_flags", lambda flags=flags: flags)
+        for precision, device in (("bf16", "cpu"), ("int8", "cpu"), ("bf16", "cuda"), ("fp16", "cuda")):
+            row = shipped[precision_cost_key(precision, device)]
+            assert -0.001 < row["dice_change"] < 0.001 and 0.9 < row["iou_min"] <= row["iou_mean"] <= 1, precision
 
 
 def test_predict_defaults_to_onnx_on_the_cpu_records_the_precision_and_prints_its_cost(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrsam.config import cpu_has_int8_dot_product
 from cxrsam.data.io import XRay
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
@@ -54,10 +55,15 @@ PRECISION_COSTS = Path(__file__).with_name("precision_costs.json")
 
 
 def precision_cost_key(precision: Precision | str, device: str | torch.device = "cpu") -> str:
-    """The key of ``precision`` on ``device``'s kind in :data:`PRECISION_COSTS`: ``bf16`` or ``int8`` for the CPU,
-    ``cuda:bf16`` or ``cuda:fp16`` for a GPU (a measurement holds only for the kind of machine it was made on)."""
+    """The key of ``precision`` on this kind of machine in :data:`PRECISION_COSTS` (a measurement holds only for the
+    kind of machine it was made on): ``bf16`` for the CPU; ``int8`` for a CPU without an int8 dot-product
+    instruction and ``int8:vnni`` for one with it (:func:`~cxrsam.config.cpu_has_int8_dot_product`: their int8
+    kernels differ); ``cuda:bf16`` or ``cuda:fp16`` for a GPU."""
     kind = torch.device(device).type
-    return str(Precision(precision)) if kind == "cpu" else f"{kind}:{Precision(precision)}"
+    precision = Precision(precision)
+    if kind != "cpu":
+        return f"{kind}:{precision}"
+    return f"{precision}:vnni" if precision is Precision.INT8 and cpu_has_int8_dot_product() else str(precision)
 
 
 def precision_cost(precision: Precision | str, device: str | torch.device = "cpu") -> str | None:
@@ -69,10 +75,12 @@ def precision_cost(precision: Precision | str, device: str | torch.device = "cpu
     if precision is Precision.FP32:
         return None
     kind = torch.device(device).type
+    key = precision_cost_key(precision, device)
     try:
-        measured = json.loads(PRECISION_COSTS.read_text(encoding="utf-8"))[precision_cost_key(precision, device)]
+        measured = json.loads(PRECISION_COSTS.read_text(encoding="utf-8"))[key]
     except (OSError, ValueError, KeyError):
-        return (f"{precision} has no stored measurement against fp32 on a {kind.upper()} (run bench/precision.py "
+        machine = kind.upper() + (" with VNNI" if key.endswith(":vnni") else "")
+        return (f"{precision} has no stored measurement against fp32 on a {machine} (run bench/precision.py "
                 f"--device {kind} --store); check its masks")
     return (f"{precision} vs fp32 on {measured['images']} {measured['data']}: Dice {measured['dice_change']:+.4f} "
             f"(mean; fp32 {measured['dice_fp32']:.4f}), mask IoU vs fp32 mean {measured['iou_mean']:.4f}, min "

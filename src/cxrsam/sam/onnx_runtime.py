@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrsam.config import cpu_has_int8_dot_product
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, atomic_write_text, sha256_file
 from cxrsam.prompts import PromptSet
@@ -70,11 +71,20 @@ ENCODER_INT8, CHECK_INT8 = "encoder-int8.onnx", "int8.json"
 INT8_OPS = ("MatMul", "Gemm")
 """Operators the int8 encoder quantises (per output channel): the attention and MLP matrix products. Quantising
 TinyViT's convolutions too cost 0.05 Dice (mask IoU vs fp32 0.74-0.92 on 4 test images; these alone: 0.995-0.998)."""
-INT8_SETTINGS = {"weight_type": "QInt8", "per_channel": True, "reduce_range": True, "op_types": list(INT8_OPS)}
-"""How the int8 encoder is quantised; a cached one made otherwise is quantised again. ``reduce_range``: 7-bit
-weights, so that the u8 x s8 products of CPUs without VNNI (AVX2 only: ``VPMADDUBSW``, whose int16 pair sums
-saturate) stay exact (onnxruntime's quantisation docs, "When and why do I need to try U8U8?"); with 8-bit weights
-the tiny test model's int8 masks fell to IoU 0.87 against fp32 on an AVX2-only EPYC (docs/benchmarks.md)."""
+
+
+def int8_settings() -> dict[str, Any]:
+    """How the int8 encoder is quantised on this CPU (recorded in ``int8.json``; a cached one made otherwise is
+    quantised again): :data:`INT8_OPS` with int8 weights per output channel, 8-bit on a CPU with an int8
+    dot-product instruction (VNNI or AMX) and 7-bit (``reduce_range``) on one without. There ONNX Runtime multiplies
+    u8 activations by s8 weights with ``VPMADDUBSW``, whose int16 pair sums saturate with 8-bit weights
+    (onnxruntime's quantisation docs, "When and why do I need to try U8U8?"): the tiny test model's int8 masks fell
+    to IoU 0.87 against fp32 on an AVX2-only EPYC. With VNNI, 8-bit weights are closer to fp32 (30 test images:
+    mask IoU 0.9971 against 0.9952 with 7-bit; docs/benchmarks.md, "int8 on a CPU without VNNI")."""
+    return {"weight_type": "QInt8", "per_channel": True, "reduce_range": not cpu_has_int8_dot_product(),
+            "op_types": list(INT8_OPS)}
+
+
 INSTALL_HINT = "pip install 'cxrsam[onnx]'"
 GRAPHS = 2
 """Version of the exported graphs' inputs and outputs (2: the decoder takes a mask prompt); part of the cache key."""
@@ -406,7 +416,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str | Path | N
 
 
 def quantize_encoder(folder: str | Path, model: nn.Module, spec: BackendSpec) -> dict[str, Any]:
-    """Write ``encoder-int8.onnx`` (:data:`INT8_OPS` with int8 weights as :data:`INT8_SETTINGS` says, by
+    """Write ``encoder-int8.onnx`` (:data:`INT8_OPS` with int8 weights as :func:`int8_settings` says, by
     ``onnxruntime.quantization``'s ``quantize_dynamic``) next to a checked ``encoder.onnx`` and ``int8.json``: its
     SHA-256, the settings and its embedding difference from PyTorch's float32 encoder on the check phantom (relative
     to the largest embedding value). Returns that record."""
@@ -416,13 +426,14 @@ def quantize_encoder(folder: str | Path, model: nn.Module, spec: BackendSpec) ->
     from cxrsam.data.synthetic import make_phantom
 
     folder = Path(folder)
+    settings = int8_settings()
     with atomic_path(folder / ENCODER_INT8) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)  # the quantiser logs advice (pre-process the graph first) to the root logger
         try:
-            quantize_dynamic(folder / ENCODER, tmp, weight_type=QuantType[INT8_SETTINGS["weight_type"]],
-                             per_channel=INT8_SETTINGS["per_channel"], reduce_range=INT8_SETTINGS["reduce_range"],
-                             op_types_to_quantize=INT8_SETTINGS["op_types"])
+            quantize_dynamic(folder / ENCODER, tmp, weight_type=QuantType[settings["weight_type"]],
+                             per_channel=settings["per_channel"], reduce_range=settings["reduce_range"],
+                             op_types_to_quantize=settings["op_types"])
         finally:
             logging.disable(logging.NOTSET)
     image = make_phantom(size=max(spec.img_size, 64), seed=0)[0].astype(np.float32) / 255
@@ -431,7 +442,7 @@ def quantize_encoder(folder: str | Path, model: nn.Module, spec: BackendSpec) ->
     got = _session(folder / ENCODER_INT8).run(None, {"image": model_input.numpy()})[0]
     scale = float(np.abs(reference).max())
     record = {"relative_embedding_diff": float(np.abs(got - reference).max()) / max(scale, 1e-12),
-              **INT8_SETTINGS, "onnxruntime": onnxruntime.__version__,
+              **settings, "onnxruntime": onnxruntime.__version__,
               "files": {ENCODER_INT8: sha256_file(folder / ENCODER_INT8)}}
     atomic_write_text(folder / CHECK_INT8, json.dumps(record, indent=2) + "\n")
     return record
@@ -441,8 +452,8 @@ def _cached_int8(folder: Path) -> Any | None:  # noqa: ANN401 - onnxruntime.Infe
     """The int8 encoder session of ``folder`` if ``int8.json`` vouches for its file and settings, else None."""
     try:
         record = json.loads((folder / CHECK_INT8).read_text(encoding="utf-8"))
-        if any(record.get(name) != value for name, value in INT8_SETTINGS.items()):
-            return None  # quantised otherwise (an earlier version's settings)
+        if any(record.get(name) != value for name, value in int8_settings().items()):
+            return None  # quantised otherwise (an earlier version's settings, or another kind of CPU's)
         if any(sha256_file(folder / name) != digest for name, digest in record["files"].items()):
             return None
         return _session(folder / ENCODER_INT8)
