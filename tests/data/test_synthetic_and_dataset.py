@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from cxrsam.data import SegmentationDataset, discover
@@ -55,3 +56,31 @@ def test_masks_reach_the_model_size_on_the_image_grid(phantoms):
     data = SegmentationDataset(discover(phantoms).cases[:2], 64)
     _, mask = load_case(data.cases[1])
     assert np.array_equal(data.pair(1)[1], resize_mask_square(mask, 64))
+
+
+def test_shifted_items_are_other_site_cases_stretched_like_every_input(phantoms):
+    from cxrsam.data.dataset import load_case, resize_image, resize_mask_square
+    from cxrsam.data.shift import shift_pair
+    from cxrsam.errors import CxrsamError
+
+    cases = discover(phantoms).cases
+    plain = SegmentationDataset(cases, size=64, seed=3)
+    always = SegmentationDataset(cases, size=64, seed=3, shift=1.0)
+    xray, truth = load_case(cases[2])
+    rng = np.random.default_rng([3, 0, 2, 2])
+    rng.random()  # the share draw
+    image, mask, record = shift_pair(xray.pixels, truth, rng)  # at the image's own resolution
+    got_image, got_mask, _ = always[2]
+    assert np.array_equal(got_image[0].numpy(), resize_image(image, 64).astype(np.float32))
+    assert np.array_equal(got_mask[0].numpy() > 0, resize_mask_square(mask, 64))
+    assert not np.array_equal(got_image.numpy(), plain[2][0].numpy())
+    assert np.array_equal(always[2][0].numpy(), got_image.numpy())  # reproducible
+    always.set_epoch(1)
+    assert not np.array_equal(always[2][0].numpy(), got_image.numpy())  # drawn anew each epoch
+    half = SegmentationDataset(cases, size=64, seed=3, shift=0.5)
+    shifted = [not np.array_equal(half[i][0].numpy(), plain[i][0].numpy()) for i in range(len(cases))]
+    assert any(shifted) and not all(shifted)
+    assert all(np.array_equal(SegmentationDataset(cases, size=64, seed=3, shift=0.0)[i][0].numpy(),
+                              plain[i][0].numpy()) for i in range(3))
+    with pytest.raises(CxrsamError, match="share"):
+        SegmentationDataset(cases, size=64, shift=1.5)

@@ -233,3 +233,18 @@ def test_validate_start_keeps_the_untouched_model_when_training_only_hurts(tmp_p
     assert best["epoch"] == 0
     assert_same_tensors(best["model"], start)
     assert not torch.equal(model_state(tmp_path / "run")["weight"], start["weight"])  # training did move it
+
+
+def test_shift_augment_shifts_the_training_images_only(phantoms64, tmp_path, monkeypatch):
+    from cxrsam.baselines.config import read_config
+    from cxrsam.data.dataset import SegmentationDataset
+
+    shifted = []
+    original = SegmentationDataset.shifted
+    monkeypatch.setattr(SegmentationDataset, "shifted",
+                        lambda self, index, rng: shifted.append(len(self)) or original(self, index, rng))
+    run = train_cnn(tiny_config(phantoms64, epochs=1, shift_augment=1.0, keep_resume_state=False), tmp_path / "run")
+    assert shifted == [10] * 8  # every item of the two full training batches (of 10); no validation image
+    assert read_config(run).shift_augment == 1.0
+    with pytest.raises(CxrsamError, match="shift_augment"):
+        tiny_config(phantoms64, shift_augment=2.0)

@@ -19,6 +19,8 @@ class CnnTrainConfig(DataFields):
     encoder_weights: str | None = Field(None, description="None (offline) or e.g. 'imagenet'")
     in_channels: int = Field(1, description="1 (grey) or 3 (grey replicated)")
     size: int = Field(256, ge=32, description="Square model input side in pixels, a multiple of 32")
+    shift_augment: float = Field(0.0, ge=0, le=1, description="Share of training images given an imitated "
+                                 "other-site shift (cxrsam.data.shift; 0: off)")
     loop: LoopConfig = LoopConfig()
 
     @field_validator("arch")

@@ -95,14 +95,22 @@ class SegmentationDataset(Dataset):
     Item ``i`` is ``(image, mask, index)`` with image float32 (1, S, S) in [0, 1] and mask float32
     (1, S, S) in {0, 1}. With ``augment=True`` the augmentation for item ``i`` in epoch ``e`` is drawn
     from ``seed, e, i``: reproducible and independent of worker order (call :meth:`set_epoch`).
-    Decoded, resized pairs are kept in memory after first use (a 256 px pair is ~0.3 MB).
+    With ``shift`` > 0 that share of items is first turned into an imitated other-site case
+    (:func:`cxrsam.data.shift.shift_pair`: aspect ratio, window, gamma, CLAHE, detector, collimation, text) at the
+    image's own resolution, as the transfer check draws them, and then stretched to S x S like every input.
+    Decoded, resized pairs are kept in memory after first use (a 256 px pair is ~0.3 MB); shifted items are
+    decoded again each time.
     """
 
-    def __init__(self, cases: Sequence[Case], size: int = 256, augment: bool = False, seed: int = 0):
+    def __init__(self, cases: Sequence[Case], size: int = 256, augment: bool = False, seed: int = 0,
+                 shift: float = 0.0):
+        if not 0 <= shift <= 1:
+            raise CxrsamError(f"shift is a share of items in [0, 1], got {shift}")
         self.cases = list(cases)
         self.size = size
         self.augment = augment
         self.seed = seed
+        self.shift = shift
         self.epoch = 0
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -120,8 +128,21 @@ class SegmentationDataset(Dataset):
             self._cache[index] = (image.astype(np.float32), resize_mask_square(mask, self.size))
         return self._cache[index]
 
+    def shifted(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Case ``index`` shifted like another site's (:func:`~cxrsam.data.shift.shift_pair` drawn from ``rng``,
+        at the image's resolution), then resized like :meth:`pair`: (image float32 (S, S), mask bool (S, S))."""
+        from cxrsam.data.shift import shift_pair
+
+        xray, mask = load_case(self.cases[index])
+        image, mask, _ = shift_pair(xray.pixels, mask, rng)
+        return resize_image(image, self.size).astype(np.float32), resize_mask_square(mask, self.size)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image, mask = self.pair(index)
+        if self.shift > 0:
+            rng = np.random.default_rng([self.seed, self.epoch, index, 2])
+            if rng.random() < self.shift:
+                image, mask = self.shifted(index, rng)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             image, mask = augment(image, mask, rng)

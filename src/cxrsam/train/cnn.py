@@ -52,7 +52,8 @@ def train_cnn(config: CnnTrainConfig, out_dir: str | Path, resume: bool = False,
     loop = config.loop
     seed_everything(loop.seed, loop.deterministic)
     model = build_cnn(config.arch, config.encoder, config.in_channels, config.encoder_weights)
-    train_data = SegmentationDataset(splits["train"], config.size, augment=True, seed=loop.seed)
+    train_data = SegmentationDataset(splits["train"], config.size, augment=True, seed=loop.seed,
+                                     shift=config.shift_augment)
     val_data = SegmentationDataset(splits["val"], config.size, augment=False)
     step_fn = cnn_step(config.in_channels)
 
