@@ -106,8 +106,8 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=None, help="Per-image CSV [default: none]")
     parser.add_argument("--rescore", type=Path, default=None, help="Compare from a finished call's per-image CSV")
     args = parser.parse_args()
-    if len(args.cnn_run) < 2:
-        parser.error("give at least two --cnn-run folders to compare")
+    if len({run.resolve() for run in args.cnn_run}) != len(args.cnn_run) or len(args.cnn_run) < 2:
+        parser.error("give at least two different --cnn-run folders to compare")
     started = time.perf_counter()
     if args.rescore is not None:
         frame = pd.read_csv(args.rescore)
