@@ -80,7 +80,7 @@ def int8_settings() -> dict[str, Any]:
     u8 activations by s8 weights with ``VPMADDUBSW``, whose int16 pair sums saturate with 8-bit weights
     (onnxruntime's quantisation docs, "When and why do I need to try U8U8?"): the tiny test model's int8 masks fell
     to IoU 0.87 against fp32 on an AVX2-only EPYC. With VNNI, 8-bit weights are closer to fp32 (30 test images:
-    mask IoU 0.9971 against 0.9952 with 7-bit; docs/benchmarks.md, "int8 on a CPU without VNNI")."""
+    mask IoU 0.9971 against 0.9952 with 7-bit; docs/benchmarks.md, "int8 on a CPU with VNNI")."""
     return {"weight_type": "QInt8", "per_channel": True, "reduce_range": not cpu_has_int8_dot_product(),
             "op_types": list(INT8_OPS)}
 
