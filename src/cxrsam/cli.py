@@ -59,9 +59,9 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: 
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="On-disk embedding cache")]
 RuntimeOpt = Annotated[str, typer.Option(
     "--runtime", envvar="CXRSAM_RUNTIME",
-    help="What runs SAM: torch | onnx (ONNX Runtime on the CPU; exported, checked and cached on first use) | auto "
-         "(onnx on the CPU when onnxruntime is installed and the precision allows, else torch; the same masks, about "
-         "2x faster on a CPU)")]
+    help="What runs SAM and the CNN drafts: torch | onnx (ONNX Runtime on the CPU; exported, checked and cached on "
+         "first use) | auto (onnx on the CPU when onnxruntime is installed and the precision allows, else torch; the "
+         "same masks, about 2x faster on a CPU)")]
 PrecisionOpt = Annotated[str, typer.Option(
     "--precision", help="SAM encoder arithmetic: fp32 (reference) | bf16 (autocast; GPU or a CPU with AVX512-BF16) | "
                         "fp16 (GPU) | int8 (ONNX Runtime, CPU); a reduced one prints its measured cost")]

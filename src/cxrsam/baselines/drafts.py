@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cxrsam.baselines.predict import load_cnn_run
+from cxrsam.baselines.predict import DraftPredictor, load_cnn_run
 from cxrsam.data.io import XRay, index_masks, probability_file, read_draft, read_probability
 from cxrsam.errors import CxrsamError
 from cxrsam.files import sha256_file
@@ -65,13 +65,24 @@ class MaskFolderDrafts:
 
 
 class CnnDrafts:
-    """Drafts predicted by a trained CNN baseline run (:func:`cxrsam.baselines.predict.load_cnn_run`)."""
+    """Drafts predicted by a trained CNN baseline run, in PyTorch (:func:`cxrsam.baselines.predict.load_cnn_run`)
+    or, when ``runtime`` resolves to ``onnx`` (:func:`~cxrsam.sam.onnx_runtime.resolve_runtime`: ``auto`` on the
+    CPU with the extra installed), in ONNX Runtime (:func:`cxrsam.baselines.onnx_cnn.load_onnx_cnn`)."""
 
     kind = "cnn-draft"
 
-    def __init__(self, run_dir: str | Path, device: str | torch.device | None = None, postprocess: bool = True):
+    def __init__(self, run_dir: str | Path, device: str | torch.device | None = None, postprocess: bool = True,
+                 runtime: str = "torch"):
+        from cxrsam.config import resolve_device
+        from cxrsam.sam.onnx_runtime import Runtime, resolve_runtime
+
         self.run_dir = Path(run_dir)
-        self.predictor = load_cnn_run(self.run_dir, device=device, postprocess=postprocess)
+        if resolve_runtime(runtime, resolve_device(device)) is Runtime.ONNX:
+            from cxrsam.baselines.onnx_cnn import load_onnx_cnn
+
+            self.predictor: DraftPredictor = load_onnx_cnn(self.run_dir, postprocess=postprocess)
+        else:
+            self.predictor = load_cnn_run(self.run_dir, device=device, postprocess=postprocess)
 
         self._last: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -88,7 +99,7 @@ class CnnDrafts:
     def describe(self) -> dict[str, Any]:
         config = self.predictor.config
         return {"kind": self.kind, "run": str(self.run_dir.resolve()), "arch": config.arch, "encoder": config.encoder,
-                "size": config.size, "postprocess": self.predictor.postprocess,
+                "size": config.size, "postprocess": self.predictor.postprocess, "runtime": self.predictor.runtime,
                 "checkpoint_sha256": self.checkpoint_sha256}
 
     @cached_property
@@ -103,6 +114,8 @@ def is_run_folder(path: str | Path) -> bool:
     return any((Path(path) / name).is_file() for name in (CONFIG_YAML, ADAPTER_JSON, CHECKSUMS_JSON))
 
 
-def drafts_from_path(source: str | Path, device: str | torch.device | None = None) -> DraftSource:
-    """Drafts from a CNN run folder (:class:`CnnDrafts`) or from a folder of mask files (:class:`MaskFolderDrafts`)."""
-    return CnnDrafts(source, device) if is_run_folder(source) else MaskFolderDrafts(source)
+def drafts_from_path(source: str | Path, device: str | torch.device | None = None,
+                     runtime: str = "torch") -> DraftSource:
+    """Drafts from a CNN run folder (:class:`CnnDrafts`, run by ``runtime``) or from a folder of mask files
+    (:class:`MaskFolderDrafts`)."""
+    return CnnDrafts(source, device, runtime=runtime) if is_run_folder(source) else MaskFolderDrafts(source)

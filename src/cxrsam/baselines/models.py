@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
 from cxrsam.errors import CxrsamError
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "unet": smp.Unet,
-    "deeplabv3plus": smp.DeepLabV3Plus,
+ARCHITECTURES: dict[str, str] = {
+    "unet": "Unet",
+    "deeplabv3plus": "DeepLabV3Plus",
 }
-"""``--arch`` name -> smp model class."""
+"""``--arch`` name -> the ``segmentation_models_pytorch`` model class's name (smp, with timm and torchvision, is
+imported only when a CNN is built: a cached ONNX export of the drafts needs none of them)."""
 
 
 def build_cnn(arch: str, encoder: str = "resnet18", in_channels: int = 1,
@@ -28,13 +26,15 @@ def build_cnn(arch: str, encoder: str = "resnet18", in_channels: int = 1,
         encoder_weights: ``None`` (random init, works offline) or e.g. ``"imagenet"`` (downloads once).
         S must be a multiple of 32 (the encoders downsample 5 times).
     """
+    import segmentation_models_pytorch as smp
+
     if arch not in ARCHITECTURES:
         raise CxrsamError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
     if encoder not in smp.encoders.get_encoder_names() and not encoder.startswith("tu-"):
         raise CxrsamError(f"unknown encoder {encoder!r} (any segmentation_models_pytorch encoder, e.g. resnet18, "
                           "resnet34, efficientnet-b0, mobilenet_v2, or tu-<timm name>)")
     try:
-        return ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=encoder_weights,
+        return getattr(smp, ARCHITECTURES[arch])(encoder_name=encoder, encoder_weights=encoder_weights,
                                    in_channels=in_channels, classes=1)
     except (OSError, RuntimeError, ValueError) as exc:  # e.g. no internet for pretrained weights
         raise CxrsamError(f"cannot build {arch} with encoder {encoder!r} and weights {encoder_weights!r}: "

@@ -11,29 +11,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from cxrsam.baselines.config import CnnTrainConfig, read_config
-from cxrsam.baselines.models import build_cnn, to_model_input
 from cxrsam.baselines.postprocess import clean_mask
 from cxrsam.config import resolve_device
 from cxrsam.data.dataset import resize_image
 from cxrsam.errors import CxrsamError
 from cxrsam.runs import BEST, MANIFEST_CSV, load_checkpoint, require_finite, verify_checksum
 
+if TYPE_CHECKING:
+    from torch import nn
 
-class CnnPredictor:
-    """A trained U-Net/DeepLabv3+ that maps X-ray pixels to lung masks at the image's own size."""
 
-    def __init__(self, model: nn.Module, config: CnnTrainConfig, device: torch.device | str | None = None,
-                 postprocess: bool = True, threshold: float = 0.5):
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+class DraftPredictor:
+    """What every CNN runtime shares: the image resized to the model size S (as in training), the probability map
+    (S, S) resized back to the image's (H, W) bilinearly, thresholded and post-processed. A runtime gives
+    :meth:`forward`."""
+
+    runtime = ""
+    """What runs the CNN: ``torch`` or ``onnx``."""
+
+    def __init__(self, config: CnnTrainConfig, postprocess: bool = True, threshold: float = 0.5):
         self.config = config
         self.postprocess = postprocess
         self.threshold = threshold
@@ -43,14 +47,15 @@ class CnnPredictor:
         """Model input side S in pixels."""
         return self.config.size
 
-    @torch.no_grad()
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Lung probabilities float32 (B, S, S) of grey model-size images float32 (B, S, S) in [0, 1]."""
+        raise NotImplementedError
+
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Lung probability maps float32 (H, W) in [0, 1], one per image float32 (H, W) in [0, 1]."""
         if not images:
             return []
-        batch = np.stack([resize_image(np.asarray(img, dtype=np.float32), self.size) for img in images])
-        x = torch.from_numpy(batch)[:, None].to(self.device)
-        probs = torch.sigmoid(self.model(to_model_input(x, self.config.in_channels)).float())[:, 0].cpu().numpy()
+        probs = self.forward(np.stack([resize_image(np.asarray(img, dtype=np.float32), self.size) for img in images]))
         return [cv2.resize(p, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
                 for p, img in zip(probs, images)]
 
@@ -71,6 +76,25 @@ class CnnPredictor:
         return self.predict_many([pixels])[0]
 
 
+class CnnPredictor(DraftPredictor):
+    """A trained U-Net/DeepLabv3+ in PyTorch that maps X-ray pixels to lung masks at the image's own size."""
+
+    runtime = "torch"
+
+    def __init__(self, model: nn.Module, config: CnnTrainConfig, device: torch.device | str | None = None,
+                 postprocess: bool = True, threshold: float = 0.5):
+        super().__init__(config, postprocess, threshold)
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        from cxrsam.baselines.models import to_model_input
+
+        x = torch.from_numpy(batch)[:, None].to(self.device)
+        with torch.no_grad():
+            return torch.sigmoid(self.model(to_model_input(x, self.config.in_channels)).float())[:, 0].cpu().numpy()
+
+
 def load_cnn_run(run_dir: str | Path, device: torch.device | str | None = None,
                  postprocess: bool = True) -> CnnPredictor:
     """The best model of a ``train-cnn`` run folder (reads ``config.yaml`` and ``best.pt``)."""
@@ -78,6 +102,8 @@ def load_cnn_run(run_dir: str | Path, device: torch.device | str | None = None,
     config = read_config(run_dir)
     if not (run_dir / BEST).is_file():
         raise CxrsamError(f"run folder has no {BEST} (training has not finished an epoch)", path=run_dir)
+    from cxrsam.baselines.models import build_cnn  # segmentation_models_pytorch: imported only to build one
+
     verify_checksum(run_dir / BEST)
     checkpoint = load_checkpoint(run_dir / BEST)
     model = build_cnn(config.arch, config.encoder, config.in_channels, encoder_weights=None)

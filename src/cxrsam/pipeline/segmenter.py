@@ -26,7 +26,7 @@ from cxrsam.prompts import Prompts, PromptSet, PromptSpec
 from cxrsam.prompts.boxes import clip_box
 from cxrsam.sam.engine import Precision, SamEngine
 from cxrsam.sam.lora import LoraSam
-from cxrsam.sam.onnx_runtime import make_engine
+from cxrsam.sam.onnx_runtime import Runtime, make_engine, resolve_runtime
 from cxrsam.sam.registry import LoadedSam
 
 DEFAULT_UNCERTAINTY_SAMPLES = 0
@@ -231,15 +231,16 @@ def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | Non
     if lora_scale is not None and run is None:
         raise CxrsamError("--lora-scale needs a LoRA run (--run)")
     device = resolve_device(device)
-    drafter = None if drafts_from is None else drafts_from_path(drafts_from, device=device)
+    onnx = resolve_runtime(runtime, device, precision) is Runtime.ONNX  # a cached export needs no PyTorch model
+    drafter = None if drafts_from is None else drafts_from_path(drafts_from, device=device, runtime=runtime)
     if run is not None:
         from cxrsam.sam.lora import load_run
 
-        sam = load_run(run, device=device, checkpoint=checkpoint, scale=lora_scale)
+        sam = load_run(run, device=device, checkpoint=checkpoint, scale=lora_scale, lazy=onnx)
     elif backend is not None:
         from cxrsam.sam.registry import build_sam
 
-        sam = build_sam(backend, checkpoint, device=device)
+        sam = build_sam(backend, checkpoint, device=device, lazy=onnx)
     else:
         sam = None
     segmenter = Segmenter(sam, drafter, spec=spec, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime,

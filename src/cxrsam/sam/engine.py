@@ -282,6 +282,11 @@ class SamEngine:
         """The precision this runtime accepts on ``device`` (one-line error otherwise)."""
         return check_torch_precision(precision, device)
 
+    @property
+    def prompt_mask_side(self) -> int:
+        """Side m of the mask prompt the model takes (:func:`mask_side`; a runtime may know it without the model)."""
+        return mask_side(self.loaded.model)
+
     def cache_key(self, pixels: np.ndarray) -> str:
         """Embedding key of float32 pixels (H, W) for this engine's weights, preprocessing and (other than fp32)
         precision."""
@@ -376,7 +381,7 @@ class SamEngine:
         (P, h', w'): each set's previous low-res result as its mask prompt (replacing the sets' own logits), as SAM's
         interactive loop hands it back."""
         spec, device = self.loaded.spec, self.loaded.device
-        side = mask_side(self.loaded.model)
+        side = self.prompt_mask_side
         sets = prompts.sets if previous is None else [PromptSet(s.box, s.points, s.labels) for s in prompts.sets]
         groups: dict[tuple[bool, int, bool], list[int]] = {}
         for index, prompt_set in enumerate(sets):

@@ -337,7 +337,7 @@ def read_adapter_state(run_dir: str | Path) -> tuple[str, dict[str, torch.Tensor
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
-             scale: float | None = None) -> LoraSam:
+             scale: float | None = None, lazy: bool = False) -> LoraSam:
     """Rebuild a trained LoRA model: the run's base checkpoint with its adapters and opened weights.
 
     Args:
@@ -347,6 +347,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
             another machine); it must have the recorded SHA-256.
         scale: WiSE-FT alpha in [0, 1] (:func:`interpolate`; ``--lora-scale``); None: the run's
             recorded ``lora_scale``.
+        lazy: check the files and their hashes now, build the model when it is first used
+            (:func:`~cxrsam.sam.registry.build_sam`'s ``lazy``).
 
     Raises:
         CxrsamError: missing files, or a base whose SHA-256 differs from the one trained on.
@@ -358,26 +360,32 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     spec = get_backend(info.backend)
     recorded = info.base_checkpoint
     base = checkpoint if checkpoint is not None else (recorded if recorded.is_file() else None)
-    loaded = build_sam(spec, checkpoint=base, device="cpu")
+    loaded = build_sam(spec, checkpoint=base, device="cpu", lazy=True)
     if loaded.checkpoint_sha256 != info.base_sha256:
         raise CxrsamError(f"base checkpoint SHA-256 {loaded.checkpoint_sha256[:16]}... differs from the one this run "
                           f"was trained on ({info.base_sha256[:16]}...); pass the original base checkpoint",
                           path=loaded.checkpoint_path)
     settings = info.lora
     scale = check_scale(info.lora_scale if scale is None else scale)
-    model = apply_lora(loaded.model, settings)
-    current = model.state_dict()
-    base = {k: current[k].clone() for k in state if not is_lora_key(k) and k in current}
-    load_adapter_state(model, state, source=adapter_path)
-    if scale != 1:
-        interpolate(model, scale, base, {k: state[k] for k in base})
-    for param in model.parameters():
-        param.requires_grad_(False)
     device = torch.device(device)
-    model.to(device).eval()
-    return LoraSam(model=model, spec=loaded.spec, checkpoint_path=loaded.checkpoint_path,
-                   checkpoint_sha256=loaded.checkpoint_sha256, device=device, run_dir=run_dir,
-                   adapter_sha256=adapter_sha256, settings=settings, scale=scale, mask_prompt=info.mask_prompt)
+
+    def build() -> nn.Module:
+        model = apply_lora(loaded.model, settings)
+        current = model.state_dict()
+        base = {k: current[k].clone() for k in state if not is_lora_key(k) and k in current}
+        load_adapter_state(model, state, source=adapter_path)
+        if scale != 1:
+            interpolate(model, scale, base, {k: state[k] for k in base})
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model.to(device).eval()
+
+    run = LoraSam(spec=loaded.spec, checkpoint_path=loaded.checkpoint_path, checkpoint_sha256=loaded.checkpoint_sha256,
+                  device=device, run_dir=run_dir, adapter_sha256=adapter_sha256, settings=settings, scale=scale,
+                  mask_prompt=info.mask_prompt, builder=build)
+    if not lazy:
+        run.model  # noqa: B018 - build now: a bad run is refused before any image
+    return run
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -29,7 +29,8 @@ Both go in ``<cache>/onnx/<backend>-<key>/`` (:func:`export_dir`; ``<cache>`` = 
 opset, the graphs' version (:data:`GRAPHS`) and the cxrsam and torch versions. At export, PyTorch and ONNX Runtime
 run on a seeded phantom (a batch of two) and box, point and box+point prompts (one with a mask prompt); the largest
 embedding difference (relative to the largest embedding value) and the smallest mask IoU go in ``check.json`` with
-the files' SHA-256. An export that disagrees
+the files' SHA-256 and the mask prompt's side, so a cached export serves a lazily loaded model
+(:func:`~cxrsam.sam.registry.build_sam`'s ``lazy``) without ever building it in PyTorch. An export that disagrees
 (:data:`MAX_EMBEDDING_DIFF`, :data:`MIN_MASK_IOU`) is refused in one line; a cached export whose files no longer
 match their recorded SHA-256 is exported again.
 """
@@ -86,8 +87,9 @@ def int8_settings() -> dict[str, Any]:
 
 
 INSTALL_HINT = "pip install 'cxrsam[onnx]'"
-GRAPHS = 2
-"""Version of the exported graphs' inputs and outputs (2: the decoder takes a mask prompt); part of the cache key."""
+GRAPHS = 3
+"""Version of the exported graphs and their record (2: the decoder takes a mask prompt; 3: ``check.json`` names the
+mask prompt's side, so a cached export serves without the PyTorch model); part of the cache key."""
 
 
 class Runtime(StrEnum):
@@ -261,7 +263,7 @@ def export_graphs(model: nn.Module, spec: BackendSpec, folder: str | Path, opset
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
-def _session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
+def inference_session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
     """A CPU session: all graph optimisations, torch's thread count (so the two never run more threads than the
     process asked for), one graph branch at a time, and no spinning waits when the process asks for passive ones
     (``OMP_WAIT_POLICY=PASSIVE``, cxrsam's default for shared CPUs)."""
@@ -364,7 +366,7 @@ def _cached(folder: Path) -> OnnxSam | None:
         if not check.get("passed") or any(sha256_file(folder / name) != digest
                                           for name, digest in check["files"].items()):
             return None
-        return OnnxSam(_session(folder / ENCODER), _session(folder / DECODER), folder, check)
+        return OnnxSam(inference_session(folder / ENCODER), inference_session(folder / DECODER), folder, check)
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - a damaged cache entry is exported again, never fatal
@@ -385,8 +387,9 @@ def export_checked(loaded: LoadedSam, folder: str | Path, opset: int = OPSET) ->
     export_graphs(model, loaded.spec, folder, opset)
     import onnxruntime
 
-    onnx_sam = OnnxSam(_session(folder / ENCODER), _session(folder / DECODER), folder, {})
-    check = {"key": export_key(loaded, opset), **check_export(model, loaded.spec, onnx_sam),
+    onnx_sam = OnnxSam(inference_session(folder / ENCODER), inference_session(folder / DECODER), folder, {})
+    check = {"key": export_key(loaded, opset), "mask_side": mask_side(model),
+             **check_export(model, loaded.spec, onnx_sam),
              "onnxruntime": onnxruntime.__version__,
              "files": {name: sha256_file(folder / name) for name in (ENCODER, DECODER)}}
     atomic_write_text(folder / CHECK, json.dumps(check, indent=2) + "\n")
@@ -439,7 +442,7 @@ def quantize_encoder(folder: str | Path, model: nn.Module, spec: BackendSpec) ->
     image = make_phantom(size=max(spec.img_size, 64), seed=0)[0].astype(np.float32) / 255
     model_input = spec.transform.images([image])
     reference = encode(model, model_input).numpy()
-    got = _session(folder / ENCODER_INT8).run(None, {"image": model_input.numpy()})[0]
+    got = inference_session(folder / ENCODER_INT8).run(None, {"image": model_input.numpy()})[0]
     scale = float(np.abs(reference).max())
     record = {"relative_embedding_diff": float(np.abs(got - reference).max()) / max(scale, 1e-12),
               **settings, "onnxruntime": onnxruntime.__version__,
@@ -456,7 +459,7 @@ def _cached_int8(folder: Path) -> Any | None:  # noqa: ANN401 - onnxruntime.Infe
             return None  # quantised otherwise (an earlier version's settings, or another kind of CPU's)
         if any(sha256_file(folder / name) != digest for name, digest in record["files"].items()):
             return None
-        return _session(folder / ENCODER_INT8)
+        return inference_session(folder / ENCODER_INT8)
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - a damaged cache entry is quantised again, never fatal
@@ -479,7 +482,7 @@ def load_onnx_sam(loaded: LoadedSam, root: str | Path | None = None, opset: int 
 
             log.info("quantising the encoder of %s to int8 in %s", loaded.model_id, folder)
             quantize_encoder(folder, merge(copy.deepcopy(loaded.model)).cpu().eval(), loaded.spec)
-            encoder = _session(folder / ENCODER_INT8)
+            encoder = inference_session(folder / ENCODER_INT8)
         onnx_sam.encoder = encoder
     return onnx_sam
 
@@ -508,6 +511,10 @@ class OnnxSamEngine(SamEngine):
         resolve_runtime(Runtime.ONNX, device, precision)  # bf16/fp16 are refused in one line
         return Precision(precision)
 
+    @property
+    def prompt_mask_side(self) -> int:
+        return int(self.onnx.check["mask_side"])
+
     def cache_key(self, pixels: np.ndarray) -> str:
         return hashlib.sha256(f"onnx|{super().cache_key(pixels)}".encode()).hexdigest()
 
@@ -516,6 +523,6 @@ class OnnxSamEngine(SamEngine):
 
     def _decode(self, embedding: torch.Tensor, batch: PromptBatch, multimask: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, iou = self.onnx.decode(embedding.cpu().numpy(), decoder_inputs(batch, mask_side(self.loaded.model)))
+        logits, iou = self.onnx.decode(embedding.cpu().numpy(), decoder_inputs(batch, self.prompt_mask_side))
         chosen = slice(1, None) if multimask else slice(0, 1)  # MaskDecoder.forward's choice
         return torch.from_numpy(logits[:, chosen])[None], torch.from_numpy(iou[:, chosen])[None]

