@@ -35,7 +35,7 @@ def build_cnn(arch: str, encoder: str = "resnet18", in_channels: int = 1,
                           "resnet34, efficientnet-b0, mobilenet_v2, or tu-<timm name>)")
     try:
         return getattr(smp, ARCHITECTURES[arch])(encoder_name=encoder, encoder_weights=encoder_weights,
-                                   in_channels=in_channels, classes=1)
+                                                 in_channels=in_channels, classes=1)
     except (OSError, RuntimeError, ValueError) as exc:  # e.g. no internet for pretrained weights
         raise CxrsamError(f"cannot build {arch} with encoder {encoder!r} and weights {encoder_weights!r}: "
                           f"{str(exc).splitlines()[0]}") from None

@@ -5,7 +5,7 @@
     -> ``probability`` (B, 1, S, S) float32, the sigmoid of the CNN's lung logits (channels replicated inside the
     graph when the run was trained on three). B is dynamic.
 
-It goes in ``<cache>/onnx/cnn-<key>/`` (the SAM exports' :func:`~cxrsam.sam.onnx_runtime.cache_root`), keyed by
+It goes in ``<cache>/onnx/cnn-<arch>-<key>/`` (the SAM exports' :func:`~cxrsam.sam.onnx_runtime.cache_root`), keyed by
 the SHA-256 of the run's ``best.pt`` (checked against its ``checksums.json``), the architecture, encoder, input
 channels and size, the opset, :data:`GRAPHS` and the cxrsam and torch versions; ``check.json`` holds the check and
 the file's SHA-256. The check: two seeded phantoms (a square one and a non-square one, both resized to S), the

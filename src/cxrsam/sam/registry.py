@@ -112,8 +112,8 @@ class LoadedSam:
     @property
     def model(self) -> nn.Module:
         """The ``nn.Module`` (segment_anything's Sam interface: ``.image_encoder``, ``.prompt_encoder``,
-        ``.mask_decoder``), built on first use; copies made by ``dataclasses.replace`` share it. A runtime with a
-        cached export of these weights (:mod:`cxrsam.sam.onnx_runtime`) never builds it."""
+        ``.mask_decoder``), built on first use; once built, copies made by ``dataclasses.replace`` share it. A
+        runtime with a cached export of these weights (:mod:`cxrsam.sam.onnx_runtime`) never builds it."""
         if self.builder is None:
             raise CxrsamError(f"no model for {self.model_id}: the loaded weights have no builder")
         if not isinstance(self.builder, _Built):
