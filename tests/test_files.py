@@ -61,3 +61,48 @@ def test_stale_temps_of_killed_writes_are_removed_and_nothing_else(tmp_path):
     assert remove_stale_temps(tmp_path) == sorted([nifti, stale])
     assert sorted(tmp_path.iterdir()) == sorted(keep)
     assert remove_stale_temps(tmp_path / "absent") == []
+
+
+def test_large_files_hashes_are_remembered_by_stat_and_any_rewrite_is_hashed_again(tmp_path, monkeypatch):
+    import hashlib
+    import json
+    import os
+
+    from cxrsam import files
+
+    monkeypatch.setenv("CXRSAM_CACHE", str(tmp_path / "cache"))
+    big, small = tmp_path / "big.bin", tmp_path / "small.bin"
+    big.write_bytes(os.urandom(files.HASH_MEMO_MIN_BYTES))
+    small.write_bytes(b"x" * 100)
+    assert files.sha256_file(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert files.sha256_file(small) == hashlib.sha256(b"x" * 100).hexdigest()
+    memo = json.loads((tmp_path / "cache" / files.HASH_MEMO).read_text())
+    assert list(memo) == [str(big.resolve())]  # small files are not remembered
+    reads = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: reads.append(self) or real_open(self, *a, **k))
+    assert files.sha256_file(big) == memo[str(big.resolve())]["sha256"] and big not in reads  # not read again
+    stat = big.stat()
+    data = bytearray(big.read_bytes())
+    data[0] ^= 0xFF
+    with real_open(big, "r+b") as handle:  # same size, same inode, modification time set back: the bytes differ
+        handle.write(bytes(data[:1]))
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    reads.clear()
+    assert files.sha256_file(big) == hashlib.sha256(bytes(data)).hexdigest() and big in reads
+    (tmp_path / "cache" / files.HASH_MEMO).write_text("{not json")  # a damaged memo is ignored and rewritten
+    assert files.sha256_file(big) == hashlib.sha256(bytes(data)).hexdigest()
+    assert str(big.resolve()) in json.loads((tmp_path / "cache" / files.HASH_MEMO).read_text())
+
+
+def test_an_unwritable_hash_memo_costs_only_the_hash(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from cxrsam import files
+
+    monkeypatch.setenv("CXRSAM_CACHE", str(tmp_path / "cache-is-a-file"))
+    (tmp_path / "cache-is-a-file").write_text("")  # the memo's folder cannot be created
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(files.HASH_MEMO_MIN_BYTES))
+    assert files.sha256_file(big) == hashlib.sha256(big.read_bytes()).hexdigest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -45,13 +46,63 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def cache_home() -> Path:
+    """cxrsam's cache folder: ``$CXRSAM_CACHE``, else ``~/.cache/cxrsam`` (ONNX exports, the hash memo)."""
+    env = os.environ.get("CXRSAM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cxrsam"
+
+
+HASH_MEMO = "sha256.json"
+"""File in :func:`cache_home` remembering the SHA-256 of large files by their stat (:func:`sha256_file`)."""
+HASH_MEMO_MIN_BYTES = 1 << 22
+"""Files from this size (4 MiB) on are remembered; smaller ones are hashed faster than the memo is read."""
+HASH_MEMO_ITEMS = 256
+"""Most files the memo remembers (the most recently hashed)."""
+
+
+def _file_stamp(path: Path) -> list[int]:
+    """What changes whenever a file's bytes do: device, inode, size, modification and status-change times (ns;
+    the status-change time cannot be set back by a user, so a rewrite that restores the old size and modification
+    time still changes the stamp)."""
+    stat = path.stat()
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _read_memo(memo: Path) -> dict[str, dict]:
+    try:
+        table = json.loads(memo.read_text(encoding="utf-8"))
+        return table if isinstance(table, dict) else {}
+    except (OSError, ValueError):  # absent, unreadable or damaged: hash again
+        return {}
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    """SHA-256 hex digest of a file, read in 1 MiB chunks.
+
+    Files of at least :data:`HASH_MEMO_MIN_BYTES` are remembered in ``<cache_home>/sha256.json`` by their stat
+    (:func:`_file_stamp`, taken before reading): the same path with the same stamp is not read again (checkpoints
+    and ONNX graphs are hashed at every start: 2.5 GB for ViT-H). A memo that cannot be read or written is ignored.
+    """
+    path = Path(path)
+    stamp = _file_stamp(path)
+    remember = stamp[2] >= HASH_MEMO_MIN_BYTES
+    memo, key = cache_home() / HASH_MEMO, str(path.resolve())
+    if remember:
+        known = _read_memo(memo).get(key)
+        if isinstance(known, dict) and known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
+            return known["sha256"]
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
+    with path.open("rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    hexdigest = digest.hexdigest()
+    if remember:
+        table = _read_memo(memo)  # read again: another process may have added entries meanwhile
+        table.pop(key, None)
+        table[key] = {"stamp": stamp, "sha256": hexdigest}
+        with contextlib.suppress(OSError):  # a read-only cache costs only the next hash
+            atomic_write_text(memo, json.dumps(dict(list(table.items())[-HASH_MEMO_ITEMS:])) + "\n")
+    return hexdigest
 
 
 def require_file(path: str | Path, kind: str = "file") -> Path:

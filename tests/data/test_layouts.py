@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrsam.data import discover, load_case
-from cxrsam.data.layouts import detect_layout
+from cxrsam.data.dataset import load_case
+from cxrsam.data.layouts import detect_layout, discover
 from cxrsam.errors import CxrsamError
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxrsam.data import discover, load_case, split_cases
+from cxrsam.data.dataset import load_case
+from cxrsam.data.layouts import discover
+from cxrsam.data.split import split_cases
 
 
 def test_discovers_all_pairs(shared_data):

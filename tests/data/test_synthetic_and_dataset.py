@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cxrsam.data import SegmentationDataset, discover
+from cxrsam.data.dataset import SegmentationDataset
+from cxrsam.data.layouts import discover
 from cxrsam.data.synthetic import make_phantom
 
 

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.cluster.vq import kmeans2
 
 from cxrsam.prompts.modes import NegativeKind, PointStrategy
 
@@ -81,6 +80,8 @@ def positive_points(component: np.ndarray, n: int, strategy: str = "distance",
         raise ValueError(f"point strategy {strategy!r} needs a random generator")
     if strategy == "random":
         return xy[np.sort(rng.choice(len(xy), size=n, replace=False))].astype(np.float32)
+    from scipy.cluster.vq import kmeans2  # imported when used: 0.15 s of every start otherwise
+
     centres, _ = kmeans2(xy, n, minit="++", seed=rng)
     nearest = np.argmin(((xy[None, :, :] - centres[:, None, :]) ** 2).sum(-1), axis=1)
     return xy[nearest].astype(np.float32)

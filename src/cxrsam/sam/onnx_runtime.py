@@ -55,7 +55,7 @@ from torch import nn
 
 from cxrsam.config import cpu_has_int8_dot_product
 from cxrsam.errors import CxrsamError
-from cxrsam.files import atomic_path, atomic_write_text, sha256_file
+from cxrsam.files import atomic_path, atomic_write_text, cache_home, sha256_file
 from cxrsam.prompts import PromptSet
 from cxrsam.sam.engine import Precision, PromptBatch, SamEngine, decode, encode, mask_side, prompt_batch
 from cxrsam.sam.registry import BackendSpec, LoadedSam
@@ -142,9 +142,9 @@ def make_engine(loaded: LoadedSam, runtime: Runtime | str = Runtime.TORCH, **opt
 
 # ---------------------------------------------------------------------------------------------------- cache
 def cache_root() -> Path:
-    """Folder of the exported models: ``$CXRSAM_CACHE/onnx``, else ``~/.cache/cxrsam/onnx``."""
-    env = os.environ.get("CXRSAM_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "cxrsam") / "onnx"
+    """Folder of the exported models: ``$CXRSAM_CACHE/onnx``, else ``~/.cache/cxrsam/onnx``
+    (:func:`~cxrsam.files.cache_home`)."""
+    return cache_home() / "onnx"
 
 
 def export_key(loaded: LoadedSam, opset: int = OPSET) -> dict[str, Any]:
