@@ -252,6 +252,7 @@ def predict_cnn_command(
     postprocess: Annotated[bool, typer.Option(help="Keep the two largest components and fill holes")] = True,
     output_format: FormatOpt = "png",
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """The CNN baseline's lung masks (its drafts) at each image's original size, written like `predict`'s."""
@@ -259,8 +260,8 @@ def predict_cnn_command(
     from cxrsam.pipeline import Segmenter
 
     _check_outputs(out_dir, images, output_format)
-    _segment_folder(Segmenter(None, CnnDrafts(run, device=device, postprocess=postprocess)), images, out_dir,
-                    output_format=output_format, overwrite=overwrite)
+    drafts = CnnDrafts(run, device=device, postprocess=postprocess, runtime=runtime)
+    _segment_folder(Segmenter(None, drafts), images, out_dir, output_format=output_format, overwrite=overwrite)
 
 
 @app.command("eval-cnn")

@@ -107,3 +107,17 @@ def test_predict_from_cached_exports_imports_no_heavy_package(cnn_run, tiny_chec
         assert (tmp_path / "second" / mask.name).read_bytes() == mask.read_bytes()
     record = json.loads((tmp_path / "second" / masks[0].name.replace("_mask.png", ".json")).read_text())
     assert record["models"]["drafts"]["runtime"] == "onnx" and record["models"]["sam"]["runtime"] == "onnx"
+
+
+def test_predict_cnn_runtime_onnx_writes_the_masks_of_torch(cnn_run, phantoms, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRSAM_CACHE", str(tmp_path / "cache"))
+    for runtime in ("torch", "onnx"):
+        res = cli("predict-cnn", "--run", cnn_run, "--images", phantoms / "images", "--device", "cpu",
+                  "--runtime", runtime, "--out", tmp_path / runtime)
+        assert res.returncode == 0, res.stderr
+    masks = sorted((tmp_path / "torch").glob("*_mask.png"))
+    assert len(masks) == 12
+    for mask in masks:
+        assert (tmp_path / "onnx" / mask.name).read_bytes() == mask.read_bytes()
+    record = json.loads((tmp_path / "onnx" / masks[0].name.replace("_mask.png", ".json")).read_text())
+    assert record["models"]["drafts"]["runtime"] == "onnx" and record["models"]["sam"] is None
