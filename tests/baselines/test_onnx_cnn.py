@@ -121,3 +121,19 @@ def test_predict_cnn_runtime_onnx_writes_the_masks_of_torch(cnn_run, phantoms, c
         assert (tmp_path / "onnx" / mask.name).read_bytes() == mask.read_bytes()
     record = json.loads((tmp_path / "onnx" / masks[0].name.replace("_mask.png", ".json")).read_text())
     assert record["models"]["drafts"]["runtime"] == "onnx" and record["models"]["sam"] is None
+
+
+def test_an_altered_or_missing_checkpoint_is_refused_before_any_cached_export_is_used(cnn_run, tmp_path):
+    import shutil
+
+    onnx_cnn.load_onnx_cnn(cnn_run, root=tmp_path / "cache")  # cached now
+    altered = tmp_path / "altered"
+    shutil.copytree(cnn_run, altered)
+    with (altered / "best.pt").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(CxrsamError, match="altered after training") as err:
+        onnx_cnn.load_onnx_cnn(altered, root=tmp_path / "cache")
+    assert err.value.path == altered / "best.pt"
+    (altered / "best.pt").unlink()
+    with pytest.raises(CxrsamError, match="has no best.pt"):
+        onnx_cnn.load_onnx_cnn(altered, root=tmp_path / "cache")
