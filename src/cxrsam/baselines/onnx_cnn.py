@@ -30,13 +30,21 @@ import numpy as np
 from cxrsam.baselines.config import CnnTrainConfig, read_config
 from cxrsam.baselines.predict import CnnPredictor, DraftPredictor, load_cnn_run
 from cxrsam.errors import CxrsamError
-from cxrsam.files import atomic_path, atomic_write_text, sha256_file
+from cxrsam.files import atomic_path
 from cxrsam.runs import BEST, verify_checksum
-from cxrsam.sam.onnx_runtime import INSTALL_HINT, OPSET, cache_root, inference_session, onnx_installed
+from cxrsam.sam.onnx_runtime import (
+    INSTALL_HINT,
+    OPSET,
+    cache_root,
+    inference_session,
+    load_checked,
+    onnx_installed,
+    record_check,
+)
 
 log = logging.getLogger(__name__)
 
-MODEL, CHECK = "cnn.onnx", "check.json"
+MODEL = "cnn.onnx"
 GRAPHS = 1
 """Version of the exported graph's inputs and outputs; part of the cache key."""
 MAX_PROBABILITY_DIFF = 1e-4
@@ -117,7 +125,6 @@ def export_checked(run_dir: Path, config: CnnTrainConfig, checkpoint_sha256: str
                    postprocess: bool = True, opset: int = OPSET) -> OnnxCnnPredictor:
     """Export the CNN run into ``folder``, check it against PyTorch and write ``check.json``; a disagreeing export
     is refused (:class:`CxrsamError` naming its ``check.json``) and its ONNX file removed."""
-    import onnxruntime
     import torch
 
     predictor = load_cnn_run(run_dir, device="cpu", postprocess=postprocess)
@@ -134,32 +141,13 @@ def export_checked(run_dir: Path, config: CnnTrainConfig, checkpoint_sha256: str
         raise CxrsamError(f"CNN {config.arch}/{config.encoder} could not be exported to ONNX "
                           f"({type(exc).__name__}: {first})", path=run_dir) from None
     onnx = OnnxCnnPredictor(inference_session(folder / MODEL), config, folder, {}, postprocess, predictor.threshold)
-    check = {"key": export_key(config, checkpoint_sha256, opset), **check_export(predictor, onnx),
-             "onnxruntime": onnxruntime.__version__, "files": {MODEL: sha256_file(folder / MODEL)}}
-    atomic_write_text(folder / CHECK, json.dumps(check, indent=2) + "\n")
-    if not check["passed"]:
-        (folder / MODEL).unlink(missing_ok=True)
-        raise CxrsamError(f"ONNX export of CNN run {run_dir} disagrees with PyTorch (probability difference "
-                          f"{check['max_abs_probability_diff']:.2e}, limit {MAX_PROBABILITY_DIFF:g}; mask IoU "
-                          f"{check['min_mask_iou']:.4f}, limit {MIN_MASK_IOU:g}); use --runtime torch",
-                          path=folder / CHECK)
-    onnx.check = check
+    check = {"key": export_key(config, checkpoint_sha256, opset), **check_export(predictor, onnx)}
+    onnx.check = record_check(
+        folder, check, (MODEL,),
+        f"ONNX export of CNN run {run_dir} disagrees with PyTorch (probability difference "
+        f"{check['max_abs_probability_diff']:.2e}, limit {MAX_PROBABILITY_DIFF:g}; mask IoU "
+        f"{check['min_mask_iou']:.4f}, limit {MIN_MASK_IOU:g})")
     return onnx
-
-
-def _cached(folder: Path, config: CnnTrainConfig, postprocess: bool) -> OnnxCnnPredictor | None:
-    """The checked export in ``folder``, or None (absent, refused, altered or unreadable)."""
-    try:
-        check = json.loads((folder / CHECK).read_text(encoding="utf-8"))
-        if not check.get("passed") or any(sha256_file(folder / name) != digest
-                                          for name, digest in check["files"].items()):
-            return None
-        return OnnxCnnPredictor(inference_session(folder / MODEL), config, folder, check, postprocess)
-    except FileNotFoundError:
-        return None
-    except Exception as exc:  # noqa: BLE001 - a damaged cache entry is exported again, never fatal
-        log.warning("%s: unusable ONNX export (%s); exporting again", folder, type(exc).__name__)
-        return None
 
 
 def load_onnx_cnn(run_dir: str | Path, postprocess: bool = True, root: str | Path | None = None,
@@ -174,5 +162,6 @@ def load_onnx_cnn(run_dir: str | Path, postprocess: bool = True, root: str | Pat
         raise CxrsamError(f"run folder has no {BEST} (training has not finished an epoch)", path=run_dir)
     digest = verify_checksum(run_dir / BEST)
     folder = export_dir(config, digest, opset, root)
-    return _cached(folder, config, postprocess) or export_checked(run_dir, config, digest, folder, postprocess,
-                                                                  opset)
+    cached = load_checked(folder, lambda check: OnnxCnnPredictor(inference_session(folder / MODEL), config, folder,
+                                                                 check, postprocess))
+    return cached or export_checked(run_dir, config, digest, folder, postprocess, opset)

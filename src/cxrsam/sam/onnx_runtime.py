@@ -44,10 +44,11 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ from cxrsam.sam.engine import Precision, PromptBatch, SamEngine, decode, encode,
 from cxrsam.sam.registry import BackendSpec, LoadedSam
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OPSET = 17
 MAX_EMBEDDING_DIFF = 1e-3
@@ -359,20 +361,45 @@ def check_export(model: nn.Module, spec: BackendSpec, onnx_sam: OnnxSam) -> dict
             "passed": bool(relative <= MAX_EMBEDDING_DIFF and min(ious) >= MIN_MASK_IOU)}
 
 
-def _cached(folder: Path) -> OnnxSam | None:
-    """The sessions of a checked export in ``folder``, or None (absent, refused, altered or unreadable)."""
+def load_checked(folder: Path, open_sessions: Callable[[dict[str, Any]], T]) -> T | None:
+    """``open_sessions(check)`` for the export in ``folder`` whose ``check.json`` passed and whose files all still
+    have their recorded SHA-256; None when it is absent, refused or altered, and (with a warning) when it is
+    unreadable: the caller exports again. Shared by the SAM graphs and the CNN drafts
+    (:mod:`cxrsam.baselines.onnx_cnn`)."""
     try:
         check = json.loads((folder / CHECK).read_text(encoding="utf-8"))
         if not check.get("passed") or any(sha256_file(folder / name) != digest
                                           for name, digest in check["files"].items()):
             return None
-        return OnnxSam(inference_session(folder / ENCODER), inference_session(folder / DECODER), folder, check)
+        return open_sessions(check)
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - a damaged cache entry is exported again, never fatal
         log.warning("%s: unusable ONNX export (%s); exporting again", folder, str(exc).splitlines()[0] if str(exc)
                     else type(exc).__name__)
         return None
+
+
+def record_check(folder: Path, check: dict[str, Any], files: Sequence[str], refusal: str) -> dict[str, Any]:
+    """Write ``check`` with the ONNX Runtime version and the SHA-256 of ``files`` as ``folder``'s ``check.json``
+    and return it; when it did not pass, remove ``files`` and raise :class:`CxrsamError` naming the ``check.json``:
+    ``"<refusal>; use --runtime torch"``."""
+    import onnxruntime
+
+    check = {**check, "onnxruntime": onnxruntime.__version__,
+             "files": {name: sha256_file(folder / name) for name in files}}
+    atomic_write_text(folder / CHECK, json.dumps(check, indent=2) + "\n")
+    if not check["passed"]:
+        for name in files:
+            (folder / name).unlink(missing_ok=True)
+        raise CxrsamError(f"{refusal}; use --runtime torch", path=folder / CHECK)
+    return check
+
+
+def _cached(folder: Path) -> OnnxSam | None:
+    """The sessions of a checked export in ``folder``, or None (:func:`load_checked`)."""
+    return load_checked(folder, lambda check: OnnxSam(inference_session(folder / ENCODER),
+                                                      inference_session(folder / DECODER), folder, check))
 
 
 def export_checked(loaded: LoadedSam, folder: str | Path, opset: int = OPSET) -> OnnxSam:
@@ -385,22 +412,14 @@ def export_checked(loaded: LoadedSam, folder: str | Path, opset: int = OPSET) ->
     model = merge(copy.deepcopy(loaded.model)).cpu().eval()
     log.info("exporting %s to ONNX (opset %d) in %s", loaded.model_id, opset, folder)
     export_graphs(model, loaded.spec, folder, opset)
-    import onnxruntime
-
     onnx_sam = OnnxSam(inference_session(folder / ENCODER), inference_session(folder / DECODER), folder, {})
     check = {"key": export_key(loaded, opset), "mask_side": mask_side(model),
-             **check_export(model, loaded.spec, onnx_sam),
-             "onnxruntime": onnxruntime.__version__,
-             "files": {name: sha256_file(folder / name) for name in (ENCODER, DECODER)}}
-    atomic_write_text(folder / CHECK, json.dumps(check, indent=2) + "\n")
-    if not check["passed"]:
-        for name in (ENCODER, DECODER):
-            (folder / name).unlink(missing_ok=True)
-        raise CxrsamError(f"ONNX export of {loaded.model_id} disagrees with PyTorch (embedding difference "
-                          f"{check['relative_embedding_diff']:.2e} of its scale, limit {MAX_EMBEDDING_DIFF:g}; mask "
-                          f"IoU {check['min_mask_iou']:.4f}, limit {MIN_MASK_IOU:g}); use --runtime torch",
-                          path=folder / CHECK)
-    onnx_sam.check = check
+             **check_export(model, loaded.spec, onnx_sam)}
+    onnx_sam.check = record_check(
+        folder, check, (ENCODER, DECODER),
+        f"ONNX export of {loaded.model_id} disagrees with PyTorch (embedding difference "
+        f"{check['relative_embedding_diff']:.2e} of its scale, limit {MAX_EMBEDDING_DIFF:g}; mask IoU "
+        f"{check['min_mask_iou']:.4f}, limit {MIN_MASK_IOU:g})")
     return onnx_sam
 
 
