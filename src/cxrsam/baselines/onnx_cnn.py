@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import warnings
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from cxrsam.sam.onnx_runtime import (
     INSTALL_HINT,
     OPSET,
     cache_root,
+    exporter_versions,
     inference_session,
     load_checked,
     onnx_installed,
@@ -54,12 +54,11 @@ MIN_MASK_IOU = 0.999
 
 
 def export_key(config: CnnTrainConfig, checkpoint_sha256: str, opset: int = OPSET) -> dict[str, Any]:
-    """What a CNN export depends on: the weights' SHA-256, the network, its input, opset and versions."""
-    import cxrsam
-
+    """What a CNN export depends on: the weights' SHA-256, the network, its input, opset and versions
+    (:func:`~cxrsam.sam.onnx_runtime.exporter_versions`)."""
     return {"kind": "cnn", "checkpoint_sha256": checkpoint_sha256, "arch": config.arch, "encoder": config.encoder,
             "in_channels": config.in_channels, "size": config.size, "opset": opset, "graphs": GRAPHS,
-            "cxrsam": cxrsam.__version__, "torch": version("torch")}
+            **exporter_versions()}
 
 
 def export_dir(config: CnnTrainConfig, checkpoint_sha256: str, opset: int = OPSET,

@@ -47,6 +47,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -149,14 +150,19 @@ def cache_root() -> Path:
     return cache_home() / "onnx"
 
 
-def export_key(loaded: LoadedSam, opset: int = OPSET) -> dict[str, Any]:
-    """What an export depends on: weights (checkpoint SHA-256 and model id), input size, opset, graph and package
-    versions."""
+def exporter_versions() -> dict[str, str]:
+    """The package versions every export is keyed by: cxrsam's and torch's (the exporter; read from the installed
+    package's metadata, without importing it)."""
     import cxrsam
 
+    return {"cxrsam": cxrsam.__version__, "torch": version("torch")}
+
+
+def export_key(loaded: LoadedSam, opset: int = OPSET) -> dict[str, Any]:
+    """What an export depends on: weights (checkpoint SHA-256 and model id), input size, opset, graph and package
+    versions (:func:`exporter_versions`)."""
     return {"backend": loaded.spec.name, "checkpoint_sha256": loaded.checkpoint_sha256, "model_id": loaded.model_id,
-            "img_size": loaded.spec.img_size, "opset": opset, "graphs": GRAPHS, "cxrsam": cxrsam.__version__,
-            "torch": torch.__version__}
+            "img_size": loaded.spec.img_size, "opset": opset, "graphs": GRAPHS, **exporter_versions()}
 
 
 def export_dir(loaded: LoadedSam, opset: int = OPSET, root: str | Path | None = None) -> Path:
