@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage
 
 from cxrsam.prompts.boxes import clip_box
-from cxrsam.prompts.points import weighted_pick
+from cxrsam.prompts.components import label_components
+from cxrsam.prompts.points import distance_transform, weighted_pick
 from cxrsam.prompts.prompts import PromptSet
 
 CUT = (0.15, 0.4)
@@ -38,7 +38,7 @@ def box_region(box: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def region_depth(region: np.ndarray) -> np.ndarray:
     """Distance (pixels) of each pixel of ``region`` bool (H, W) to its edge, the image border counting as an edge;
     0 outside it. float64 (H, W)."""
-    return ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    return distance_transform(np.pad(region, 1))[1:-1, 1:-1]
 
 
 def corrected_set(lung: np.ndarray, lungs: np.ndarray, box: np.ndarray, rng: np.random.Generator,
@@ -109,9 +109,8 @@ def error_click(truth: np.ndarray, predicted: np.ndarray) -> Click | None:
     """
     best = None
     for error, label in ((truth & ~predicted, 1), (predicted & ~truth, 0)):
-        regions, count = ndimage.label(error, structure=np.ones((3, 3)))
-        if count:
-            sizes = np.bincount(regions.ravel())[1:]
+        regions, sizes = label_components(error)
+        if sizes.size:
             if best is None or sizes.max() > best[0]:
                 best = (int(sizes.max()), regions == int(np.argmax(sizes)) + 1, label)
     if best is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from cxrsam.prompts.modes import NegativeKind, PointStrategy
 
@@ -18,6 +17,14 @@ STRATEGIES = tuple(s.value for s in PointStrategy if s != PointStrategy.PROBABIL
 NEGATIVE_KINDS = tuple(k.value for k in NegativeKind)
 CORE_FRACTION = 0.5
 """``distance`` strategy: candidates lie at least this fraction of the deepest point's depth inside."""
+
+
+def distance_transform(mask: np.ndarray, **options: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Euclidean distance of each pixel of ``mask`` (H, W) to the nearest zero pixel (``scipy.ndimage``'s
+    ``distance_transform_edt``, with its ``options``; SciPy is imported on first use: box prompts never need it)."""
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(mask, **options)
 
 
 def _pixels_xy(component: np.ndarray) -> np.ndarray:
@@ -68,7 +75,7 @@ def positive_points(component: np.ndarray, n: int, strategy: str = "distance",
     if len(xy) <= n:
         return xy.astype(np.float32)
     if strategy == "distance":
-        depth = ndimage.distance_transform_edt(component)
+        depth = distance_transform(component)
         values = depth[xy[:, 1].astype(int), xy[:, 0].astype(int)]
         core = np.flatnonzero(values >= CORE_FRACTION * values.max())
         candidates = xy[core]
@@ -146,7 +153,7 @@ def _nearest_group(groups: Sequence[np.ndarray]) -> np.ndarray:
         labels[group & (labels == 0)] = i + 1
     if len(groups) == 1:
         return np.zeros(labels.shape, np.int64)
-    _, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    _, (rows, cols) = distance_transform(labels == 0, return_indices=True)
     return labels[rows, cols].astype(np.int64) - 1
 
 
@@ -217,5 +224,5 @@ def low_probability_points(weight: np.ndarray, lungs: Sequence[np.ndarray], n: i
     if n < 1 or not lungs:
         return np.zeros((0, 2), np.float32)
     band = NEGATIVE_BAND * max(weight.shape)
-    near = ndimage.distance_transform_edt(~np.logical_or.reduce(lungs)) <= band
+    near = distance_transform(~np.logical_or.reduce(lungs)) <= band
     return weighted_pick(np.where(near & (weight < 0.5), 1.0 - weight, 0.0), n, rng)
