@@ -58,7 +58,7 @@ def prepare(variant: str, backend: str, batch_size: int, device: str) -> tuple[C
     mask[size // 8: 7 * size // 8, 9 * size // 16: 7 * size // 8] = True
     prompts = [prompts_from_mask(mask)] * batch_size
     targets = [torch.from_numpy(np.stack(lung_components(mask)[0]).astype(np.float32)).to(device)] * batch_size
-    images = loaded.spec.transform.images(list(torch.rand(batch_size, size, size)), device)  # model input
+    images = loaded.spec.transform.images(list(torch.rand(batch_size, size, size).to(device)))  # model input
     trainee = SamTrainee(loaded).train()
     step_fn = finetune_step()
     optimizer = torch.optim.AdamW([p for p in loaded.model.parameters() if p.requires_grad], lr=1e-5)

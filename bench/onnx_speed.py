@@ -39,7 +39,7 @@ from zero_shot_speed import load_xrays, machine
 RUNTIMES = ("torch", "onnx")
 
 
-def encoder_ms(engine: SamEngine, inputs: list[torch.Tensor]) -> float:
+def encoder_ms(engine: SamEngine, inputs: list[np.ndarray]) -> float:
     """Milliseconds per image of ``engine``'s encoder call over preprocessed inputs (1, 3, S, S)."""
     started = time.perf_counter()
     for x in inputs:

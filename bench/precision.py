@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cxrsam.baselines.drafts import drafts_from_path
+from cxrsam.config import device_type
 from cxrsam.evaluation.metrics import dice_score, iou_score
 from cxrsam.files import atomic_write_text
 from cxrsam.prompts import PromptSpec
@@ -42,9 +43,9 @@ VARIANTS = {"cpu": [("torch", Precision.FP32), ("onnx", Precision.FP32), ("torch
             "cuda": [("torch", Precision.FP32), ("torch", Precision.BF16), ("torch", Precision.FP16)]}
 
 
-def encode_ms(engine: SamEngine, model_input: torch.Tensor) -> float:
+def encode_ms(engine: SamEngine, model_input: np.ndarray) -> float:
     """Milliseconds of one encoder call on ``model_input`` (B, 3, S, S), synchronised on a GPU."""
-    cuda = torch.device(engine.loaded.device).type == "cuda"
+    cuda = device_type(engine.loaded.device) == "cuda"
     if cuda:
         torch.cuda.synchronize()
     tick = time.perf_counter()
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--store", action="store_true", help=f"Write {PRECISION_COSTS.name} for cxrsam predict")
     args = parser.parse_args()
     loaded = build_sam(args.backend, args.checkpoint, device=args.device)
-    kind = torch.device(args.device).type
+    kind = device_type(args.device)
     engines: dict[str, SamEngine] = {f"{rt} {p}": make_engine(loaded, rt, precision=p, memory_items=0,
                                                               batch_size=args.batch_size)
                                      for rt, p in ([v.split(":") for v in args.variants] if args.variants
@@ -88,7 +89,7 @@ def main() -> None:
     masks: dict[str, list[np.ndarray]] = {name: [] for name in engines}
     for start in range(0, len(xrays), args.batch_size):
         chunk = slice(start, start + args.batch_size)
-        model_input = loaded.spec.transform.images([x.pixels for x in xrays[chunk]], args.device)
+        model_input = loaded.spec.transform.images([x.pixels for x in xrays[chunk]])  # the engine moves it
         for name, engine in engines.items():
             ms[name].append(encode_ms(engine, model_input) / len(model_input))
             masks[name] += engine.segment_many(xrays[chunk], prompts[chunk])

@@ -109,10 +109,10 @@ def litemedsam_loop(loaded: LoadedSam, images: Sequence[np.ndarray], prompts: Se
     masks = []
     with torch.no_grad():
         for pixels, prompt in zip(images, prompts, strict=True):
-            model_input = loaded.spec.transform.images([pixels], loaded.device)
+            model_input = torch.from_numpy(loaded.spec.transform.images([pixels])).to(loaded.device)
             mask = np.zeros(pixels.shape, bool)
             for prompt_set in prompt.sets:
-                box = prompt_batch(loaded.spec, [prompt_set], pixels.shape, loaded.device).boxes[0]
+                box = torch.from_numpy(prompt_batch(loaded.spec, [prompt_set], pixels.shape).boxes[0]).to(loaded.device)
                 low_res = loaded.model(model_input, box)
                 mask |= (loaded.spec.transform.logits_to_image(low_res[0, 0], pixels.shape) > 0).cpu().numpy()
             masks.append(mask)

@@ -604,7 +604,7 @@ def export_command(
 ) -> None:
     """Merge a LoRA run into its base: a checkpoint in the backend's own format (loads without peft), and/or ONNX."""
     from cxrsam.sam.lora import export_merged
-    from cxrsam.sam.onnx_runtime import export_onnx
+    from cxrsam.sam.onnx_export import export_onnx
 
     if merged is None and onnx is None:
         raise CxrsamError("nothing to export: give --merged OUT.pth and/or --onnx OUT_DIR")

@@ -3,14 +3,20 @@ dotted overrides (``cxrsam train-cnn --config FILE loop.lr=1e-3``). Validation e
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cxrsam.errors import CxrsamError
+
+if TYPE_CHECKING:
+    import torch
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -21,24 +27,93 @@ def settings_error(exc: ValidationError, path: str | Path | None = None) -> Cxrs
     return CxrsamError(f"invalid setting {'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}", path=path)
 
 
-def process_state():  # noqa: ANN201 - accelerate.PartialState, imported lazily
+class SingleProcess:
+    """The state of a process not started by a multi-process launcher: accelerate's ``PartialState`` interface
+    for one process (what :func:`process_state` returns then, without importing accelerate and PyTorch)."""
+
+    process_index = 0
+    num_processes = 1
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        """Nothing to wait for."""
+
+    @contextmanager
+    def split_between_processes(self, inputs: Sequence[Any]) -> Iterator[Sequence[Any]]:
+        """All of ``inputs``: this process's share."""
+        yield inputs
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (``accelerate launch``, ``torchrun``) started: ``WORLD_SIZE``, else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def process_state():  # noqa: ANN201 - accelerate.PartialState or SingleProcess
     """This process's place in a job started by ``accelerate launch`` (or ``torchrun``): ``process_index``,
-    ``num_processes``, ``device``, ``wait_for_everyone()``, ``split_between_processes()`` (accelerate's
-    ``PartialState``; one process when not launched so). Without a GPU, or under ``accelerate launch --cpu``, the
-    processes are CPU processes joined by gloo, else GPU processes joined by NCCL."""
+    ``num_processes``, ``is_main_process``, ``wait_for_everyone()``, ``split_between_processes()`` (accelerate's
+    ``PartialState``; :class:`SingleProcess` when not launched as several). Without a GPU, or under
+    ``accelerate launch --cpu``, the processes are CPU processes joined by gloo, else GPU processes joined by NCCL."""
+    if launched_processes() == 1:
+        return SingleProcess()
+    import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
 
-def resolve_device(choice: str | torch.device | None = "auto") -> torch.device:
+def gather_objects(state, objects: list[Any]) -> list[Any]:  # noqa: ANN001 - a process_state()
+    """Every process's ``objects`` joined, on every process (accelerate's ``gather_object``); one process's own."""
+    if state.num_processes == 1:
+        return objects
+    from accelerate.utils import gather_object
+
+    return gather_object(objects)
+
+
+GPU_DRIVER_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")
+"""Files a Linux GPU driver makes (NVIDIA's, and ROCm's ``/dev/kfd``): without any of them PyTorch finds no GPU."""
+
+
+def gpu_possible() -> bool:
+    """Whether PyTorch could find a GPU here: False only on Linux without any of :data:`GPU_DRIVER_FILES`, where
+    asking PyTorch (1-2 s to import) cannot say yes."""
+    return sys.platform != "linux" or any(os.path.exists(path) for path in GPU_DRIVER_FILES)
+
+
+def _cuda_available() -> bool:
+    if not gpu_possible():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_type(device: str | torch.device) -> str:
+    """The kind of ``device``: ``cpu``, ``cuda``, ... (``"cuda:1"`` -> ``cuda``)."""
+    return str(device).split(":", 1)[0]
+
+
+def resolve_device(choice: str | torch.device | None = "auto") -> str:
     """The one device rule: ``auto``/None -> the process's accelerator device (``cuda`` when a GPU is present, the
-    rank's own GPU under ``accelerate launch``), else ``cpu``; anything else as given."""
+    rank's own GPU under ``accelerate launch``), else ``cpu``; anything else as given, checked by PyTorch. Returned
+    as PyTorch spells it (``cpu``, ``cuda``, ``cuda:1``); ``cpu``, and ``auto`` on a machine without a GPU driver
+    (:func:`gpu_possible`), need no PyTorch."""
     if choice is None or str(choice) == "auto":
-        return process_state().device if torch.cuda.is_available() else torch.device("cpu")
+        if not _cuda_available():
+            return "cpu"
+        state = process_state()
+        return "cuda" if isinstance(state, SingleProcess) else str(state.device)
+    if str(choice) == "cpu":
+        return "cpu"
+    import torch
+
     try:
-        return torch.device(choice)
+        return str(torch.device(choice))
     except RuntimeError:
         raise CxrsamError(f"unknown device {str(choice)!r} (use auto, cpu, cuda or cuda:N)") from None
 
@@ -130,7 +205,7 @@ class LoopConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> LoopConfig:
-        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+        if self.mixed_precision == "fp16" and not _cuda_available():
             raise ValueError("mixed_precision 'fp16' needs a GPU (use 'bf16' or 'no' on CPU)")
         return self
 

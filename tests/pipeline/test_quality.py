@@ -209,7 +209,7 @@ def test_uncertainty_decodes_its_copies_together_as_one_at_a_time_would(tiny_che
     rng = np.random.default_rng(image_seed(3, "a"))
     votes = np.zeros(xray.size, np.int32)
     for _ in range(5):  # the rule, one decoder call per copy
-        votes += (engine.decode_logits(embedding, uncertainty.perturb(prompts, 0.1, rng)) > 0).numpy().any(axis=0)
+        votes += (engine.decode_logits(embedding, uncertainty.perturb(prompts, 0.1, rng)) > 0).any(axis=0)
     together = prompt_uncertainty(engine, embedding, prompts, samples=5, jitter=0.1, seed=3, stem="a")
     monkeypatch.setattr(uncertainty, "DECODE_PIXELS", 1)  # one copy per call
     one_by_one = prompt_uncertainty(engine, embedding, prompts, samples=5, jitter=0.1, seed=3, stem="a")

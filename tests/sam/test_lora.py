@@ -40,7 +40,7 @@ def box_logits(loaded, image: np.ndarray) -> torch.Tensor:
     sets = [PromptSet(box=np.array([0.1, 0.1, 0.45, 0.9], np.float32) * size),
             PromptSet(box=np.array([0.55, 0.1, 0.9, 0.9], np.float32) * size)]
     with torch.no_grad():
-        embeddings = loaded.model.image_encoder(loaded.spec.transform.images([image]))
+        embeddings = loaded.model.image_encoder(torch.from_numpy(loaded.spec.transform.images([image])))
         return decode(loaded.model, embeddings, prompt_batch(loaded.spec, sets, (size, size)))[0]
 
 
@@ -125,7 +125,7 @@ def test_litemedsam_adapters_skip_conv_stage_keep_bn_and_attention_cache(tmp_pat
     eval and train mode (the cached attention bias ``ab`` follows the mode); merging round-trips."""
     base = build_sam("litemedsam")
     image = np.random.default_rng(2).random((256, 256)).astype(np.float32)
-    x = base.spec.transform.images([image])
+    x = torch.from_numpy(base.spec.transform.images([image]))
     with torch.no_grad():
         reference = base.model.image_encoder(x)
     model = lora.apply_lora(base.model, lora.LoraSettings())
@@ -149,7 +149,8 @@ def test_litemedsam_adapters_skip_conv_stage_keep_bn_and_attention_cache(tmp_pat
 def test_onnx_export_matches_the_adapted_model(tiny, tmp_path):
     import onnxruntime as ort
 
-    from cxrsam.sam.onnx_runtime import decoder_inputs, export_onnx
+    from cxrsam.sam.onnx_export import export_onnx
+    from cxrsam.sam.onnx_runtime import decoder_inputs
 
     settings = lora.LoraSettings(rank=4)
     model = lora.apply_lora(tiny.model, settings)
@@ -159,7 +160,7 @@ def test_onnx_export_matches_the_adapted_model(tiny, tmp_path):
     image = np.random.default_rng(3).random((TINY_SIZE, TINY_SIZE)).astype(np.float32)
     loaded = lora.load_run(tmp_path / "run")  # peft layers, not merged
     expected = box_logits(loaded, image)[0].numpy()
-    x = loaded.spec.transform.images([image]).numpy()
+    x = loaded.spec.transform.images([image])
     embedding = ort.InferenceSession(str(folder / "encoder.onnx")).run(None, {"image": x})[0]
     size = loaded.spec.img_size
     sets = [PromptSet(box=np.array([0.1, 0.1, 0.45, 0.9], np.float32) * size),

@@ -14,6 +14,7 @@ from cxrsam import config as config_module
 from cxrsam.errors import CxrsamError
 from cxrsam.prompts import prompts_from_mask
 from cxrsam.sam import engine as engine_module
+from cxrsam.sam import onnx_cache, onnx_export
 from cxrsam.sam import onnx_runtime as ort_sam
 from cxrsam.sam.engine import Precision, SamEngine, check_torch_precision, precision_cost, precision_cost_key
 from cxrsam.sam.onnx_runtime import OnnxSamEngine, Runtime, make_engine, resolve_runtime
@@ -43,9 +44,9 @@ def agreement(engine: SamEngine, reference: SamEngine, cases) -> list[float]:
 def test_int8_encoder_is_quantised_once_cached_and_close_to_fp32(tiny, cases, tmp_path, monkeypatch):
     int8 = OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")
     folder = int8.onnx.folder
-    record = json.loads((folder / ort_sam.CHECK_INT8).read_text())
+    record = json.loads((folder / onnx_cache.CHECK_INT8).read_text())
     assert record["weight_type"] == "QInt8" and 0 < record["relative_embedding_diff"] < 0.5
-    assert (folder / ort_sam.ENCODER_INT8).stat().st_size < (folder / ort_sam.ENCODER).stat().st_size
+    assert (folder / onnx_cache.ENCODER_INT8).stat().st_size < (folder / onnx_cache.ENCODER).stat().st_size
     assert min(agreement(int8, SamEngine(tiny), cases)) >= 0.9
     fp32 = OnnxSamEngine(tiny, onnx_root=tmp_path)  # the same export folder keeps its float32 encoder
     assert fp32.onnx.encoder is not int8.onnx.encoder and int8.cache_key(cases[0][0]) != fp32.cache_key(cases[0][0])
@@ -53,18 +54,18 @@ def test_int8_encoder_is_quantised_once_cached_and_close_to_fp32(tiny, cases, tm
     def refuse(*args, **kwargs):
         raise AssertionError("quantised again")
 
-    monkeypatch.setattr(ort_sam, "quantize_encoder", refuse)
+    monkeypatch.setattr(onnx_export, "quantize_encoder", refuse)
     OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")  # from the cache
     # 7-bit weights (no u8 x s8 saturation) exactly where the CPU lacks VNNI/AMX
     assert record["reduce_range"] is not config_module.cpu_has_int8_dot_product()
     this_cpu = config_module.cpu_flags()
     other = frozenset({"avx2"}) if config_module.cpu_has_int8_dot_product() else frozenset({"avx2", "avx512_vnni"})
     monkeypatch.setattr(config_module, "cpu_flags", lambda: other)
-    assert ort_sam.int8_settings()["reduce_range"] is not record["reduce_range"]
+    assert onnx_cache.int8_settings()["reduce_range"] is not record["reduce_range"]
     with pytest.raises(AssertionError, match="quantised again"):  # made for another kind of CPU: quantised again
         OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")
     monkeypatch.setattr(config_module, "cpu_flags", lambda: this_cpu)
-    (folder / ort_sam.ENCODER_INT8).write_bytes(b"altered")
+    (folder / onnx_cache.ENCODER_INT8).write_bytes(b"altered")
     with pytest.raises(AssertionError, match="quantised again"):
         OnnxSamEngine(tiny, onnx_root=tmp_path, precision="int8")
 
@@ -95,7 +96,7 @@ def test_a_reduced_precision_is_checked_against_fp32_once_and_refused_when_it_ov
 
     encoder = Encoder(tiny.model.image_encoder)
     monkeypatch.setattr(tiny.model, "image_encoder", encoder)
-    monkeypatch.setattr(engine_module.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(engine_module, "_cpu_runs_bf16", lambda: True)
     images = [image for image, _ in cases[:2]]
     engine = SamEngine(tiny, precision="bf16", memory_items=0, batch_size=1)
     assert engine.precision_check is None
@@ -106,7 +107,7 @@ def test_a_reduced_precision_is_checked_against_fp32_once_and_refused_when_it_ov
     encoder.overflow = True
     with pytest.raises(CxrsamError, match="not finite in bf16"):
         SamEngine(tiny, precision="bf16").embed(images[:1])
-    reference = torch.ones(1, 2, 2, 2)
+    reference = np.ones((1, 2, 2, 2), np.float32)
     with pytest.raises(CxrsamError, match="values overflow float16.*use bf16 or fp32"):
         engine_module.check_reduced_embeddings(reference * float("nan"), reference, Precision.FP16)
     assert engine_module.check_reduced_embeddings(reference * 1.02, reference, Precision.FP16) == pytest.approx(0.02)

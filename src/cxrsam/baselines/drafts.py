@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from cxrsam.baselines.predict import DraftPredictor, load_cnn_run
 from cxrsam.data.io import XRay, index_masks, probability_file, read_draft, read_probability
@@ -71,7 +70,7 @@ class CnnDrafts:
 
     kind = "cnn-draft"
 
-    def __init__(self, run_dir: str | Path, device: str | torch.device | None = None, postprocess: bool = True,
+    def __init__(self, run_dir: str | Path, device: str | None = None, postprocess: bool = True,
                  runtime: str = "torch"):
         from cxrsam.config import resolve_device
         from cxrsam.sam.onnx_runtime import Runtime, resolve_runtime
@@ -114,7 +113,7 @@ def is_run_folder(path: str | Path) -> bool:
     return any((Path(path) / name).is_file() for name in (CONFIG_YAML, ADAPTER_JSON, CHECKSUMS_JSON))
 
 
-def drafts_from_path(source: str | Path, device: str | torch.device | None = None,
+def drafts_from_path(source: str | Path, device: str | None = None,
                      runtime: str = "torch") -> DraftSource:
     """Drafts from a CNN run folder (:class:`CnnDrafts`, run by ``runtime``) or from a folder of mask files
     (:class:`MaskFolderDrafts`)."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from cxrsam.errors import CxrsamError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 ARCHITECTURES: dict[str, str] = {
     "unet": "Unet",

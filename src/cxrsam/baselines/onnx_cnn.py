@@ -31,7 +31,7 @@ from cxrsam.baselines.predict import CnnPredictor, DraftPredictor, load_cnn_run
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
 from cxrsam.runs import BEST, verify_checksum
-from cxrsam.sam.onnx_runtime import (
+from cxrsam.sam.onnx_cache import (
     INSTALL_HINT,
     OPSET,
     cache_root,

@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import pandas as pd
-import torch
 
 from cxrsam.baselines.config import CnnTrainConfig, read_config
 from cxrsam.baselines.postprocess import clean_mask
@@ -26,6 +24,8 @@ from cxrsam.errors import CxrsamError
 from cxrsam.runs import BEST, MANIFEST_CSV, load_checkpoint, require_finite, verify_checksum
 
 if TYPE_CHECKING:
+    import pandas as pd
+    import torch
     from torch import nn
 
 
@@ -88,6 +88,8 @@ class CnnPredictor(DraftPredictor):
         self.model = model.to(self.device).eval()
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
         from cxrsam.baselines.models import to_model_input
 
         x = torch.from_numpy(batch)[:, None].to(self.device)

@@ -1,4 +1,4 @@
-"""Loading cases into arrays and a torch ``Dataset`` for training.
+"""Loading cases into arrays and a map-style dataset for training (PyTorch is imported only to hand out tensors).
 
 Images and masks are returned at the *image's* resolution by :func:`load_case`; the training
 dataset resizes both to a square model size on the same pixel grid (:func:`resize_image`,
@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from cxrsam.data.io import XRay, read_image, read_mask
 from cxrsam.data.layouts import Case
 from cxrsam.errors import CxrsamError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 _resized_groups: set[str] = set()
@@ -88,7 +90,7 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, rotat
     return image.astype(np.float32), mask
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset:
     """Cases as tensors at a square model size, for the CNN baselines (which stretch every image to S x S
     in training and prediction alike; SAM's letterboxing transform is :class:`cxrsam.sam.transforms.SamTransform`).
 
@@ -138,6 +140,8 @@ class SegmentationDataset(Dataset):
         return resize_image(image, self.size).astype(np.float32), resize_mask_square(mask, self.size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        import torch
+
         image, mask = self.pair(index)
         if self.shift > 0:
             rng = np.random.default_rng([self.seed, self.epoch, index, 2])

@@ -1,7 +1,3 @@
-"""Segmentation metrics, statistics and directory evaluation."""
-
-from cxrsam.evaluation.metrics import METRICS, dice_score, iou_score, segmentation_metrics
-from cxrsam.evaluation.stats import PairedComparison, bootstrap_ci, paired_comparison, summarize
-
-__all__ = ["METRICS", "PairedComparison", "bootstrap_ci", "dice_score", "iou_score", "paired_comparison",
-           "segmentation_metrics", "summarize"]
+"""Segmentation metrics (:mod:`cxrsam.evaluation.metrics`), statistics (:mod:`cxrsam.evaluation.stats`) and directory
+evaluation (:mod:`cxrsam.evaluation.evaluate`). Importing the package imports none of them (a predict run needs only
+the metrics, without SciPy's statistics or pandas); import from the submodules."""

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd")
 """Column order of every results table."""
 
 
 def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float] | None) -> tuple[float, float]:
+    import torch
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
     p = torch.from_numpy(pred[None, None].astype(np.float32))
@@ -94,6 +98,8 @@ def iou_score(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def batch_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """Per-sample Dice of thresholded logits (B, 1, H, W) against targets (B, 1, H, W) -> (B,)."""
+    import torch
+
     pred = (logits > threshold).float()
     inter = (pred * target).flatten(1).sum(1)
     total = pred.flatten(1).sum(1) + target.flatten(1).sum(1)
@@ -102,6 +108,8 @@ def batch_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.
 
 def batch_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """Per-sample IoU of thresholded logits (B, 1, H, W) against targets (B, 1, H, W) -> (B,) (both empty -> 1)."""
+    import torch
+
     pred = (logits > threshold).float()
     inter = (pred * target).flatten(1).sum(1)
     union = ((pred + target) > 0).float().flatten(1).sum(1)

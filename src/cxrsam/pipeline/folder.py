@@ -24,6 +24,7 @@ reported in input order, with the same results as one at a time (tests/pipeline/
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -37,9 +38,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import pandas as pd
 
-from cxrsam.config import process_state
+from cxrsam.config import gather_objects, process_state
 from cxrsam.data.io import XRay, list_images, read_image
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, atomic_write_text, remove_stale_temps
@@ -221,7 +221,6 @@ def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | 
         progress: show a progress bar with images per second.
         overwrite: redo images an earlier run with the same settings finished (default: skip them).
     """
-    from accelerate.utils import gather_object
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     format = output_format(format)
@@ -311,7 +310,7 @@ def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | 
             while writing:
                 finish(*writing.popleft())
     mine = _report(done, images, out_dir, state.num_processes)
-    done = gather_object(done)  # every process's share, once all have finished
+    done = gather_objects(state, done)  # every process's share, once all have finished
     if not state.is_main_process:
         return mine
     report = _report(done, images, out_dir, state.num_processes)
@@ -319,8 +318,10 @@ def segment_images(segmenter: Segmenter, images: Sequence[Path], out_dir: str | 
     report.results = out_dir / RESULTS_CSV
     with atomic_path(report.results) as tmp:
         columns = ["image", "status", "problem", "outputs", "prompt_sets", "warnings", *RESULT_COLUMNS]
-        pd.DataFrame([record["row"] for _, record, _ in sorted(done, key=lambda item: item[0])],
-                     columns=columns).to_csv(tmp, index=False)
+        with open(tmp, "w", newline="", encoding="utf-8") as file:
+            table = csv.DictWriter(file, columns, extrasaction="ignore")
+            table.writeheader()
+            table.writerows(record["row"] for _, record, _ in sorted(done, key=lambda item: item[0]))
     return report
 
 

@@ -9,11 +9,11 @@ new clicks on the same image only runs the prompt encoder and mask decoder.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cxrsam.baselines.drafts import DraftSource, drafts_from_path
 from cxrsam.config import resolve_device
@@ -217,7 +217,7 @@ class Segmenter:
 
 def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | None = None,
                     backend: str | None = "litemedsam", checkpoint: str | Path | None = None,
-                    spec: PromptSpec | None = None, device: str | torch.device | None = None,
+                    spec: PromptSpec | None = None, device: str | None = None,
                     cache_dir: str | Path | None = None, batch_size: int | None = None, runtime: str = "torch",
                     uncertainty_samples: int = DEFAULT_UNCERTAINTY_SAMPLES,
                     thresholds: QualityThresholds | None = None, precision: Precision | str = Precision.FP32,
@@ -263,4 +263,4 @@ def describe_models(sam: LoadedSam | None, drafter: DraftSource | None = None, r
         "runtime": engine.runtime if engine is not None else "torch",
         "precision": str(engine.precision if engine is not None else Precision.FP32)}
     return {"sam": sam_info, "drafts": None if drafter is None else drafter.describe(),
-            "versions": {"cxrsam": cxrsam.__version__, "torch": torch.__version__}}
+            "versions": {"cxrsam": cxrsam.__version__, "torch": version("torch")}}

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from cxrsam.prompts import Prompts, PromptSet
 from cxrsam.prompts.boxes import adjust_box
@@ -82,7 +81,7 @@ def _disagreement(counts: np.ndarray, samples: int) -> np.ndarray:
     return (1.0 - np.abs(2.0 * counts.astype(np.float32) / samples - 1.0)).astype(np.float32)
 
 
-def prompt_uncertainty(engine: SamEngine, embedding: torch.Tensor, prompts: Prompts, samples: int,
+def prompt_uncertainty(engine: SamEngine, embedding: np.ndarray, prompts: Prompts, samples: int,
                        jitter: float = DEFAULT_JITTER, seed: int = 0, stem: str = "", multimask: bool = False
                        ) -> Uncertainty:
     """Disagreement of ``samples`` (K >= 2) perturbed decodes of ``prompts`` against one image's ``embedding``
@@ -102,7 +101,7 @@ def prompt_uncertainty(engine: SamEngine, embedding: torch.Tensor, prompts: Prom
         chunk = copies[start:start + per_call]
         together = Prompts([s for copy in chunk for s in copy.sets], prompts.image_size, prompts.mode,
                            prompts.components_found)
-        masks = (engine.decode_logits(embedding, together, multimask) > engine.threshold).numpy()
+        masks = engine.decode_logits(embedding, together, multimask) > engine.threshold
         for sample in masks.reshape(len(chunk), n_sets, *prompts.image_size):
             set_votes += sample
             union_votes += sample.any(axis=0)

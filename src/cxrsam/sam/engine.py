@@ -5,6 +5,11 @@ Images, prompts and logits cross between the original image and the model input 
 :func:`decode` is differentiable and free of ``inference_mode``, so a trainer can call
 ``model.image_encoder(spec.transform.images(...))`` and :func:`decode` with gradients; :func:`encode` is the
 inference-only encoder call. :class:`SamEngine` adds embedding caches and the per-image prompt bookkeeping.
+
+The engine works on NumPy arrays (embeddings, prompt batches, logits) and transforms them with the transform's NumPy
+arithmetic, for every runtime; only a runtime's two model calls (:meth:`SamEngine._encode`, :meth:`SamEngine._decode`)
+see its own tensors. So this module imports PyTorch only when the PyTorch runtime runs, and ONNX Runtime
+(:mod:`cxrsam.sam.onnx_runtime`) serves without it.
 """
 
 from __future__ import annotations
@@ -16,17 +21,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from cxrsam.config import cpu_has_int8_dot_product
+from cxrsam.config import cpu_has_int8_dot_product, device_type
 from cxrsam.data.io import XRay
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path
 from cxrsam.prompts import Prompts, PromptSet, add_points, with_previous
 from cxrsam.sam.registry import BackendSpec, LoadedSam
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +67,7 @@ def precision_cost_key(precision: Precision | str, device: str | torch.device = 
     kind of machine it was made on): ``bf16`` for the CPU; ``int8`` for a CPU without an int8 dot-product
     instruction and ``int8:vnni`` for one with it (:func:`~cxrsam.config.cpu_has_int8_dot_product`: their int8
     kernels differ); ``cuda:bf16`` or ``cuda:fp16`` for a GPU."""
-    kind = torch.device(device).type
+    kind = device_type(device)
     precision = Precision(precision)
     if kind != "cpu":
         return f"{kind}:{precision}"
@@ -74,7 +82,7 @@ def precision_cost(precision: Precision | str, device: str | torch.device = "cpu
     precision = Precision(precision)
     if precision is Precision.FP32:
         return None
-    kind = torch.device(device).type
+    kind = device_type(device)
     key = precision_cost_key(precision, device)
     try:
         measured = json.loads(PRECISION_COSTS.read_text(encoding="utf-8"))[key]
@@ -89,20 +97,23 @@ def precision_cost(precision: Precision | str, device: str | torch.device = "cpu
             f"`{measured['command']}`")
 
 
-AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
-"""The dtype PyTorch's autocast runs the encoder in, per reduced precision."""
+def autocast_dtype(precision: Precision) -> torch.dtype:
+    """The dtype PyTorch's autocast runs the encoder in for a reduced ``precision`` (bf16 or fp16)."""
+    import torch
+
+    return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}[precision]
 
 
-def check_reduced_embeddings(reduced: torch.Tensor, reference: torch.Tensor, precision: Precision) -> float:
+def check_reduced_embeddings(reduced: np.ndarray, reference: np.ndarray, precision: Precision) -> float:
     """The reduced-precision embeddings (B, C, h, w) against fp32's of the same input: the largest absolute
     difference relative to the largest fp32 value (LiteMedSAM in bf16 on a CPU: about 0.06, with Dice -0.0001).
     Raises :class:`CxrsamError` in one line when the reduced ones are not finite (fp16 overflows above 65504: the
     masks would silently be empty) while fp32's are."""
-    if not bool(torch.isfinite(reduced).all()) and bool(torch.isfinite(reference).all()):
+    if not np.isfinite(reduced).all() and np.isfinite(reference).all():
         raise CxrsamError(f"--precision {precision}: the image encoder's output is not finite in {precision} "
                           f"({'values overflow float16' if precision is Precision.FP16 else 'overflow'}) while fp32's "
                           f"is; use {'bf16 or ' if precision is Precision.FP16 else ''}fp32 for this model")
-    return float((reduced - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+    return float(np.abs(reduced - reference).max() / max(float(np.abs(reference).max()), 1e-12))
 
 
 def check_torch_precision(precision: Precision | str, device: str | torch.device) -> Precision:
@@ -112,16 +123,22 @@ def check_torch_precision(precision: Precision | str, device: str | torch.device
         precision = Precision(precision)
     except ValueError:
         raise CxrsamError(f"unknown precision {str(precision)!r} (use fp32, bf16, fp16 or int8)") from None
-    cpu = torch.device(device).type == "cpu"
+    cpu = device_type(device) == "cpu"
     if precision is Precision.INT8:
         raise CxrsamError("--precision int8 runs in ONNX Runtime on the CPU: pass --runtime onnx (or auto) and "
                           "--device cpu")
     if precision is Precision.FP16 and cpu:
         raise CxrsamError("--precision fp16 needs a GPU; on the CPU use bf16 or int8")
-    if precision is Precision.BF16 and cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision is Precision.BF16 and cpu and not _cpu_runs_bf16():
         raise CxrsamError("--precision bf16 on the CPU needs AVX512-BF16 or AMX, which this CPU lacks; use int8 "
                           "(--runtime onnx) or fp32")
     return precision
+
+
+def _cpu_runs_bf16() -> bool:
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 ImageLike = XRay | np.ndarray
@@ -130,7 +147,8 @@ ImageLike = XRay | np.ndarray
 
 @dataclass
 class PromptBatch:
-    """Prompts of B images with P prompt sets each, in model-input coordinates (float32 tensors).
+    """Prompts of B images with P prompt sets each, in model-input coordinates: NumPy arrays from
+    :func:`prompt_batch` (float32; labels int64), or tensors; :func:`decode` takes either.
 
     Attributes:
         boxes: (B, P, 4) ``x0, y0, x1, y1``, or None.
@@ -140,10 +158,10 @@ class PromptBatch:
             ``mask_input_size``; :meth:`~cxrsam.sam.transforms.SamTransform.mask_prompt`), or None.
     """
 
-    boxes: torch.Tensor | None = None
-    points: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
+    boxes: np.ndarray | torch.Tensor | None = None
+    points: np.ndarray | torch.Tensor | None = None
+    labels: np.ndarray | torch.Tensor | None = None
+    masks: np.ndarray | torch.Tensor | None = None
 
 
 def encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -152,6 +170,8 @@ def encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Runs under ``torch.inference_mode``; the result is returned as an ordinary tensor (usable as
     input to a differentiable :func:`decode` when training only the decoder).
     """
+    import torch
+
     with torch.inference_mode():
         embeddings = model.image_encoder(images)
     return embeddings.clone()
@@ -164,15 +184,24 @@ def decode(model: nn.Module, embeddings: torch.Tensor, prompts: PromptBatch,
     Args:
         model: a SAM-like module (``.prompt_encoder``, ``.mask_decoder``).
         embeddings: (B, C, h, w) from the image encoder.
-        prompts: :class:`PromptBatch` with B images x P sets, in model-input coordinates.
+        prompts: :class:`PromptBatch` with B images x P sets, in model-input coordinates (arrays are put on the
+            embeddings' device).
         multimask: return SAM's 3 candidate masks per set instead of its single-mask output.
 
     Returns:
         (logits (B, P, M, h', w'), iou (B, P, M)) with M = 3 if ``multimask`` else 1: low-res mask
         logits over the padded model input (h' = w' = 4 h) and SAM's predicted IoU.
     """
+    import torch
+
     if prompts.boxes is None and prompts.points is None:
         raise ValueError("a prompt batch needs boxes or points")
+
+    def on_device(x: np.ndarray | torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if x is None else torch.as_tensor(x, dtype=dtype, device=embeddings.device)
+
+    prompts = PromptBatch(on_device(prompts.boxes, torch.float32), on_device(prompts.points, torch.float32),
+                          on_device(prompts.labels, torch.int64), on_device(prompts.masks, torch.float32))
     dense_pe = model.prompt_encoder.get_dense_pe()
     logits, ious = [], []
     for b in range(embeddings.shape[0]):  # segment_anything's decoder takes one image per call
@@ -188,11 +217,9 @@ def decode(model: nn.Module, embeddings: torch.Tensor, prompts: PromptBatch,
     return torch.stack(logits), torch.stack(ious)
 
 
-def select_best(logits: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
+def select_best(logits: np.ndarray, iou: np.ndarray) -> np.ndarray:
     """Pick, per prompt set, the candidate with the highest predicted IoU: (B, P, M, h, w) -> (B, P, h, w)."""
-    best = iou.argmax(dim=-1)
-    index = best[..., None, None, None].expand(*best.shape, 1, *logits.shape[-2:])
-    return logits.gather(2, index).squeeze(2)
+    return np.take_along_axis(logits, iou.argmax(axis=-1)[..., None, None, None], axis=2)[:, :, 0]
 
 
 def mask_side(model: nn.Module) -> int:
@@ -201,8 +228,9 @@ def mask_side(model: nn.Module) -> int:
 
 
 def prompt_batch(spec: BackendSpec, sets: Sequence[PromptSet], size: tuple[int, int],
-                 device: str | torch.device = "cpu", side: int | None = None) -> PromptBatch:
-    """One image's prompt sets (original pixels) -> a :class:`PromptBatch` with B = 1, P = len(sets).
+                 side: int | None = None) -> PromptBatch:
+    """One image's prompt sets (original pixels) -> a :class:`PromptBatch` of NumPy arrays with B = 1,
+    P = len(sets).
 
     All sets must have the same :attr:`~cxrsam.prompts.PromptSet.signature` (box or not, number of
     points, previous logits or not); the engine groups sets that way. Sets with logits need ``side``
@@ -212,20 +240,17 @@ def prompt_batch(spec: BackendSpec, sets: Sequence[PromptSet], size: tuple[int, 
         raise ValueError("prompt sets of one batch must all have a box or not, the same number of points and "
                          "logits or not")
 
-    def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(array), dtype=dtype, device=device)[None]
-
     batch = PromptBatch()
     if sets[0].box is not None:
-        batch.boxes = tensor(spec.transform.boxes(np.stack([s.box for s in sets]), size), torch.float32)
+        batch.boxes = spec.transform.boxes(np.stack([s.box for s in sets]), size).astype(np.float32)[None]
     if sets[0].points is not None:
-        batch.points = tensor(spec.transform.coords(np.stack([s.points for s in sets]), size), torch.float32)
-        batch.labels = tensor(np.stack([s.labels for s in sets]), torch.int64)
+        batch.points = spec.transform.coords(np.stack([s.points for s in sets]), size).astype(np.float32)[None]
+        batch.labels = np.stack([s.labels for s in sets]).astype(np.int64)[None]
     if sets[0].logits is not None:
         if side is None:
             raise ValueError("prompt sets with logits need the model's mask prompt side")
-        logits = torch.as_tensor(np.stack([s.logits for s in sets]), dtype=torch.float32, device=device)
-        batch.masks = spec.transform.mask_prompt(logits, size, side)[None]
+        batch.masks = spec.transform.mask_prompt(np.stack([s.logits for s in sets]).astype(np.float32), size,
+                                                 side)[None]
     return batch
 
 
@@ -237,13 +262,14 @@ def _pixels(image: ImageLike) -> np.ndarray:
 
 
 class SamEngine:
-    """Zero-shot SAM inference with cached image embeddings.
+    """Zero-shot SAM inference with cached image embeddings, run by PyTorch (:class:`SamEngine`) or another
+    runtime (a subclass overriding :meth:`_encode` and :meth:`_decode`).
 
     Each image is encoded once (in batches of ``batch_size``); its embedding is kept in an LRU
-    memory cache of ``memory_items`` entries and, with ``cache_dir``, in ``<cache_dir>/<key>.pt``.
+    memory cache of ``memory_items`` entries and, with ``cache_dir``, in ``<cache_dir>/<key>.npz``.
     The key is the SHA-256 of ``model_id``, the backend's input size and normalisation, and the
     image's shape and float32 pixel bytes, so re-prompting an image never re-encodes it, and
-    different weights never share embeddings.
+    different weights never share embeddings. Embeddings, prompt batches and logits are NumPy arrays.
 
     Args:
         loaded: from :func:`~cxrsam.sam.registry.build_sam`.
@@ -268,14 +294,14 @@ class SamEngine:
         self.model_id = model_id or loaded.model_id
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         if batch_size is None:
-            batch_size = DEFAULT_BATCH.get(torch.device(loaded.device).type, 4)
+            batch_size = DEFAULT_BATCH.get(device_type(loaded.device), 4)
         self.batch_size = max(1, batch_size)
         self.memory_items = memory_items
         self.threshold = threshold
         self.images_encoded = 0
         self.precision_check: float | None = None
         """:func:`check_reduced_embeddings` of the first batch a reduced-precision PyTorch encoder ran; None before."""
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @staticmethod
     def _check_precision(precision: Precision | str, device: str | torch.device) -> Precision:
@@ -297,57 +323,66 @@ class SamEngine:
         digest.update(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
         return digest.hexdigest()
 
-    def _remember(self, key: str, embedding: torch.Tensor) -> None:
+    def _remember(self, key: str, embedding: np.ndarray) -> None:
         self._memory[key] = embedding
         self._memory.move_to_end(key)
         while len(self._memory) > self.memory_items:
             self._memory.popitem(last=False)
 
-    def _from_disk(self, key: str) -> torch.Tensor | None:
+    def _from_disk(self, key: str) -> np.ndarray | None:
         if self.cache_dir is None:
             return None
-        path = self.cache_dir / f"{key}.pt"
+        path = self.cache_dir / f"{key}.npz"
         if not path.is_file():
             return None
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if stored.get("key") != key:
-                raise ValueError("key mismatch")
-            return stored["embedding"]
-        except Exception as exc:  # a damaged cache entry is recomputed, never fatal
+            with np.load(path, allow_pickle=False) as stored:
+                if str(stored["key"]) != key:
+                    raise ValueError("key mismatch")
+                return stored["embedding"]
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry is recomputed, never fatal
             log.warning("%s: unusable cached embedding (%s); recomputing", path, exc)
             return None
 
-    def _to_disk(self, key: str, embedding: torch.Tensor) -> None:
+    def _to_disk(self, key: str, embedding: np.ndarray) -> None:
         if self.cache_dir is not None:
-            with atomic_path(self.cache_dir / f"{key}.pt") as tmp:
-                torch.save({"key": key, "model_id": self.model_id, "embedding": embedding}, tmp)
+            with atomic_path(self.cache_dir / f"{key}.npz") as tmp, open(tmp, "wb") as file:
+                np.savez(file, key=np.array(key), model_id=np.array(self.model_id), embedding=embedding)
 
-    def _encode(self, model_input: torch.Tensor) -> torch.Tensor:
-        """Embeddings (B, C, h, w) float32 of model input (B, 3, S, S); the one encoder call, under autocast for
-        bf16/fp16 (a runtime overrides it)."""
+    def _encode(self, model_input: np.ndarray) -> np.ndarray:
+        """Embeddings (B, C, h, w) float32 of model input (B, 3, S, S); the one encoder call, in PyTorch on the
+        model's device (page-locked copies to a GPU), under autocast for bf16/fp16 (a runtime overrides it)."""
+        import torch
+
+        x = torch.from_numpy(model_input)
+        cuda = device_type(self.loaded.device) == "cuda"
+        x = (x.pin_memory() if cuda else x).to(self.loaded.device, non_blocking=cuda)
         if self.precision is Precision.FP32:
-            return encode(self.loaded.model, model_input)
-        with torch.autocast(torch.device(self.loaded.device).type, dtype=AUTOCAST[self.precision]):
-            reduced = encode(self.loaded.model, model_input).float()
+            return encode(self.loaded.model, x).cpu().numpy()
+        with torch.autocast(device_type(self.loaded.device), dtype=autocast_dtype(self.precision)):
+            reduced = encode(self.loaded.model, x).float().cpu().numpy()
         if self.precision_check is None:  # the first batch once more in fp32: the check against the reference
-            self.precision_check = check_reduced_embeddings(reduced, encode(self.loaded.model, model_input),
+            self.precision_check = check_reduced_embeddings(reduced, encode(self.loaded.model, x).cpu().numpy(),
                                                             self.precision)
             log.info("%s encoder vs fp32 on the first batch: largest embedding difference %.3g of the largest value",
                      self.precision, self.precision_check)
         return reduced
 
-    def _decode(self, embedding: torch.Tensor, batch: PromptBatch, multimask: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (1, P, M, h', w'), iou (1, P, M)) of one image's embedding (1, C, h, w) and a prompt group
-        (B = 1); the one decoder call (a runtime overrides it)."""
-        return decode(self.loaded.model, embedding, batch, multimask)
+    def _decode(self, embedding: np.ndarray, batch: PromptBatch, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (1, P, M, h', w'), iou (1, P, M)) float32 of one image's embedding (1, C, h, w) and a prompt group
+        (B = 1); the one decoder call, in PyTorch (a runtime overrides it)."""
+        import torch
 
-    def embed(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
-        """Embeddings (C, h, w) on CPU of ``images``, encoding only those not cached."""
+        with torch.inference_mode():
+            logits, iou = decode(self.loaded.model, torch.from_numpy(embedding).to(self.loaded.device), batch,
+                                 multimask)
+            return logits.float().cpu().numpy(), iou.float().cpu().numpy()
+
+    def embed(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
+        """Embeddings float32 (C, h, w) of ``images``, encoding only those not cached."""
         pixels = [_pixels(image) for image in images]
         keys = [self.cache_key(p) for p in pixels]
-        found: dict[str, torch.Tensor] = {}
+        found: dict[str, np.ndarray] = {}
         for key in keys:
             if key in self._memory:
                 self._memory.move_to_end(key)
@@ -360,12 +395,9 @@ class SamEngine:
             if key not in found:
                 first_index.setdefault(key, i)
         todo = list(first_index.values())
-        pinned = torch.device(self.loaded.device).type == "cuda"  # page-locked copies overlap with the GPU
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
-            sources = [torch.from_numpy(pixels[i]).pin_memory() if pinned else pixels[i] for i in chunk]
-            model_input = self.loaded.spec.transform.images(sources, self.loaded.device)
-            embeddings = self._encode(model_input).cpu()
+            embeddings = self._encode(self.loaded.spec.transform.images([pixels[i] for i in chunk]))
             self.images_encoded += len(chunk)
             for i, embedding in zip(chunk, embeddings):
                 found[keys[i]] = embedding
@@ -373,42 +405,40 @@ class SamEngine:
                 self._to_disk(keys[i], embedding)
         return [found[key] for key in keys]
 
-    def _decode_low_res(self, embedding: torch.Tensor, prompts: Prompts, multimask: bool,
-                        previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-set low-res logits (P, h', w') over the padded model input, on the model's device, and SAM's predicted
-        IoU (P,) of each kept mask, for one image's embedding (C, h, w). Sets with the same signature are decoded in
-        one call; with ``multimask`` each set keeps the candidate with the highest predicted IoU. ``previous``
-        (P, h', w'): each set's previous low-res result as its mask prompt (replacing the sets' own logits), as SAM's
-        interactive loop hands it back."""
-        spec, device = self.loaded.spec, self.loaded.device
+    def _decode_low_res(self, embedding: np.ndarray, prompts: Prompts, multimask: bool,
+                        previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-set low-res logits float32 (P, h', w') over the padded model input and SAM's predicted IoU (P,) of
+        each kept mask, for one image's embedding (C, h, w). Sets with the same signature are decoded in one call;
+        with ``multimask`` each set keeps the candidate with the highest predicted IoU. ``previous`` (P, h', w'):
+        each set's previous low-res result as its mask prompt (replacing the sets' own logits), as SAM's interactive
+        loop hands it back."""
+        spec = self.loaded.spec
         side = self.prompt_mask_side
         sets = prompts.sets if previous is None else [PromptSet(s.box, s.points, s.labels) for s in prompts.sets]
         groups: dict[tuple[bool, int, bool], list[int]] = {}
         for index, prompt_set in enumerate(sets):
             groups.setdefault(prompt_set.signature, []).append(index)
         low = None
-        ious = torch.empty(len(sets))
-        with torch.inference_mode():
-            for indices in groups.values():
-                batch = prompt_batch(spec, [sets[i] for i in indices], prompts.image_size, device, side)
-                if previous is not None:
-                    batch.masks = spec.transform.frame_to_mask_prompt(previous[indices].to(device), side)[None]
-                logits, iou = self._decode(embedding[None].to(device), batch, multimask)
-                chosen = (select_best(logits, iou) if multimask else logits[:, :, 0])[0]
-                if low is None:
-                    low = chosen.new_empty((len(sets), *chosen.shape[-2:]))
-                low[indices] = chosen
-                ious[indices] = iou[0].max(dim=-1).values.float().cpu()
-        return (torch.empty((0, side, side), device=device) if low is None else low), ious
+        ious = np.empty(len(sets), np.float32)
+        for indices in groups.values():
+            batch = prompt_batch(spec, [sets[i] for i in indices], prompts.image_size, side)
+            if previous is not None:
+                batch.masks = spec.transform.frame_to_mask_prompt(previous[indices], side)[None]
+            logits, iou = self._decode(embedding[None], batch, multimask)
+            chosen = (select_best(logits, iou) if multimask else logits[:, :, 0])[0]
+            if low is None:
+                low = np.empty((len(sets), *chosen.shape[-2:]), np.float32)
+            low[indices] = chosen
+            ious[indices] = iou[0].max(axis=-1)
+        return (np.empty((0, side, side), np.float32) if low is None else low), ious
 
-    def _to_image(self, low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Low-res logits (P, h', w') -> float32 (P, H, W) on CPU at the original ``size``."""
-        with torch.inference_mode():
-            return self.loaded.spec.transform.logits_to_image(low, size).float().cpu()
+    def _to_image(self, low: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Low-res logits (P, h', w') -> float32 (P, H, W) at the original ``size``."""
+        return self.loaded.spec.transform.logits_to_image(low, size)
 
-    def decode_logits(self, embedding: torch.Tensor, prompts: Prompts, multimask: bool = False,
-                      return_iou: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Per-set mask logits (P, H, W) at the original size for one image's embedding (C, h, w).
+    def decode_logits(self, embedding: np.ndarray, prompts: Prompts, multimask: bool = False,
+                      return_iou: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Per-set mask logits float32 (P, H, W) at the original size for one image's embedding (C, h, w).
 
         Sets with the same signature are decoded in one call; with ``multimask`` each set keeps
         the candidate with the highest predicted IoU. With ``return_iou``: (logits, iou (P,)), SAM's
@@ -418,8 +448,8 @@ class SamEngine:
         out = self._to_image(low, prompts.image_size)
         return (out, ious) if return_iou else out
 
-    def decode_clicks(self, embedding: torch.Tensor, prompts: Prompts, points: np.ndarray | None,
-                      labels: np.ndarray | None, multimask: bool = False) -> tuple[Prompts, torch.Tensor, torch.Tensor]:
+    def decode_clicks(self, embedding: np.ndarray, prompts: Prompts, points: np.ndarray | None,
+                      labels: np.ndarray | None, multimask: bool = False) -> tuple[Prompts, np.ndarray, np.ndarray]:
         """``prompts`` refined by hand-given clicks ``points`` (N, 2) xy with ``labels`` (N,), in their order; each
         click joins the lung set it falls in (:func:`~cxrsam.prompts.add_points`).
 
@@ -442,7 +472,7 @@ class SamEngine:
             prompts, previous = add_points(prompts, point[None], label[None]), low
             low, iou = self._decode_low_res(embedding, prompts, multimask, previous)
         size = prompts.image_size
-        return with_previous(prompts, self._to_image(previous, size).numpy()), self._to_image(low, size), iou
+        return with_previous(prompts, self._to_image(previous, size)), self._to_image(low, size), iou
 
     def segment_many(self, images: Sequence[ImageLike], prompts: Sequence[Prompts],
                      multimask: bool = False) -> list[np.ndarray]:
@@ -468,9 +498,9 @@ class SamEngine:
             masks[i] = self.union_mask(self.decode_logits(embedding, prompts[i], multimask))
         return masks
 
-    def union_mask(self, logits: torch.Tensor) -> np.ndarray:
+    def union_mask(self, logits: np.ndarray) -> np.ndarray:
         """Per-set logits (P, H, W) -> the image's mask bool (H, W): the union of the thresholded sets."""
-        return (logits > self.threshold).any(dim=0).numpy()
+        return (logits > self.threshold).any(axis=0)
 
     def segment(self, image: ImageLike, prompts: Prompts, multimask: bool = False) -> np.ndarray:
         """Mask bool (H, W) of one image at its original size (per-set masks merged by union)."""

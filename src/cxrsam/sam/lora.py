@@ -33,16 +33,18 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torch import nn
 
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, atomic_write_text
 from cxrsam.runs import ADAPTER_FILE, ADAPTER_JSON, record_checksum, require_finite, verify_checksum
 from cxrsam.sam.registry import LoadedSam, build_sam, get_backend
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +231,8 @@ def interpolate(model: nn.Module, scale: float, base: dict[str, torch.Tensor],
             for adapter in module.active_adapters:
                 module.set_scale(adapter, scale)
     if base:
+        import torch
+
         state = {name: torch.lerp(base[name], tuned[name].to(base[name]), scale) for name in base}
         model.load_state_dict(state, strict=False)
 
@@ -342,21 +346,22 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
 
     Args:
         run_dir: a run directory written by :func:`cxrsam.train.finetune.finetune`.
-        device: torch device.
+        device: the model's device.
         checkpoint: base checkpoint to use instead of the recorded path (e.g. the run was moved to
             another machine); it must have the recorded SHA-256.
         scale: WiSE-FT alpha in [0, 1] (:func:`interpolate`; ``--lora-scale``); None: the run's
             recorded ``lora_scale``.
-        lazy: check the files and their hashes now, build the model when it is first used
-            (:func:`~cxrsam.sam.registry.build_sam`'s ``lazy``).
+        lazy: check the files and their hashes now; read the weights and build the model when it is first used
+            (:func:`~cxrsam.sam.registry.build_sam`'s ``lazy``), so no PyTorch is imported before then.
 
     Raises:
         CxrsamError: missing files, or a base whose SHA-256 differs from the one trained on.
     """
     run_dir = Path(run_dir)
     info = read_adapter_info(run_dir)
-    adapter_sha256, state = read_adapter_state(run_dir)
     adapter_path = run_dir / ADAPTER_FILE
+    # lazy: the adapter file's checksum now, its tensors (and their finiteness) when the model is built
+    adapter_sha256, eager_state = (verify_checksum(adapter_path), None) if lazy else read_adapter_state(run_dir)
     spec = get_backend(info.backend)
     recorded = info.base_checkpoint
     base = checkpoint if checkpoint is not None else (recorded if recorded.is_file() else None)
@@ -367,9 +372,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
                           path=loaded.checkpoint_path)
     settings = info.lora
     scale = check_scale(info.lora_scale if scale is None else scale)
-    device = torch.device(device)
+    device = str(device)
 
     def build() -> nn.Module:
+        state = read_adapter_state(run_dir)[1] if eager_state is None else eager_state
         model = apply_lora(loaded.model, settings)
         current = model.state_dict()
         base = {k: current[k].clone() for k in state if not is_lora_key(k) and k in current}
@@ -413,6 +419,8 @@ def export_merged(run_dir: str | Path, out: str | Path, checkpoint: str | Path |
     the adapted model at ``scale`` (None: the run's recorded ``lora_scale``) up to float rounding.
     """
     lora = load_run(run_dir, device="cpu", checkpoint=checkpoint, scale=scale)
+    import torch
+
     merged = merge(lora.model)
     out = Path(out)
     with atomic_path(out) as tmp:

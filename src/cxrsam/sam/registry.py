@@ -29,13 +29,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from cxrsam.errors import CxrsamError
 from cxrsam.files import require_file, sha256_file
 from cxrsam.sam.transforms import Normalisation, SamTransform
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class LoadedSam:
         spec: the backend.
         checkpoint_path: the file that was loaded.
         checkpoint_sha256: its SHA-256 (hex).
-        device: the model's device.
+        device: the model's device, as PyTorch spells it (``cpu``, ``cuda:1``; :func:`~cxrsam.config.resolve_device`).
         mask_prompt: the model was trained to refine its previous result given back as SAM's mask prompt
             (interactive rounds, ``train_mix.previous_mask``); the engine then replays clicks one round each
             (:meth:`~cxrsam.sam.engine.SamEngine.decode_clicks`). Pretrained backends: False.
@@ -105,7 +107,7 @@ class LoadedSam:
     spec: BackendSpec
     checkpoint_path: Path
     checkpoint_sha256: str
-    device: torch.device
+    device: str
     mask_prompt: bool = False
     builder: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)
 
@@ -206,6 +208,8 @@ def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     unreadable or corrupt files, files holding pickled code or objects other than tensors, and
     files that are not a ``{name: tensor}`` mapping raise :class:`CxrsamError` naming the file.
     """
+    import torch
+
     path = require_file(path, "checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -296,7 +300,7 @@ def build_sam(backend: str | BackendSpec = "litemedsam", checkpoint: str | Path 
     if spec.sha256 and not official and digest != spec.sha256:
         log.info("%s: not the official %s checkpoint (SHA-256 %s); loading it as a fine-tuned one",
                  path, spec.name, digest[:16])
-    device = torch.device(device)
+    device = str(device)
 
     def build() -> nn.Module:
         state = load_checkpoint_state(path)

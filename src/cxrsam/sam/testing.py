@@ -8,11 +8,12 @@ channels, about 0.1 M parameters; a forward and backward pass takes milliseconds
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from cxrsam.sam.registry import BackendSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TINY_SIZE = 64
 
@@ -39,6 +40,8 @@ def tiny_spec(name: str = "tiny_sam") -> BackendSpec:
 
 def write_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     """Save the state dict of a tiny SAM with weights drawn from ``seed`` to ``path``."""
+    import torch
+
     torch.manual_seed(seed)
     path = Path(path)
     torch.save(build_tiny_sam().state_dict(), path)

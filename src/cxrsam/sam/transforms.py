@@ -15,18 +15,66 @@ Frames of reference:
 Fine-tuning (:mod:`cxrsam.train.finetune`), the inference engine (:mod:`cxrsam.sam.engine`) and ONNX export
 all go through :class:`SamTransform`, so a model is trained on exactly the tensors inference gives it, for any
 image size and aspect ratio (micro-sam's and segment_anything's rule).
+
+Arrays: every method that takes an array returns the same kind. A ``torch.Tensor`` is transformed by PyTorch on its
+device (differentiable: training, and the PyTorch runtime); a NumPy array by Pillow and OpenCV on the CPU (the ONNX
+runtime, which never imports PyTorch). The two agree to float rounding: the antialiased bilinear resize is Pillow's
+float resize, which PyTorch's ``antialias=True`` reproduces; the plain bilinear one is OpenCV's ``INTER_LINEAR``
+(tests/sam/test_transforms.py). PyTorch is imported only for tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from enum import StrEnum
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from cxrsam.prompts import Prompts, PromptSet
+
+if TYPE_CHECKING:
+    import torch
+
+Array = TypeVar("Array", np.ndarray, "torch.Tensor")
+"""A NumPy array or a ``torch.Tensor``; a method returns the kind it was given."""
+
+
+def is_tensor(x: object) -> bool:
+    """Whether ``x`` is a ``torch.Tensor`` (without importing PyTorch when nothing has)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _each_plane(x: np.ndarray, resize: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``resize`` applied to every (H, W) plane of float32 (..., H, W)."""
+    planes = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, *x.shape[-2:])
+    out = [resize(plane) for plane in planes]
+    return np.stack(out).reshape(*x.shape[:-2], *out[0].shape) if out else planes.reshape(*x.shape[:-2], 0, 0)
+
+
+def resize_antialiased(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Float (..., H, W) -> float32 (..., h, w): bilinear, antialiased when shrinking (Pillow's float resize; PyTorch's
+    ``F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)``)."""
+    from PIL import Image
+
+    h, w = int(shape[0]), int(shape[1])
+    if tuple(x.shape[-2:]) == (h, w):
+        return np.array(x, dtype=np.float32)
+    return _each_plane(x, lambda plane: np.asarray(Image.fromarray(plane).resize((w, h), Image.Resampling.BILINEAR)))
+
+
+def resize_bilinear(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Float (..., H, W) -> float32 (..., h, w): plain bilinear, half-pixel centres, edges repeated (OpenCV's
+    ``INTER_LINEAR``; PyTorch's ``F.interpolate(..., mode="bilinear", align_corners=False)``)."""
+    import cv2
+
+    h, w = int(shape[0]), int(shape[1])
+    if tuple(x.shape[-2:]) == (h, w):
+        return np.array(x, dtype=np.float32)
+    return _each_plane(x, lambda plane: cv2.resize(plane, (w, h), interpolation=cv2.INTER_LINEAR))
+
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -50,6 +98,9 @@ PAD_LOGIT = -20.0
 class SamTransform:
     """Resize-longest-side, normalise and pad images; map prompts in and logits back out.
 
+    Every array method returns the kind of array it was given (module docstring): NumPy arrays stay NumPy,
+    tensors stay on their device.
+
     Args:
         img_size: side S of the square model input in pixels.
         normalisation: a :class:`Normalisation`.
@@ -65,15 +116,33 @@ class SamTransform:
         scale = self.img_size / max(int(size[0]), int(size[1]))
         return int(int(size[0]) * scale + 0.5), int(int(size[1]) * scale + 0.5)
 
-    def resize(self, pixels: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Intensities float (H, W) in [0, 1] -> (h, w) float32 (bilinear, antialiased; differentiable)."""
-        x = pixels if torch.is_tensor(pixels) else torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-        x = x.to(device, torch.float32, non_blocking=x.is_pinned())[None, None]  # pinned: async copy
+    def resize(self, pixels: Array) -> Array:
+        """Intensities float (H, W) in [0, 1] -> (h, w) float32 (bilinear, antialiased; differentiable for
+        tensors)."""
+        if not is_tensor(pixels):
+            return resize_antialiased(np.asarray(pixels), self.resized_shape(pixels.shape))
+        import torch.nn.functional as F
+
+        x = pixels.float()[None, None]
         return F.interpolate(x, self.resized_shape(tuple(x.shape[-2:])), mode="bilinear", align_corners=False,
                              antialias=True)[0, 0]
 
-    def finish(self, resized: torch.Tensor) -> torch.Tensor:
-        """A resized image (h, w) in [0, 1] -> model input (3, S, S): normalised, then zero-padded."""
+    def finish(self, resized: Array) -> Array:
+        """A resized image (h, w) in [0, 1] -> model input (3, S, S) float32: normalised, then zero-padded."""
+        h, w = resized.shape[-2:]
+        if not is_tensor(resized):
+            x = np.asarray(resized, dtype=np.float32)
+            if self.normalisation is Normalisation.MINMAX:
+                lo, hi = x.min(), x.max()
+                x = np.broadcast_to((x - lo) / max(hi - lo, np.float32(1e-8)), (3, h, w))
+            else:
+                mean = np.array(SAM_PIXEL_MEAN, np.float32)[:, None, None]
+                std = np.array(SAM_PIXEL_STD, np.float32)[:, None, None]
+                x = (x * np.float32(255.0) - mean) / std
+            return np.pad(x, ((0, 0), (0, self.img_size - h), (0, self.img_size - w))).astype(np.float32, copy=False)
+        import torch
+        import torch.nn.functional as F
+
         x = resized[None, None]
         if self.normalisation is Normalisation.MINMAX:
             lo, hi = x.amin(), x.amax()
@@ -82,17 +151,20 @@ class SamTransform:
             mean = torch.tensor(SAM_PIXEL_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
             std = torch.tensor(SAM_PIXEL_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
             x = (x * 255.0 - mean) / std
-        h, w = x.shape[-2:]
         return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))[0]
 
-    def images(self, pixels_list: Sequence[np.ndarray | torch.Tensor], device: str | torch.device = "cpu"
-               ) -> torch.Tensor:
-        """Images float (H, W) in [0, 1] (sizes may differ) -> model input (B, 3, S, S) on ``device``."""
-        return torch.stack([self.finish(self.resize(pixels, device)) for pixels in pixels_list])
+    def images(self, pixels_list: Sequence[Array]) -> Array:
+        """Images float (H, W) in [0, 1] (sizes may differ) -> model input (B, 3, S, S) float32: a NumPy array of
+        NumPy images, a tensor (on their device) of tensors."""
+        if not pixels_list or not is_tensor(pixels_list[0]):
+            return np.stack([self.finish(self.resize(pixels)) for pixels in pixels_list])
+        import torch
+
+        return torch.stack([self.finish(self.resize(pixels)) for pixels in pixels_list])
 
     def resize_mask(self, mask: np.ndarray) -> np.ndarray:
         """A bool mask (H, W) -> bool (h, w) on the same pixel grid as :meth:`resize` (threshold 0.5)."""
-        return self.resize(np.asarray(mask, dtype=np.float32)).numpy() >= 0.5
+        return self.resize(np.asarray(mask, dtype=np.float32)) >= 0.5
 
     def pad_mask(self, mask: np.ndarray) -> np.ndarray:
         """A bool mask (h, w) in the resized frame -> bool (S, S), zero-padded at the bottom and right."""
@@ -121,51 +193,68 @@ class SamTransform:
                           points=None if s.points is None else self.coords(s.points, size).astype(np.float32),
                           labels=s.labels,
                           logits=None if s.logits is None else self.logits_to_frame(
-                              torch.from_numpy(np.asarray(s.logits, np.float32)), size).numpy())
+                              np.asarray(s.logits, np.float32), size))
                           for s in prompts.sets]
         return Prompts(sets, (self.img_size, self.img_size), prompts.mode, prompts.components_found,
                        list(prompts.warnings))
 
-    def logits_to_input(self, logits: torch.Tensor) -> torch.Tensor:
+    def logits_to_input(self, logits: Array) -> Array:
         """Low-res logits (..., h', w') -> (..., S, S) over the padded model input (bilinear; differentiable)."""
-        lead = logits.shape[:-2]
-        x = logits.reshape(-1, 1, *logits.shape[-2:])
-        x = F.interpolate(x, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        return x.reshape(*lead, self.img_size, self.img_size)
+        size = (self.img_size, self.img_size)
+        if not is_tensor(logits):
+            return resize_bilinear(np.asarray(logits), size)
+        import torch.nn.functional as F
 
-    def logits_to_frame(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        lead = logits.shape[:-2]
+        x = F.interpolate(logits.reshape(-1, 1, *logits.shape[-2:]), size, mode="bilinear", align_corners=False)
+        return x.reshape(*lead, *size)
+
+    def logits_to_frame(self, logits: Array, size: tuple[int, int]) -> Array:
         """Logits (..., H, W) at an image's ``size`` -> (..., S, S) over the padded model input: resized like the
         image (bilinear, antialiased), padded with :data:`PAD_LOGIT`; the inverse of :meth:`logits_to_image` up to
         interpolation (exactly the identity when ``size`` is (S, S))."""
+        h, w = self.resized_shape(size)
+        pad = (0, self.img_size - h), (0, self.img_size - w)
+        if not is_tensor(logits):
+            x = resize_antialiased(np.asarray(logits), (h, w))
+            return np.pad(x, ((0, 0),) * (x.ndim - 2) + pad, constant_values=PAD_LOGIT)
+        import torch.nn.functional as F
+
         lead = logits.shape[:-2]
         x = logits.reshape(-1, 1, *logits.shape[-2:]).float()
-        h, w = self.resized_shape(size)
         if (h, w) != tuple(x.shape[-2:]):
             x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
-        x = F.pad(x, (0, self.img_size - w, 0, self.img_size - h), value=PAD_LOGIT)
+        x = F.pad(x, (0, pad[1][1], 0, pad[0][1]), value=PAD_LOGIT)
         return x.reshape(*lead, self.img_size, self.img_size)
 
-    def mask_prompt(self, logits: torch.Tensor, size: tuple[int, int], side: int) -> torch.Tensor:
+    def mask_prompt(self, logits: Array, size: tuple[int, int], side: int) -> Array:
         """Previous results' logits (P, H, W) at an image's ``size`` -> SAM's mask prompt (P, 1, side, side):
         :meth:`logits_to_frame`, then :meth:`frame_to_mask_prompt`."""
         return self.frame_to_mask_prompt(self.logits_to_frame(logits, size), side)
 
     @staticmethod
-    def frame_to_mask_prompt(logits: torch.Tensor, side: int) -> torch.Tensor:
+    def frame_to_mask_prompt(logits: Array, side: int) -> Array:
         """Logits (P, s, s) over the whole padded model input (at S, or the decoder's low-res s = 4x the embedding
-        grid) -> SAM's mask prompt (P, 1, side, side): resized to the prompt encoder's ``mask_input_size`` (bilinear,
-        antialiased; unchanged when s = side, as for the decoder's own low-res output)."""
+        grid) -> SAM's mask prompt (P, 1, side, side) float32: resized to the prompt encoder's ``mask_input_size``
+        (bilinear, antialiased; unchanged when s = side, as for the decoder's own low-res output)."""
+        if not is_tensor(logits):
+            return resize_antialiased(np.asarray(logits), (side, side))[:, None]
+        import torch.nn.functional as F
+
         x = logits.float()[:, None]
         if x.shape[-1] != side:
             x = F.interpolate(x, (side, side), mode="bilinear", align_corners=False, antialias=True)
         return x
 
-    def logits_to_image(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def logits_to_image(self, logits: Array, size: tuple[int, int]) -> Array:
         """Low-res logits (..., h', w') -> (..., H, W) at the original ``size``: upsample to S x S, crop the
         unpadded (h, w) region, resize to (H, W) (segment_anything's ``Sam.postprocess_masks``)."""
-        full = self.logits_to_input(logits)
-        lead = full.shape[:-2]
         h, w = self.resized_shape(size)
-        x = full.reshape(-1, 1, self.img_size, self.img_size)[..., :h, :w]
-        x = F.interpolate(x, tuple(size), mode="bilinear", align_corners=False)
+        full = self.logits_to_input(logits)[..., :h, :w]
+        if not is_tensor(full):
+            return resize_bilinear(full, size)
+        import torch.nn.functional as F
+
+        lead = full.shape[:-2]
+        x = F.interpolate(full.reshape(-1, 1, h, w), tuple(size), mode="bilinear", align_corners=False)
         return x.reshape(*lead, *size)

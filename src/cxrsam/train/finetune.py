@@ -223,8 +223,7 @@ class SamTrainee(nn.Module):
                 groups.setdefault(prompt_set.signature, []).append(i)
             logits, iou = [], []
             for members in groups.values():
-                batch = prompt_batch(self.loaded.spec, [image_prompts.sets[i] for i in members], size,
-                                     embeddings.device, side)
+                batch = prompt_batch(self.loaded.spec, [image_prompts.sets[i] for i in members], size, side)
                 group_logits, group_iou = decode(self.sam, embeddings[b:b + 1], batch)
                 logits.append(group_logits[0, :, 0])
                 iou.append(group_iou[0, :, 0])
@@ -317,7 +316,7 @@ class PromptedDataset(Dataset):
         """Case ``index`` resized to (h, w) by the transform: (image float32 in [0, 1], mask bool)."""
         if index not in self._cache:
             xray, mask = load_case(self.cases[index])
-            self._cache[index] = (self.transform.resize(xray.pixels).numpy(), self.transform.resize_mask(mask))
+            self._cache[index] = (self.transform.resize(xray.pixels), self.transform.resize_mask(mask))
         return self._cache[index]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, Prompts, torch.Tensor, int]:
@@ -326,7 +325,7 @@ class PromptedDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index, 2])
             if rng.random() < self.shift:
                 image, mask, _ = shift_pair(image, mask, rng)
-                image, mask = self.transform.resize(image).numpy(), self.transform.resize_mask(mask)
+                image, mask = self.transform.resize(image), self.transform.resize_mask(mask)
         if self.augment:
             image, mask = augment(image, mask, np.random.default_rng([self.seed, self.epoch, index]))
         model_input = self.transform.finish(torch.from_numpy(np.ascontiguousarray(image)))

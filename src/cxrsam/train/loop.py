@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cxrsam.config import LoopConfig, resolve_device
+from cxrsam.config import LoopConfig, device_type, resolve_device
 from cxrsam.errors import CxrsamError
 from cxrsam.files import atomic_path, remove_stale_temps
 from cxrsam.runs import BEST, CURVES_PNG, LAST, METRICS_CSV, forget, load_checkpoint, record_checksum, save_checkpoint
@@ -219,7 +219,7 @@ class Trainer:
         self.state_fn, self.load_state_fn = state_fn, load_state_fn
         self.on_epoch_end = on_epoch_end
         self.accelerator = Accelerator(
-            cpu=resolve_device(config.device).type == "cpu",
+            cpu=device_type(resolve_device(config.device)) == "cpu",
             mixed_precision=_resolve_precision(config.mixed_precision),
             gradient_accumulation_steps=config.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),

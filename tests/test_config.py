@@ -1,0 +1,48 @@
+"""The device and process rules of cxrsam.config, and that a CPU predict can resolve them without PyTorch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cxrsam import config
+from cxrsam.errors import CxrsamError
+
+
+def test_device_rule(monkeypatch):
+    assert config.resolve_device("cpu") == "cpu" and config.resolve_device("cuda:1") == "cuda:1"
+    assert config.device_type("cuda:1") == "cuda" and config.device_type("cpu") == "cpu"
+    with pytest.raises(CxrsamError, match="unknown device 'gpu7'"):
+        config.resolve_device("gpu7")
+    monkeypatch.setattr(config, "gpu_possible", lambda: False)  # no GPU driver: auto is the CPU, PyTorch unasked
+    assert config.resolve_device("auto") == config.resolve_device(None) == "cpu"
+    import torch
+
+    monkeypatch.setattr(config, "gpu_possible", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert config.resolve_device("auto") == "cuda"  # one process: the GPU; a launched rank: its own (accelerate)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert config.resolve_device("auto") == "cpu"
+
+
+def test_a_process_not_launched_as_several_is_one_without_accelerate(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    state = config.process_state()
+    assert isinstance(state, config.SingleProcess) and state.is_main_process and state.num_processes == 1
+    with state.split_between_processes([1, 2, 3]) as share:
+        assert list(share) == [1, 2, 3]
+    assert config.gather_objects(state, ["a"]) == ["a"]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert config.launched_processes() == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert config.launched_processes() == 4
+
+
+def test_cpu_auto_device_and_process_need_no_pytorch():
+    code = ("import sys; from cxrsam import config; config.gpu_possible = lambda: False; "
+            "assert config.resolve_device('auto') == 'cpu'; assert config.process_state().num_processes == 1; "
+            "assert 'torch' not in sys.modules and 'accelerate' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]
