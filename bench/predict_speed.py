@@ -6,7 +6,9 @@ medians of the two wall times::
 
     steady images/s = (N - 1) / (t_N - t_1)        start-up s = t_1 - (t_N - t_1) / (N - 1)
 
-(start-up: interpreter, imports, model loads and the first image's one-off costs.) The old commit runs from a
+(start-up: interpreter, imports, model loads and the first image's one-off costs.) Every process runs with Python's
+bytecode cache on, as users have it (a sandbox's ``PYTHONDONTWRITEBYTECODE=1`` would recompile every source file of
+cxrsam at each start); the untimed warm-up run writes it. The old commit runs from a
 checkout given by ``--old`` (``git worktree add /tmp/old 0b14060``) through PYTHONPATH; each variant's masks are
 compared with the first variant's (per-image IoU; target >= 0.999 for every image).
 
@@ -65,6 +67,7 @@ def run_predict(variant: str, images: list[Path], out: Path, common: list[str], 
         (folder / image.name).symlink_to(image.resolve())
     src = old / "src" if variant == "old" else SRC
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # Python's default: cached bytecode, as every user has it
     command = [sys.executable, "-m", "cxrsam", "predict", "--images", str(folder), "--out", str(out),
                *common, *VARIANTS[variant]]
     started = time.perf_counter()

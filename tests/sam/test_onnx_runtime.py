@@ -242,3 +242,21 @@ def test_experiment_sam_runtime_picks_the_engines(adapted_run, tiny_checkpoint, 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"sam": {"runtime": "tensorrt"}}))
     with pytest.raises(CxrsamError, match="sam.runtime"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_sessions_keep_their_optimised_graph_for_this_cpu_and_remake_it_when_altered(tiny, tmp_path, cases):
+    folder = ort_sam.load_onnx_sam(tiny, root=tmp_path).folder  # the export made and kept the optimised graphs
+    key = onnx_cache.optimization_key()
+    optimized, record = folder / f"encoder-{key}.onnx", folder / f"encoder-{key}.json"
+    assert optimized.is_file() and json.loads(record.read_text())["source"] == onnx_cache.sha256_file(
+        folder / "encoder.onnx")
+    x = tiny.spec.transform.images([cases[0][0]])
+    first = onnx_cache.inference_session(folder / "encoder.onnx").run(None, {"image": x})[0]  # from the kept graph
+    stamp = optimized.stat().st_mtime_ns
+    again = onnx_cache.inference_session(folder / "encoder.onnx").run(None, {"image": x})[0]
+    assert optimized.stat().st_mtime_ns == stamp and np.array_equal(first, again)
+    np.testing.assert_allclose(first, SamEngine(tiny)._encode(x), atol=1e-4, rtol=1e-4)
+    optimized.write_bytes(b"not a graph")  # altered: made again from the source, not loaded
+    remade = onnx_cache.inference_session(folder / "encoder.onnx").run(None, {"image": x})[0]
+    assert np.array_equal(remade, first) and json.loads(record.read_text())["sha256"] == onnx_cache.sha256_file(
+        optimized)

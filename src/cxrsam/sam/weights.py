@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +83,9 @@ def download_weights(name: str, directory: str | Path | None = None, timeout_s: 
         raise CxrsamError(f"existing file does not match the published SHA-256 {weights.sha256}; "
                           "delete it and download again", path=target)
     hint = f"put {weights.filename} (SHA-256 {weights.sha256}) in {folder}, or pass --checkpoint PATH"
+    import urllib.error  # imported to download only: with its ssl, 0.08 s of every start otherwise
+    import urllib.request
+
     try:
         response = urllib.request.urlopen(weights.url, timeout=timeout_s)  # noqa: S310 - fixed https URL
     except (TimeoutError, urllib.error.URLError, OSError) as exc:
