@@ -6,10 +6,11 @@ Images, prompts and logits cross between the original image and the model input 
 ``model.image_encoder(spec.transform.images(...))`` and :func:`decode` with gradients; :func:`encode` is the
 inference-only encoder call. :class:`SamEngine` adds embedding caches and the per-image prompt bookkeeping.
 
-The engine works on NumPy arrays (embeddings, prompt batches, logits) and transforms them with the transform's NumPy
-arithmetic, for every runtime; only a runtime's two model calls (:meth:`SamEngine._encode`, :meth:`SamEngine._decode`)
-see its own tensors. So this module imports PyTorch only when the PyTorch runtime runs, and ONNX Runtime
-(:mod:`cxrsam.sam.onnx_runtime`) serves without it.
+The engine works on NumPy arrays (embeddings, prompt batches, logits) and takes logits to the image with the
+transform's NumPy arithmetic, for every runtime; only a runtime's model input and two model calls
+(:meth:`SamEngine._model_input`, :meth:`SamEngine._encode`, :meth:`SamEngine._decode`) see its own tensors (PyTorch's
+on the model's device, ONNX Runtime's NumPy). So this module imports PyTorch only when the PyTorch runtime runs, and
+ONNX Runtime (:mod:`cxrsam.sam.onnx_runtime`) serves without it.
 """
 
 from __future__ import annotations
@@ -349,14 +350,22 @@ class SamEngine:
             with atomic_path(self.cache_dir / f"{key}.npz") as tmp, open(tmp, "wb") as file:
                 np.savez(file, key=np.array(key), model_id=np.array(self.model_id), embedding=embedding)
 
-    def _encode(self, model_input: np.ndarray) -> np.ndarray:
-        """Embeddings (B, C, h, w) float32 of model input (B, 3, S, S); the one encoder call, in PyTorch on the
-        model's device (page-locked copies to a GPU), under autocast for bf16/fp16 (a runtime overrides it)."""
+    def _model_input(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """Model input (B, 3, S, S) of images float32 (H, W) where the encoder runs: the transform's PyTorch
+        arithmetic on the model's device, from page-locked copies on a GPU (a runtime overrides it)."""
         import torch
 
-        x = torch.from_numpy(model_input)
         cuda = device_type(self.loaded.device) == "cuda"
-        x = (x.pin_memory() if cuda else x).to(self.loaded.device, non_blocking=cuda)
+        tensors = [torch.from_numpy(p) for p in pixels]
+        tensors = [(t.pin_memory() if cuda else t).to(self.loaded.device, non_blocking=cuda) for t in tensors]
+        return self.loaded.spec.transform.images(tensors)
+
+    def _encode(self, model_input: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Embeddings (B, C, h, w) float32 of model input (B, 3, S, S) (:meth:`_model_input`); the one encoder call, in
+        PyTorch on the model's device, under autocast for bf16/fp16 (a runtime overrides it)."""
+        import torch
+
+        x = torch.as_tensor(model_input).to(self.loaded.device)
         if self.precision is Precision.FP32:
             return encode(self.loaded.model, x).cpu().numpy()
         with torch.autocast(device_type(self.loaded.device), dtype=autocast_dtype(self.precision)):
@@ -397,7 +406,7 @@ class SamEngine:
         todo = list(first_index.values())
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
-            embeddings = self._encode(self.loaded.spec.transform.images([pixels[i] for i in chunk]))
+            embeddings = self._encode(self._model_input([pixels[i] for i in chunk]))
             self.images_encoded += len(chunk)
             for i, embedding in zip(chunk, embeddings):
                 found[keys[i]] = embedding

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,9 @@ class OnnxSamEngine(SamEngine):
 
     def cache_key(self, pixels: np.ndarray) -> str:
         return hashlib.sha256(f"onnx|{super().cache_key(pixels)}".encode()).hexdigest()
+
+    def _model_input(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        return self.loaded.spec.transform.images(pixels)  # the transform's NumPy arithmetic: no PyTorch
 
     def _encode(self, model_input: np.ndarray) -> np.ndarray:
         return self.onnx.encode(model_input)
