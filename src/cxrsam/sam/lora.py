@@ -418,9 +418,9 @@ def export_merged(run_dir: str | Path, out: str | Path, checkpoint: str | Path |
     The file loads with ``build_sam(backend, checkpoint=out)`` (no peft) and gives the same logits as
     the adapted model at ``scale`` (None: the run's recorded ``lora_scale``) up to float rounding.
     """
-    lora = load_run(run_dir, device="cpu", checkpoint=checkpoint, scale=scale)
     import torch
 
+    lora = load_run(run_dir, device="cpu", checkpoint=checkpoint, scale=scale)
     merged = merge(lora.model)
     out = Path(out)
     with atomic_path(out) as tmp:
