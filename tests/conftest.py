@@ -9,7 +9,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -155,3 +155,18 @@ def folder_digest() -> Callable[[Path], dict[str, str]]:
                 for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
     return digest
+
+
+@pytest.fixture(scope="session")
+def fresh_imports() -> Callable[..., list[str]]:
+    """``fresh_imports(code, modules, env=None)``: run ``code`` in a fresh interpreter (failing the test with its
+    stderr when it fails) and return which of ``modules`` it imported, sorted."""
+
+    def run(code: str, modules: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
+        script = f"{code}\nimport sys\nprint(sorted(name for name in {list(modules)!r} if name in sys.modules))\n"
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, **(env or {})})
+        assert result.returncode == 0, result.stderr[-2000:]
+        return eval(result.stdout.strip().splitlines()[-1])  # noqa: S307 - a list of names printed by the script
+
+    return run

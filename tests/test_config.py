@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from cxrsam import config
@@ -40,9 +37,7 @@ def test_a_process_not_launched_as_several_is_one_without_accelerate(monkeypatch
     assert config.launched_processes() == 4
 
 
-def test_cpu_auto_device_and_process_need_no_pytorch():
-    code = ("import sys; from cxrsam import config; config.gpu_possible = lambda: False; "
-            "assert config.resolve_device('auto') == 'cpu'; assert config.process_state().num_processes == 1; "
-            "assert 'torch' not in sys.modules and 'accelerate' not in sys.modules")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-500:]
+def test_cpu_auto_device_and_process_need_no_pytorch(fresh_imports):
+    code = ("from cxrsam import config\nconfig.gpu_possible = lambda: False\n"
+            "assert config.resolve_device('auto') == 'cpu' and config.process_state().num_processes == 1")
+    assert fresh_imports(code, ["torch", "accelerate"], env={"WORLD_SIZE": "1"}) == []

@@ -4,8 +4,6 @@ chosen by --runtime; a predict from cached exports imports no PyTorch (nor smp, 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -83,7 +81,7 @@ def test_runtime_picks_the_cnn_engine_and_records_it(cnn_run, monkeypatch, tmp_p
 
 
 def test_predict_from_cached_exports_imports_no_heavy_package(cnn_run, tiny_checkpoint, phantoms, cli, tmp_path,
-                                                              monkeypatch):
+                                                              monkeypatch, fresh_imports):
     from cxrsam.sam.registry import BACKENDS
     from cxrsam.sam.testing import tiny_spec
 
@@ -96,12 +94,8 @@ def test_predict_from_cached_exports_imports_no_heavy_package(cnn_run, tiny_chec
     script = ("import sys\nfrom cxrsam.sam.registry import BACKENDS\nfrom cxrsam.sam.testing import tiny_spec\n"
               "BACKENDS['tiny_sam'] = tiny_spec()\nfrom cxrsam.cli import main\n"
               f"sys.argv = ['cxrsam', *{[*args, '--out', str(tmp_path / 'second')]!r}]\n"
-              "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
-              f"print(sorted(name for name in {HEAVY!r} if name in sys.modules))\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "CXRSAM_CACHE": str(tmp_path / "cache")})
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout + res.stderr
+              "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n")
+    assert fresh_imports(script, HEAVY, env={"CXRSAM_CACHE": str(tmp_path / "cache")}) == []
     masks = sorted((tmp_path / "first").glob("*_mask.png"))
     assert len(masks) == 12
     for mask in masks:

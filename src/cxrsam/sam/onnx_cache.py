@@ -90,11 +90,9 @@ GRAPHS = 3
 mask prompt's side, so a cached export serves without the PyTorch model); part of the cache key."""
 
 
-
 def onnx_installed() -> bool:
     """Whether the ``onnx`` extra (``onnx`` for export, ``onnxruntime`` to run) is importable."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
-
 
 
 # ---------------------------------------------------------------------------------------------------- cache
