@@ -316,8 +316,13 @@ class PromptedDataset(Dataset):
         """Case ``index`` resized to (h, w) by the transform: (image float32 in [0, 1], mask bool)."""
         if index not in self._cache:
             xray, mask = load_case(self.cases[index])
-            self._cache[index] = (self.transform.resize(xray.pixels), self.transform.resize_mask(mask))
+            self._cache[index] = (self._resize(xray.pixels), self.transform.resize_mask(mask))
         return self._cache[index]
+
+    def _resize(self, pixels: np.ndarray) -> np.ndarray:
+        """An image float (H, W) resized by the transform's PyTorch arithmetic, as the PyTorch runtime's encoder
+        input is made (bit-identical; ONNX Runtime's NumPy one agrees to float rounding): float32 (h, w)."""
+        return self.transform.resize(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))).numpy()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, Prompts, torch.Tensor, int]:
         image, mask = self.resized(index)
@@ -325,7 +330,7 @@ class PromptedDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index, 2])
             if rng.random() < self.shift:
                 image, mask, _ = shift_pair(image, mask, rng)
-                image, mask = self.transform.resize(image), self.transform.resize_mask(mask)
+                image, mask = self._resize(image), self.transform.resize_mask(mask)
         if self.augment:
             image, mask = augment(image, mask, np.random.default_rng([self.seed, self.epoch, index]))
         model_input = self.transform.finish(torch.from_numpy(np.ascontiguousarray(image)))
