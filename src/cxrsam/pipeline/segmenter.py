@@ -9,7 +9,6 @@ new clicks on the same image only runs the prompt encoder and mask decoder.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from cxrsam.prompts import Prompts, PromptSet, PromptSpec
 from cxrsam.prompts.boxes import clip_box
 from cxrsam.sam.engine import Precision, SamEngine
 from cxrsam.sam.lora import LoraSam
+from cxrsam.sam.onnx_cache import exporter_versions
 from cxrsam.sam.onnx_runtime import Runtime, make_engine, resolve_runtime
 from cxrsam.sam.registry import LoadedSam
 
@@ -252,9 +252,7 @@ def build_segmenter(run: str | Path | None = None, drafts_from: str | Path | Non
 def describe_models(sam: LoadedSam | None, drafter: DraftSource | None = None, run: str | Path | None = None,
                     engine: SamEngine | None = None) -> dict[str, Any]:
     """Identities and versions recorded in every result JSON (``runtime`` and ``precision``: what ran SAM and in
-    which arithmetic, from ``engine``)."""
-    import cxrsam
-
+    which arithmetic, from ``engine``; ``versions``: cxrsam's and torch's, by the rule of the ONNX cache keys)."""
     sam_info = None if sam is None else {
         "kind": "lora" if run is not None else "pretrained", "model_id": sam.model_id, "backend": sam.spec.name,
         "run": None if run is None else str(Path(run).resolve()),
@@ -263,4 +261,4 @@ def describe_models(sam: LoadedSam | None, drafter: DraftSource | None = None, r
         "runtime": engine.runtime if engine is not None else "torch",
         "precision": str(engine.precision if engine is not None else Precision.FP32)}
     return {"sam": sam_info, "drafts": None if drafter is None else drafter.describe(),
-            "versions": {"cxrsam": cxrsam.__version__, "torch": version("torch")}}
+            "versions": exporter_versions()}
