@@ -6,7 +6,9 @@ Two graphs are exported from the (LoRA-merged) model, with the legacy TorchScrip
     ``image`` (B, 3, S, S) float32 model input (:meth:`~cxrsam.sam.transforms.SamTransform.images`) ->
     ``embedding`` (B, C, h, w). B is declared dynamic, but an encoder that takes its batch size as a Python
     number (TinyViT's ``len(x)``) is traced with B = 1 baked in: the export check tries B = 2 and records
-    ``dynamic_batch``; without it images are encoded one per call.
+    ``dynamic_batch``; without it images are encoded one per call. segment_anything's ViTs (ViT-B/L/H) are exported
+    with the same values but their global attention computed a few query rows at a time
+    (:class:`~cxrsam.sam.onnx_export.ViTEncoderGraph`: ViT-B at 1024 px peaks at a third of the memory).
 ``decoder.onnx``
     prompt encoder + mask decoder: ``embedding`` (1, C, h, w), ``coords`` (P, N, 2) float32 xy in model-input
     pixels and ``labels`` (P, N) int64 -> ``logits`` (P, M, 4h, 4w) low-res mask logits and ``iou`` (P, M), with
@@ -85,9 +87,10 @@ def int8_settings() -> dict[str, Any]:
 
 
 INSTALL_HINT = "pip install 'cxrsam[onnx]'"
-GRAPHS = 3
+GRAPHS = 4
 """Version of the exported graphs and their record (2: the decoder takes a mask prompt; 3: ``check.json`` names the
-mask prompt's side, so a cached export serves without the PyTorch model); part of the cache key."""
+mask prompt's side, so a cached export serves without the PyTorch model; 4: a ViT encoder computes its global
+attention in steps, :class:`~cxrsam.sam.onnx_export.ViTEncoderGraph`); part of the cache key."""
 
 
 def onnx_installed() -> bool:

@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
 from torch import nn
 
 from cxrsam.errors import CxrsamError
@@ -56,6 +59,90 @@ class EncoderGraph(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(image)
+
+
+ATTENTION_CHUNK_BYTES = 32 * 2**20
+"""Largest float32 attention matrix (bytes, at batch 1) that one step of a ViT global-attention block computes in the
+exported encoder (:class:`ViTEncoderGraph`): ViT-B at 1024 px computes its 12 x 4096 x 4096 attention two query rows
+of its 64 x 64 token grid at a time, 25 MB instead of 805 MB (docs/benchmarks.md, "ViT-B's attention in steps")."""
+
+
+def _attention(attn: nn.Module, qkv: torch.Tensor, rows: int) -> torch.Tensor:
+    """segment_anything's ``Attention.forward`` up to its output projection, from its qkv projection, ``rows`` rows
+    of query tokens at a time: ``qkv`` (B, H, W, 3C) -> (B, H, W, C). Every element is computed by the same
+    operations as in the original (decomposed relative positions included)."""
+    batch, height, width, _ = qkv.shape
+    heads = attn.num_heads
+    q, k, v = qkv.reshape(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4) \
+        .reshape(3, batch * heads, height * width, -1).unbind(0)
+    keys = k.transpose(-2, -1)
+    if attn.use_rel_pos:
+        grid_q = q.reshape(batch * heads, height, width, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", grid_q, get_rel_pos(height, height, attn.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", grid_q, get_rel_pos(width, width, attn.rel_pos_w))
+    outputs = []
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        logits = (q[:, top * width:bottom * width] * attn.scale) @ keys
+        if attn.use_rel_pos:
+            logits = (logits.view(batch * heads, bottom - top, width, height, width)
+                      + rel_h[:, top:bottom, :, :, None] + rel_w[:, top:bottom, :, None, :]) \
+                .view(batch * heads, (bottom - top) * width, height * width)
+        outputs.append(logits.softmax(dim=-1) @ v)
+    out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    return out.view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+
+
+def _block(block: nn.Module, x: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """segment_anything's ``Block.forward`` on ``x`` (B, H, W, C) with :func:`_attention`: a global block in steps of
+    at most ``chunk_bytes`` of attention; a windowed block projects qkv on the H x W tokens before padding them to
+    whole windows (a padding token's qkv is that of a zero token, as in the original, where the zero-padded tokens
+    are projected) and its output after removing the padding, instead of projecting the padding too."""
+    shortcut = x
+    x = block.norm1(x)
+    attn = block.attn
+    qkv = attn.qkv(x)
+    height, width = x.shape[1], x.shape[2]
+    size = block.window_size
+    if size > 0:
+        pad_h, pad_w = -height % size, -width % size
+        if pad_h or pad_w:
+            padded = (torch.arange(height + pad_h)[:, None] >= height) | (torch.arange(width + pad_w)[None, :] >= width)
+            qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h)) \
+                + padded[None, :, :, None].to(qkv.dtype) * attn.qkv(x.new_zeros(1, x.shape[-1]))
+        windows, padded_hw = window_partition(qkv, size)
+        out = window_unpartition(_attention(attn, windows, size), size, padded_hw, (height, width))
+    else:
+        row_bytes = 4 * attn.num_heads * width * height * width
+        out = _attention(attn, qkv, max(1, chunk_bytes // row_bytes))
+    x = shortcut + attn.proj(out)
+    return x + block.mlp(block.norm2(x))
+
+
+class ViTEncoderGraph(nn.Module):
+    """``image`` (B, 3, S, S) -> ``embedding`` (B, C, h, w) of segment_anything's ``ImageEncoderViT`` (ViT-B/L/H and
+    LoRA-merged ones), computed as its ``forward`` with :func:`_block`: the same values (checked at export like every
+    graph), in less memory and time under ONNX Runtime."""
+
+    def __init__(self, model: nn.Module, chunk_bytes: int = ATTENTION_CHUNK_BYTES):
+        super().__init__()
+        self.image_encoder = model.image_encoder
+        self.chunk_bytes = chunk_bytes
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        encoder = self.image_encoder
+        x = encoder.patch_embed(image)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        for block in encoder.blocks:
+            x = _block(block, x, self.chunk_bytes)
+        return encoder.neck(x.permute(0, 3, 1, 2))
+
+
+def encoder_graph(model: nn.Module) -> nn.Module:
+    """The graph exported for ``model``'s image encoder: :class:`ViTEncoderGraph` for segment_anything's ViT,
+    :class:`EncoderGraph` (the encoder as it is) for any other, such as LiteMedSAM's TinyViT."""
+    return ViTEncoderGraph(model) if isinstance(model.image_encoder, ImageEncoderViT) else EncoderGraph(model)
 
 
 class PromptDecoderGraph(nn.Module):
@@ -104,7 +191,7 @@ def export_graphs(model: nn.Module, spec: BackendSpec, folder: str | Path, opset
     side = mask_side(model)
     mask_input, has_mask = torch.zeros(2, 1, side, side), torch.ones(1)
     try:
-        _export(EncoderGraph(model).eval(), (image,), folder / ENCODER, ["image"], ["embedding"],
+        _export(encoder_graph(model).eval(), (image,), folder / ENCODER, ["image"], ["embedding"],
                 {"image": {0: "batch"}, "embedding": {0: "batch"}}, opset)
         _export(PromptDecoderGraph(model).eval(), (embedding, coords, labels, mask_input, has_mask),
                 folder / DECODER, ["embedding", "coords", "labels", "mask_input", "has_mask"], ["logits", "iou"],
