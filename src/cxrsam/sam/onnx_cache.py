@@ -8,7 +8,7 @@ Two graphs are exported from the (LoRA-merged) model, with the legacy TorchScrip
     number (TinyViT's ``len(x)``) is traced with B = 1 baked in: the export check tries B = 2 and records
     ``dynamic_batch``; without it images are encoded one per call. segment_anything's ViTs (ViT-B/L/H) are exported
     with the same values but their global attention computed a few query rows at a time
-    (:class:`~cxrsam.sam.onnx_export.ViTEncoderGraph`: ViT-B at 1024 px peaks at a third of the memory).
+    (:class:`~cxrsam.sam.onnx_export.ViTEncoderGraph`: ViT-B's working memory at 1024 px is 8.5x smaller).
 ``decoder.onnx``
     prompt encoder + mask decoder: ``embedding`` (1, C, h, w), ``coords`` (P, N, 2) float32 xy in model-input
     pixels and ``labels`` (P, N) int64 -> ``logits`` (P, M, 4h, 4w) low-res mask logits and ``iou`` (P, M), with
