@@ -31,13 +31,13 @@ def memory_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def child(path: Path, batch: int, runs: int, out: Path) -> None:
+def child(path: Path, backend: str, batch: int, runs: int, out: Path) -> None:
     """Run one exported encoder: write its timings, memory (MB) and embedding to ``out`` (json + npy)."""
     from cxrsam.data.synthetic import make_phantom
     from cxrsam.sam.onnx_cache import inference_session
     from cxrsam.sam.registry import get_backend
 
-    spec = get_backend(sys.argv[sys.argv.index("--backend") + 1])
+    spec = get_backend(backend)
     image = make_phantom(size=512, seed=0)[0].astype(np.float32) / 255
     model_input = spec.transform.images([image] * batch)
     session = inference_session(path)
@@ -58,7 +58,7 @@ def export(backend: str, folder: Path) -> dict[str, Path]:
     """Both encoder graphs of ``backend`` with seed-0 weights, in ``folder``."""
     import torch
 
-    from cxrsam.sam.onnx_export import EncoderGraph, ViTEncoderGraph, _export
+    from cxrsam.sam.onnx_export import EncoderGraph, ViTEncoderGraph, export_encoder
     from cxrsam.sam.registry import get_backend
 
     spec = get_backend(backend)
@@ -67,8 +67,7 @@ def export(backend: str, folder: Path) -> dict[str, Path]:
     paths = {}
     for name, graph in zip(VARIANTS, (EncoderGraph(model), ViTEncoderGraph(model)), strict=True):
         paths[name] = folder / f"{name.replace(' ', '-')}.onnx"
-        _export(graph.eval(), (torch.zeros(1, 3, spec.img_size, spec.img_size),), paths[name], ["image"],
-                ["embedding"], {"image": {0: "batch"}, "embedding": {0: "batch"}}, 17)
+        export_encoder(graph, spec.img_size, paths[name])
     return paths
 
 
@@ -82,7 +81,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.batch, args.runs, args.out)
+        child(args.child, args.backend, args.batch, args.runs, args.out)
         return
     from zero_shot_speed import machine
 

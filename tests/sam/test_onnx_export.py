@@ -14,7 +14,7 @@ from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
 from cxrsam.sam.onnx_cache import inference_session
-from cxrsam.sam.onnx_export import EncoderGraph, ViTEncoderGraph, _export, encoder_graph
+from cxrsam.sam.onnx_export import EncoderGraph, ViTEncoderGraph, encoder_graph, export_encoder
 from cxrsam.sam.registry import build_sam
 from cxrsam.sam.testing import tiny_spec
 
@@ -50,8 +50,7 @@ def test_the_vit_graph_gives_the_values_of_the_encoder_with_its_attention_in_ste
 def test_the_exported_vit_graph_runs_in_steps_in_onnx_runtime_for_any_batch(windowed_vit, tmp_path):
     rows = 3
     path = tmp_path / "encoder.onnx"
-    _export(ViTEncoderGraph(windowed_vit, chunk_bytes=rows * ROW_BYTES).eval(), (torch.zeros(1, 3, 64, 64),), path,
-            ["image"], ["embedding"], {"image": {0: "batch"}, "embedding": {0: "batch"}}, 17)
+    export_encoder(ViTEncoderGraph(windowed_vit, chunk_bytes=rows * ROW_BYTES), 64, path)
     softmaxes = sum(node.op_type == "Softmax" for node in onnx.load(str(path)).graph.node)
     assert softmaxes == 2 + math.ceil(GRID / rows)  # one per windowed block, one per step of the global one
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))

@@ -179,6 +179,13 @@ def _export(graph: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, inpu
                           output_names=output_names, dynamic_axes=dynamic_axes)
 
 
+def export_encoder(graph: nn.Module, size: int, path: Path, opset: int = OPSET) -> None:
+    """Write an encoder graph (:func:`encoder_graph`) of a model with input side ``size`` to ``path``: ``image``
+    (B, 3, size, size) -> ``embedding``, B dynamic."""
+    _export(graph.eval(), (torch.zeros(1, 3, size, size),), path, ["image"], ["embedding"],
+            {"image": {0: "batch"}, "embedding": {0: "batch"}}, opset)
+
+
 def export_graphs(model: nn.Module, spec: BackendSpec, folder: str | Path, opset: int = OPSET) -> None:
     """Write ``encoder.onnx`` and ``decoder.onnx`` of ``model`` (a plain SAM, LoRA already merged) into ``folder``."""
     folder = Path(folder)
@@ -191,8 +198,7 @@ def export_graphs(model: nn.Module, spec: BackendSpec, folder: str | Path, opset
     side = mask_side(model)
     mask_input, has_mask = torch.zeros(2, 1, side, side), torch.ones(1)
     try:
-        _export(encoder_graph(model).eval(), (image,), folder / ENCODER, ["image"], ["embedding"],
-                {"image": {0: "batch"}, "embedding": {0: "batch"}}, opset)
+        export_encoder(encoder_graph(model), size, folder / ENCODER, opset)
         _export(PromptDecoderGraph(model).eval(), (embedding, coords, labels, mask_input, has_mask),
                 folder / DECODER, ["embedding", "coords", "labels", "mask_input", "has_mask"], ["logits", "iou"],
                 {"coords": {0: "sets", 1: "points"}, "labels": {0: "sets", 1: "points"}, "mask_input": {0: "sets"},
