@@ -38,10 +38,11 @@ from cxrsam.evaluation.metrics import iou_score
 from zero_shot_speed import machine
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-VARIANTS = {"old": [], "new": [], "new-onnx": ["--runtime", "onnx"],
+VARIANTS = {"old": [], "old-torch": ["--runtime", "torch"], "new": [], "new-torch": ["--runtime", "torch"],
+            "new-onnx": ["--runtime", "onnx"],
             "new-int8": ["--runtime", "onnx", "--precision", "int8"], "new-bf16": ["--precision", "bf16"],
             "new-fp16": ["--precision", "fp16"]}
-"""Extra ``predict`` options per variant (``old`` runs from ``--old``; the others from this tree)."""
+"""Extra ``predict`` options per variant (``old*`` run from ``--old``; the others from this tree)."""
 
 
 def random_checkpoint(backend: str, path: Path) -> Path:
@@ -65,7 +66,7 @@ def run_predict(variant: str, images: list[Path], out: Path, common: list[str], 
     folder.mkdir(parents=True)
     for image in images:
         (folder / image.name).symlink_to(image.resolve())
-    src = old / "src" if variant == "old" else SRC
+    src = old / "src" if variant.startswith("old") else SRC
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # Python's default: cached bytecode, as every user has it
     command = [sys.executable, "-m", "cxrsam", "predict", "--images", str(folder), "--out", str(out),
@@ -92,8 +93,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["old", "new", "new-onnx"], choices=list(VARIANTS))
     parser.add_argument("--work", type=Path, default=None, help="Scratch folder [default: a temporary one]")
     args = parser.parse_args()
-    if "old" in args.variants and args.old is None:
-        parser.error("variant old needs --old (a checkout of the old commit)")
+    if any(v.startswith("old") for v in args.variants) and args.old is None:
+        parser.error("the old variants need --old (a checkout of the old commit)")
     common = ["--drafts-from", str(args.drafts_from), "--backend", args.backend, "--device", args.device]
     if args.random_checkpoint is not None:
         common += ["--checkpoint", str(random_checkpoint(args.backend, args.random_checkpoint))]

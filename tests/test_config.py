@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from cxrsam import config
@@ -41,3 +44,32 @@ def test_cpu_auto_device_and_process_need_no_pytorch(fresh_imports):
     code = ("from cxrsam import config\nconfig.gpu_possible = lambda: False\n"
             "assert config.resolve_device('auto') == 'cpu' and config.process_state().num_processes == 1")
     assert fresh_imports(code, ["torch", "accelerate"], env={"WORLD_SIZE": "1"}) == []
+
+
+FAULTS_OF_FREED_BLOCKS = """
+import resource, sys, torch
+from cxrsam.config import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):  # 64 MiB blocks, freed at once: the kept heap grows to hold them in the first 2-5 rounds
+    torch.empty(2**24).fill_(1.0)
+start = faults()
+for _ in range(8):
+    torch.empty(2**24).fill_(1.0)
+print(faults() - start)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt: Linux only")
+def test_kept_freed_memory_is_reused_without_page_faults():
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", FAULTS_OF_FREED_BLOCKS, mode], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    default = faults("default")
+    if default < 8 * 2**24 * 4 // 4096 // 2:  # fewer than half the 4 KiB pages of the eight blocks
+        pytest.skip(f"glibc here reuses or hugepage-maps 64 MiB blocks by default ({default} page faults)")
+    assert faults("keep") < default // 2  # without keep_freed_memory every block is new pages (8 x 16384)

@@ -136,6 +136,34 @@ def cpu_has_int8_dot_product() -> bool:
     return bool(cpu_flags() & INT8_DOT_PRODUCT_FLAGS)
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+"""glibc ``mallopt(3)`` parameter numbers (``malloc.h``)."""
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory in the process for reuse: every block from its heap
+    (``mallopt(M_MMAP_MAX, 0)``), and the heap never given back (``M_TRIM_THRESHOLD`` -1). For CPU training.
+
+    By default glibc serves a block above its mmap threshold (at most 32 MiB) with a fresh mapping and unmaps it
+    on free, so each training step's large activations (LiteMedSAM's 2 x 256 x 256 x 256 float32 MLP input at batch
+    2: 128 MiB) are new pages that the kernel faults in and zeroes again: about 2 million page faults and 8 s
+    of kernel time per step of ``configs/cpu.yaml``'s LoRA recipe on 2 cores. Kept, the heap's pages are reused,
+    at the price of holding the peak memory until the process ends (docs/benchmarks.md, "Training steps and the
+    allocator"). The same results, bit for bit. Returns whether both settings took (False without glibc)."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries without glibc's mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
+
+
 class SplitFields(BaseModel):
     """How cases are found and split: the one declaration of these fields, shared by the CNN and LoRA run
     configs (:class:`DataFields`) and the experiment's ``data`` section."""

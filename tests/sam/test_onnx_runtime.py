@@ -91,6 +91,17 @@ def test_batched_onnx_encoder_and_mixed_prompt_groups(tiny, engine, cases):
                                SamEngine(tiny).decode_logits(reference[1], mixed), atol=1e-3, rtol=1e-3)
 
 
+def test_only_pytorch_on_the_cpu_keeps_freed_memory(tiny, engine, monkeypatch):
+    from cxrsam.sam import engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    OnnxSamEngine(tiny, onnx_root=engine.onnx.folder.parent)
+    assert calls == []  # ONNX Runtime keeps its own arena
+    SamEngine(tiny)
+    assert calls == [1]  # PyTorch's activations reuse the heap's pages (cxrsam.config.keep_freed_memory)
+
+
 def test_embedding_cache_keys_name_the_runtime(tiny, engine, cases, tmp_path):
     pixels = cases[0][0]
     assert engine.cache_key(pixels) != SamEngine(tiny).cache_key(pixels)

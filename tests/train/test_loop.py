@@ -235,6 +235,16 @@ def test_validate_start_keeps_the_untouched_model_when_training_only_hurts(tmp_p
     assert not torch.equal(model_state(tmp_path / "run")["weight"], start["weight"])  # training did move it
 
 
+def test_training_on_the_cpu_keeps_freed_memory(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(1) or True)
+    data = torch.utils.data.TensorDataset(torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8))
+    config = loop.LoopConfig(epochs=1, batch_size=2, device="cpu", progress=False)
+    loop.Trainer(config, tmp_path / "run", torch.nn.Conv2d(1, 1, 1), data, lambda net, batch: net(batch[0]).mean(),
+                 lambda net: {"val_dice": 0.0})
+    assert calls == [1]  # glibc keeps a step's large activations for the next step (cxrsam.config)
+
+
 def test_shift_augment_shifts_the_training_images_only(phantoms64, tmp_path, monkeypatch):
     from cxrsam.baselines.config import read_config
     from cxrsam.data.dataset import SegmentationDataset
