@@ -3,6 +3,7 @@ dotted overrides (``cxrsam train-cnn --config FILE loop.lr=1e-3``). Validation e
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -140,6 +141,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 """glibc ``mallopt(3)`` parameter numbers (``malloc.h``)."""
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Make glibc's ``malloc`` keep freed memory in the process for reuse: every block from its heap
     (``mallopt(M_MMAP_MAX, 0)``), and the heap never given back (``M_TRIM_THRESHOLD`` -1). For CPU training.
@@ -149,16 +151,15 @@ def keep_freed_memory() -> bool:
     2: 128 MiB) are new pages that the kernel faults in and zeroes again: about 2 million page faults and 8 s
     of kernel time per step of ``configs/cpu.yaml``'s LoRA recipe on 2 cores. Kept, the heap's pages are reused,
     at the price of holding the peak memory until the process ends (docs/benchmarks.md, "Training steps and the
-    allocator"). The same results, bit for bit. Returns whether both settings took (False without glibc)."""
+    allocator"). The same results, bit for bit. Returns whether both settings took (False without glibc); done
+    once per process."""
     import ctypes
-    import ctypes.util
 
     if sys.platform != "linux":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries without glibc's mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):  # a C library without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
